@@ -1,0 +1,55 @@
+"""asyncpgalloc: gVisor's page allocator (pgalloc.MemoryFile) as an asyncio-native library."""
+
+from __future__ import annotations
+
+from .accounting import MemoryAccounting as MemoryAccounting
+from .accounting import MemoryKind as MemoryKind
+from .errors import AllocatorError as AllocatorError
+from .errors import ClosedError as ClosedError
+from .errors import InvalidLengthError as InvalidLengthError
+from .errors import InvalidRangeError as InvalidRangeError
+from .errors import InvariantError as InvariantError
+from .errors import OutOfMemoryError as OutOfMemoryError
+from .errors import ReferenceCountError as ReferenceCountError
+from .errors import WrongThreadError as WrongThreadError
+from .memory_file import MemoryFile as MemoryFile
+from .options import AccessType as AccessType
+from .options import AllocationMode as AllocationMode
+from .options import AllocOpts as AllocOpts
+from .options import DelayedEviction as DelayedEviction
+from .options import Direction as Direction
+from .options import MemoryFileOpts as MemoryFileOpts
+from .ranges import CHUNK_SIZE as CHUNK_SIZE
+from .ranges import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
+from .ranges import PAGE_SIZE as PAGE_SIZE
+from .ranges import EvictableRange as EvictableRange
+from .ranges import FileRange as FileRange
+from .stats import MemoryFileStats as MemoryFileStats
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CHUNK_SIZE",
+    "HUGE_PAGE_SIZE",
+    "PAGE_SIZE",
+    "AccessType",
+    "AllocOpts",
+    "AllocationMode",
+    "AllocatorError",
+    "ClosedError",
+    "DelayedEviction",
+    "Direction",
+    "EvictableRange",
+    "FileRange",
+    "InvalidLengthError",
+    "InvalidRangeError",
+    "InvariantError",
+    "MemoryAccounting",
+    "MemoryFile",
+    "MemoryFileOpts",
+    "MemoryFileStats",
+    "MemoryKind",
+    "OutOfMemoryError",
+    "ReferenceCountError",
+    "WrongThreadError",
+)

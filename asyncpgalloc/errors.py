@@ -1,0 +1,52 @@
+"""The exceptions asyncpgalloc raises.
+
+Every error is an :class:`AllocatorError`. Bad arguments are also ``ValueError``
+(as asyncpg's ``DataError`` is both its own and the standard error), so callers
+may catch whichever they think in. Where the seed panics, these are raised
+before any state changes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AllocatorError",
+    "ClosedError",
+    "InvalidLengthError",
+    "InvalidRangeError",
+    "InvariantError",
+    "OutOfMemoryError",
+    "ReferenceCountError",
+    "WrongThreadError",
+]
+
+
+class AllocatorError(Exception):
+    """Base class of every error raised by asyncpgalloc."""
+
+
+class InvalidLengthError(AllocatorError, ValueError):
+    """An allocation length is zero, not page-aligned, or (huge) not huge-aligned."""
+
+
+class InvalidRangeError(AllocatorError, ValueError):
+    """A file range is empty, unaligned, malformed or reaches beyond the file."""
+
+
+class ReferenceCountError(AllocatorError):
+    """A reference operation names pages that hold no references (not allocated)."""
+
+
+class OutOfMemoryError(AllocatorError, MemoryError):
+    """The file cannot grow any further to satisfy an allocation."""
+
+
+class ClosedError(AllocatorError):
+    """The MemoryFile has been closed (``aclose()``); no call is valid any more."""
+
+
+class WrongThreadError(AllocatorError, RuntimeError):
+    """A MemoryFile was called from a thread other than its event loop's."""
+
+
+class InvariantError(AllocatorError):
+    """An internal invariant is violated: a bug in asyncpgalloc, not in the caller."""

@@ -1,0 +1,779 @@
+"""MemoryFile: gVisor's pgalloc.MemoryFile on one host file, owned by one event loop.
+
+The seed's lock ``f.mu`` becomes the event loop: every method that changes page
+state is synchronous code with no ``await`` inside, so no other task sees half a
+transition. Blocking syscalls over a range run in the executor while that range
+sits in a state no other path touches (releasing pages, or pages only the
+awaiting caller knows about), and their bookkeeping runs afterwards whatever
+happens to the awaiting task.
+
+Page states (the seed's long comment on MemoryFile is the reference):
+void -> free -> used -> waste -> releasing -> free, plus sub-released small pages
+inside huge-page-backed chunks. ``_unfree_*`` hold every non-free page (with
+per-page reference counts; gaps are free pages), ``_unwaste_*`` every non-waste
+page (gaps are waste), both per page size, and ``_mem_acct`` the accounting state
+of every used, waste and releasing page (gaps are known-uncommitted pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from . import host
+from .accounting import MemoryAccounting, MemoryKind
+from .blocking import finish_uncancelled, run_blocking
+from .errors import (
+    ClosedError,
+    InvalidLengthError,
+    InvalidRangeError,
+    InvariantError,
+    OutOfMemoryError,
+    ReferenceCountError,
+    WrongThreadError,
+)
+from .options import (
+    AccessType,
+    AllocationMode,
+    AllocOpts,
+    DelayedEviction,
+    Direction,
+    MemoryFileOpts,
+)
+from .ranges import (
+    CHUNK_SHIFT,
+    CHUNK_SIZE,
+    HUGE_PAGE_SIZE,
+    KEY_MAX,
+    MAX_CHUNKS,
+    PAGE_SIZE,
+    FileRange,
+)
+from .releaser import MAX_RELEASING_BYTES, ReleasePlan, plan_release, run_releaser
+from .segments import SegmentSet
+from .stats import MemoryFileStats, compute_stats
+
+__all__ = ["MemoryFile"]
+
+logger = logging.getLogger("asyncpgalloc")
+
+_DEFAULT_ALLOC_OPTS = AllocOpts()
+_DEFAULT_FILE_OPTS = MemoryFileOpts()
+_SYSTEM = MemoryKind.SYSTEM
+_UNCOMMITTED = AllocationMode.UNCOMMITTED
+_COMMIT = AllocationMode.COMMIT
+_WRITE_POPULATE = AllocationMode.WRITE_POPULATE
+_BOTTOM_UP = Direction.BOTTOM_UP
+
+
+class MemAcct(NamedTuple):
+    """Accounting state of a run of used, waste or releasing pages (the seed's memAcctInfo).
+
+    ``commit_seq`` is the file's commit sequence when ``known_committed`` last
+    became False (0 while known-committed), so that a usage scan racing with a
+    decommit never marks decommitted pages committed.
+    """
+
+    kind: MemoryKind
+    memcg_id: int
+    known_committed: bool
+    waste_or_releasing: bool
+    commit_seq: int
+
+
+class Chunk(NamedTuple):
+    """One 1 GiB chunk of the file: its mapping and whether it is huge-page-backed."""
+
+    mapping: host.ChunkMapping
+    huge: bool
+
+
+FileLike = str | os.PathLike[str] | int
+
+
+class MemoryFile:
+    """A page allocator over one host file (a memfd unless told otherwise).
+
+    Open one with ``async with MemoryFile.open() as mf`` (or ``mf = await
+    MemoryFile.open()`` and ``await mf.aclose()``). It belongs to the running loop
+    that opened it: calling it from another thread raises
+    :class:`~asyncpgalloc.WrongThreadError` (hand work to the loop with
+    ``loop.call_soon_threadsafe`` instead).
+    """
+
+    # Populated by _open(); declared here for mypy and for readers.
+    _fd: int
+    _releaser_task: asyncio.Task[None]
+
+    def __init__(self, fd: int, opts: MemoryFileOpts, loop: asyncio.AbstractEventLoop) -> None:
+        """Internal: use :meth:`MemoryFile.open`."""
+        self._fd = fd
+        self._opts = opts
+        self._loop = loop
+        self._thread_id = threading.get_ident()
+        self._closed = False
+        self._accounting = opts.accounting if opts.accounting is not None else MemoryAccounting()
+        self._account = not opts.disable_memory_accounting
+        self._max_chunks = MAX_CHUNKS if opts.max_chunks is None else opts.max_chunks
+        self._own_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: concurrent.futures.Executor
+        if opts.executor is None:
+            # One thread: release steps are serial anyway, and Linux serialises
+            # fallocate on shmem.
+            self._own_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="asyncpgalloc"
+            )
+            self._executor = self._own_executor
+        else:
+            self._executor = opts.executor
+
+        # Initially every page is void: non-free and non-waste in both page sizes.
+        self._unwaste_small: SegmentSet[None] = SegmentSet()
+        self._unwaste_huge: SegmentSet[None] = SegmentSet()
+        self._unfree_small: SegmentSet[int] = SegmentSet()
+        self._unfree_huge: SegmentSet[int] = SegmentSet()
+        for s in (self._unwaste_small, self._unwaste_huge):
+            s.insert_range(0, KEY_MAX, None)
+        for u in (self._unfree_small, self._unfree_huge):
+            u.insert_range(0, KEY_MAX, 0)
+        self._subreleased: dict[int, int] = {}
+        self._mem_acct: SegmentSet[MemAcct] = SegmentSet()
+        self._known_committed_bytes = 0
+        self._commit_seq = 0
+        self._chunks: list[Chunk] = []
+
+        # The releaser sleeps on _release_wakeup; _released is set exactly while
+        # no waste or releasing pages exist (wait_released() waits on it).
+        self._have_waste = False
+        self._release_wakeup = asyncio.Event()
+        self._released = asyncio.Event()
+        self._released.set()
+        self._releasing: list[FileRange] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls, file: FileLike | None = None, opts: MemoryFileOpts = _DEFAULT_FILE_OPTS
+    ) -> _Opener:
+        """Open a MemoryFile; use as ``async with MemoryFile.open(...) as mf`` or ``await``.
+
+        ``file`` is ``None`` for a new private memfd (close-on-exec), a path to a
+        regular file (created 0600 if missing), or an open fd whose ownership passes
+        to the MemoryFile. The file is truncated to zero, as in the seed. Cost: a few
+        syscalls (memfd_create, ftruncate, the IMA work-around's map/unmap) on the loop.
+        """
+        return _Opener(cls, file, opts)
+
+    @classmethod
+    async def _open(cls, file: FileLike | None, opts: MemoryFileOpts) -> MemoryFile:
+        if opts.delayed_eviction is DelayedEviction.DEFAULT:
+            # The seed's DelayedEvictionDefault means Enabled.
+            opts = _replace(opts, delayed_eviction=DelayedEviction.ENABLED)
+        elif opts.delayed_eviction in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
+            opts = _replace(opts, use_host_memcg_pressure=False)
+        if opts.use_host_memcg_pressure:
+            raise NotImplementedError(
+                "use_host_memcg_pressure: memory-cgroup pressure watching is not built yet"
+            )
+        if opts.max_chunks is not None and not 0 <= opts.max_chunks <= MAX_CHUNKS:
+            raise ValueError(f"max_chunks must be in [0, {MAX_CHUNKS}], got {opts.max_chunks}")
+        loop = asyncio.get_running_loop()
+        if file is None:
+            fd = host.create_memfd("asyncpgalloc")
+        elif isinstance(file, int):
+            fd = file
+        else:
+            fd = host.open_backing_file(file)
+        try:
+            host.set_file_size(fd, 0)
+            mf = cls(fd, opts, loop)
+            if not opts.disable_ima_workaround:
+                host.ima_workaround(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        mf._releaser_task = loop.create_task(run_releaser(mf), name="asyncpgalloc-releaser")
+        return mf
+
+    async def aclose(self) -> None:
+        """Close the file: the seed's ``Destroy``.
+
+        Stops the releaser (a release step in progress finishes first), punches the
+        whole file if ``decommit_on_destroy`` (in the executor), closes the fd and
+        drops the mappings (a mapping stays alive while a view from
+        :meth:`map_internal` still references it). Succeeds with pages still
+        referenced: everything goes back to the host. Idempotent; every other call
+        afterwards raises :class:`~asyncpgalloc.ClosedError`.
+        """
+        if self._closed:
+            return
+        self._check_thread()
+        self._closed = True
+        task = self._releaser_task
+        task.cancel()
+        try:
+            # Even if aclose() is cancelled, the fd must outlive a punch in flight.
+            await finish_uncancelled(asyncio.wait([task]))
+            if self._opts.decommit_on_destroy and self._chunks:
+                await run_blocking(self._executor, host.decommit, self._fd, 0, self.total_size())
+        finally:
+            self._release_resources()
+        if not task.cancelled() and task.exception() is not None:
+            raise InvariantError("the releaser task failed") from task.exception()
+
+    def _release_resources(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        for chunk in self._chunks:
+            chunk.mapping.release()
+        if self._own_executor is not None:
+            # Nothing is queued any more: the releaser is done and calls are refused.
+            self._own_executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> MemoryFile:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._thread_id:
+            raise WrongThreadError(
+                "a MemoryFile may only be used from the thread of the event loop that opened it"
+            )
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("the MemoryFile is closed")
+        self._check_thread()
+
+    # ----------------------------------------------------------------- allocation
+
+    def allocate(self, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS) -> FileRange:
+        """Allocate ``length`` bytes of zeroed pages with one reference each held by the caller.
+
+        Synchronous, no executor hop. Cost: the bookkeeping is O(log n) in the
+        number of segments; the file grows by whole chunks when needed (ftruncate +
+        mmap). Committing modes then block inline, as the seed does: COMMIT runs
+        ``fallocate``; WRITE_POPULATE (and any recycled waste, which must be zeroed)
+        prefaults and zeroes through the mapping. Prefer ``allocate_async`` for
+        large committing allocations.
+
+        Raises :class:`~asyncpgalloc.InvalidLengthError` for a zero, unaligned or
+        (huge) non-huge-aligned length and :class:`~asyncpgalloc.OutOfMemoryError`
+        when the file cannot grow; an ``OSError`` from a syscall returns the pages
+        and propagates.
+        """
+        self._check()
+        if length <= 0 or length % PAGE_SIZE or (opts.huge and length % HUGE_PAGE_SIZE):
+            raise InvalidLengthError(f"invalid allocation length: {length:#x}")
+        huge = opts.huge and self._opts.expect_hugepages
+        fr, recycled = self._find_allocatable_and_mark_used(length, opts, huge)
+        if opts.mode is not _UNCOMMITTED:
+            try:
+                self._prepare_pages(fr, opts.mode, huge, recycled)
+            except BaseException:
+                self.dec_ref(fr)
+                raise
+        return fr
+
+    def _find_allocatable_and_mark_used(
+        self, length: int, opts: AllocOpts, huge: bool
+    ) -> tuple[FileRange, bool]:
+        """Take pages for an allocation; returns the range and whether it was recycled waste."""
+        bottom_up = opts.direction is _BOTTOM_UP
+        unfree = self._unfree_huge if huge else self._unfree_small
+        if opts.mode is not _UNCOMMITTED:
+            # Recycling waste avoids decommitting and then committing it again.
+            unwaste = self._unwaste_huge if huge else self._unwaste_small
+            gap = (
+                unwaste.first_large_enough_gap(length)
+                if bottom_up
+                else unwaste.last_large_enough_gap(length)
+            )
+            if gap is not None:
+                start = gap[0] if bottom_up else gap[1] - length
+                end = start + length
+                unwaste.insert_range(start, end, None)
+                unfree.mutate_range(start, end, _ref_recycled)
+                kind, memcg_id = opts.kind, opts.memcg_id
+
+                def recycle(s: int, e: int, ma: MemAcct) -> MemAcct:
+                    commit_seq = ma.commit_seq
+                    if ma.known_committed:
+                        if ma.kind is not _SYSTEM:
+                            raise InvariantError(f"waste pages [{s:#x}, {e:#x}) have kind {ma.kind}")
+                        commit_seq = 0
+                        self._known_committed_bytes -= e - s
+                        if self._account:
+                            self._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
+                    return MemAcct(kind, memcg_id, False, False, commit_seq)
+
+                self._mem_acct.mutate_range(start, end, recycle)
+                return FileRange(start, end), True
+
+        while True:
+            gap = (
+                unfree.first_large_enough_gap(length)
+                if bottom_up
+                else unfree.last_large_enough_gap(length)
+            )
+            if gap is not None:
+                break
+            self._extend_chunks(length, huge)
+        start = gap[0] if bottom_up else gap[1] - length
+        end = start + length
+        unfree.insert_range(start, end, 1)
+        # Unknown commitment from now on: users may commit these pages at any time.
+        self._mem_acct.insert_range(
+            start, end, MemAcct(opts.kind, opts.memcg_id, False, False, self._commit_seq)
+        )
+        return FileRange(start, end), False
+
+    def _extend_chunks(self, length: int, huge: bool) -> None:
+        """Grow the file by whole chunks so that ``length`` bytes of ``huge`` pages fit."""
+        unfree = self._unfree_huge if huge else self._unfree_small
+        old = self._chunks
+        old_size = len(old) * CHUNK_SIZE
+        tail = 0
+        if old and old[-1].huge == huge:
+            # The free tail of the last chunk counts towards the allocation.
+            gap = unfree.find_gap(old_size - 1)
+            if gap is not None:
+                tail = gap[1] - gap[0]
+        inc = (length - tail + CHUNK_SIZE - 1) // CHUNK_SIZE
+        new_count = len(old) + inc
+        if new_count > self._max_chunks:
+            raise OutOfMemoryError(
+                f"cannot grow the file to {new_count} chunks of 1 GiB (limit {self._max_chunks})"
+            )
+        new_size = new_count * CHUNK_SIZE
+        host.set_file_size(self._fd, new_size)
+        mappings: list[host.ChunkMapping] = []
+        try:
+            for i in range(len(old), new_count):
+                mapping = host.ChunkMapping(self._fd, i * CHUNK_SIZE, CHUNK_SIZE)
+                mappings.append(mapping)
+                self._advise_chunk(mapping, huge)
+        except BaseException:
+            for mapping in mappings:
+                mapping.release()
+            host.set_file_size(self._fd, old_size)
+            raise
+        # Readers (executor threads) see either the old list or the new one.
+        self._chunks = old + [Chunk(m, huge) for m in mappings]
+        unfree.remove_range(old_size, new_size)
+
+    def _advise_chunk(self, mapping: host.ChunkMapping, huge: bool) -> None:
+        if huge and self._opts.advise_hugepage:
+            advice, name = host.MADV_HUGEPAGE, "MADV_HUGEPAGE"
+        elif not huge and self._opts.advise_no_hugepage:
+            advice, name = host.MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"
+        else:
+            return
+        try:
+            host.madvise(mapping.addr, mapping.length, advice)
+        except OSError as e:
+            # As the seed: the mapping still works, only the page size may differ.
+            logger.warning("madvise(%#x, %d, %s) failed: %s", mapping.addr, mapping.length, name, e)
+
+    def _prepare_pages(
+        self, fr: FileRange, mode: AllocationMode, huge: bool, recycled: bool
+    ) -> None:
+        """Commit, populate, huge-touch or zero a new allocation as the seed's Allocate does.
+
+        Blocking (fallocate, madvise/mlock, memset): run inline by ``allocate``.
+        """
+        need_huge_touch = False
+        if recycled:
+            # Zeroing needs writable page table entries in our address space.
+            mode = _WRITE_POPULATE
+        elif mode is not _WRITE_POPULATE and (
+            (huge and self._opts.advise_hugepage) or (not huge and self._opts.advise_no_hugepage)
+        ):
+            # The first touch must come through our (advised) mapping, or the
+            # host picks the page size without the advice: see the seed.
+            mode = _WRITE_POPULATE
+            need_huge_touch = True
+        if mode is _COMMIT:
+            host.commit(self._fd, fr.start, fr.length)
+        elif mode is _WRITE_POPULATE:
+            pieces = self._address_pieces(fr)
+            if host.can_populate():
+                for addr, n in pieces:
+                    if not host.try_populate(addr, n):
+                        break
+                else:
+                    need_huge_touch = False
+            if recycled:
+                # Recycled waste holds a previous user's data.
+                for addr, n in pieces:
+                    host.zero(addr, n)
+            elif need_huge_touch:
+                for view in self.map_internal(fr, AccessType.WRITE):
+                    for i in range(0, len(view), HUGE_PAGE_SIZE):
+                        view[i] = 0
+
+    # ------------------------------------------------------------------ references
+
+    def inc_ref(self, fr: FileRange, memcg_id: int = 0) -> None:
+        """Add one reference to every page of ``fr`` (any page-aligned part of allocations).
+
+        Synchronous; O(k log n) for k segments in the range. Raises
+        :class:`~asyncpgalloc.InvalidRangeError` for a bad range and
+        :class:`~asyncpgalloc.ReferenceCountError` if any page holds no reference;
+        either way nothing changes. ``memcg_id`` is accepted for the seed's
+        signature; accounting stays with the allocation's memcg.
+        """
+        self._check()
+        pieces = self._referenced_pieces(fr, "inc_ref")
+        for start, end, huge in pieces:
+            unfree = self._unfree_huge if huge else self._unfree_small
+            unfree.mutate_range(start, end, _ref_inc)
+
+    def dec_ref(self, fr: FileRange) -> None:
+        """Drop one reference from every page of ``fr``; pages left with none become waste.
+
+        Synchronous; O(k log n). Waste is reclassified as SYSTEM memory until it is
+        recycled or released, and wakes the releaser task. Raises as :meth:`inc_ref`
+        (a reference-count underflow is a :class:`~asyncpgalloc.ReferenceCountError`)
+        before changing anything.
+        """
+        self._check()
+        pieces = self._referenced_pieces(fr, "dec_ref")
+        made_waste = False
+        for start, end, huge in pieces:
+            unfree, unwaste = (
+                (self._unfree_huge, self._unwaste_huge)
+                if huge
+                else (self._unfree_small, self._unwaste_small)
+            )
+            dead: list[tuple[int, int]] = []
+
+            def dec(s: int, e: int, refs: int) -> int:
+                if refs == 1:
+                    dead.append((s, e))
+                return refs - 1
+
+            unfree.mutate_range(start, end, dec)
+            for s, e in dead:
+                unwaste.remove_range(s, e)
+                self._mem_acct.mutate_range(s, e, self._to_waste)
+            made_waste = made_waste or bool(dead)
+        if made_waste:
+            self._released.clear()
+            if not self._have_waste:
+                self._have_waste = True
+                self._release_wakeup.set()
+
+    def _to_waste(self, s: int, e: int, ma: MemAcct) -> MemAcct:
+        if self._account and ma.known_committed:
+            self._accounting.move(e - s, _SYSTEM, ma.kind, ma.memcg_id)
+        return ma._replace(kind=_SYSTEM, waste_or_releasing=True)
+
+    def has_unique_ref(self, fr: FileRange) -> bool:
+        """True if every page of ``fr`` has exactly one reference.
+
+        Synchronous; O(k log n). Unlike the seed (DESIGN.md §6), it looks at each
+        chunk's own part of ``fr`` in that chunk's page-size set. Raises as
+        :meth:`inc_ref` if a page holds no reference.
+        """
+        self._check()
+        for start, end, huge in self._referenced_pieces(fr, "has_unique_ref"):
+            unfree = self._unfree_huge if huge else self._unfree_small
+            for _, _, refs in unfree.visit_range(start, end):
+                if refs != 1:
+                    return False
+        return True
+
+    def _check_range(self, fr: FileRange, op: str) -> tuple[int, int]:
+        start, end = fr
+        if not (0 <= start < end <= len(self._chunks) * CHUNK_SIZE) or (start | end) % PAGE_SIZE:
+            raise InvalidRangeError(
+                f"{op}: invalid range [{start:#x}, {end:#x}) for a file of "
+                f"{len(self._chunks) * CHUNK_SIZE:#x} bytes (must be non-empty, page-aligned, inside)"
+            )
+        return start, end
+
+    def _referenced_pieces(self, fr: FileRange, op: str) -> list[tuple[int, int, bool]]:
+        """Validate that every page of ``fr`` holds a reference; return its per-page-size pieces."""
+        start, end = self._check_range(fr, op)
+        pieces = self._size_pieces(start, end)
+        for s, e, huge in pieces:
+            unfree = self._unfree_huge if huge else self._unfree_small
+            if not unfree.is_fully_covered(s, e) or any(
+                refs <= 0 for _, _, refs in unfree.visit_range(s, e)
+            ):
+                raise ReferenceCountError(
+                    f"{op}({FileRange(start, end)}): pages in [{s:#x}, {e:#x}) hold no reference"
+                )
+        return pieces
+
+    def _size_pieces(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """Split ``[start, end)`` into maximal pieces of chunks of one page size."""
+        chunks = self._chunks
+        first = start >> CHUNK_SHIFT
+        last = (end - 1) >> CHUNK_SHIFT
+        huge = chunks[first].huge
+        if first == last:
+            return [(start, end, huge)]
+        pieces: list[tuple[int, int, bool]] = []
+        piece_start = start
+        for i in range(first + 1, last + 1):
+            if chunks[i].huge != huge:
+                pieces.append((piece_start, i << CHUNK_SHIFT, huge))
+                piece_start, huge = i << CHUNK_SHIFT, chunks[i].huge
+        pieces.append((piece_start, end, huge))
+        return pieces
+
+    # --------------------------------------------------------------------- mapping
+
+    def map_internal(self, fr: FileRange, access: AccessType = AccessType.READ) -> list[memoryview]:
+        """Writable ``memoryview``s (one per chunk touched) of the file's bytes in ``fr``.
+
+        O(chunks touched), no syscall. ``fr`` need not be page-aligned but must be
+        non-empty and inside the file. Raises ``PermissionError`` for EXECUTE access.
+        A view keeps its chunk's mapping alive even after ``aclose()``: it never
+        dangles, but after close it no longer reaches the file.
+        """
+        self._check()
+        if AccessType.EXECUTE in access:
+            raise PermissionError("map_internal: EXECUTE access is never granted")
+        start, end = fr
+        if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
+            raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
+        chunks = self._chunks
+        return [
+            chunks[s >> CHUNK_SHIFT].mapping.view(s & (CHUNK_SIZE - 1), e - s)
+            for s, e in _chunk_pieces(start, end)
+        ]
+
+    def _address_pieces(self, fr: FileRange) -> list[tuple[int, int]]:
+        """(address, length) of the mapping of ``fr``, one per chunk (safe off the loop)."""
+        chunks = self._chunks
+        return [
+            (chunks[s >> CHUNK_SHIFT].mapping.addr + (s & (CHUNK_SIZE - 1)), e - s)
+            for s, e in _chunk_pieces(fr.start, fr.end)
+        ]
+
+    # --------------------------------------------------------------------- release
+
+    def _begin_release(self) -> ReleasePlan | None:
+        """Move the next waste range to *releasing* and plan its release; None if no waste.
+
+        Small pages before huge, highest offsets first, at most MAX_RELEASING_BYTES:
+        huge pages at low offsets are older and more likely really huge.
+        """
+        for huge, unwaste in ((False, self._unwaste_small), (True, self._unwaste_huge)):
+            gap = unwaste.last_large_enough_gap(1)
+            if gap is not None:
+                end = gap[1]
+                start = max(gap[0], end - MAX_RELEASING_BYTES)
+                unwaste.insert_range(start, end, None)
+                fr = FileRange(start, end)
+                self._releasing.append(fr)
+                return plan_release(fr, huge, self._subreleased)
+        self._have_waste = False
+        self._release_wakeup.clear()
+        if not self._releasing:
+            self._released.set()
+        return None
+
+    def _decommit_or_zero(self, fr: FileRange) -> None:
+        """Punch ``fr``; if the host refuses, zero it by hand. Blocking; runs in the executor."""
+        try:
+            host.decommit(self._fd, fr.start, fr.length)
+        except OSError as e:
+            # Memory use does not drop, but the pages still read as zeros when reused.
+            logger.warning("Failed to decommit %s: %s", fr, e)
+            for addr, n in self._address_pieces(fr):
+                host.zero(addr, n)
+
+    def _finish_release(self, plan: ReleasePlan) -> None:
+        """Apply a release step once its punch is done: pages become free or sub-released."""
+        fr = plan.released
+        for offset, count in plan.subreleased.items():
+            if count:
+                self._subreleased[offset] = count
+            else:
+                self._subreleased.pop(offset, None)
+        if plan.free.length:
+            unfree = self._unfree_huge if plan.huge else self._unfree_small
+            unfree.remove_range(plan.free.start, plan.free.end)
+        for s, e, ma in self._mem_acct.visit_range(fr.start, fr.end):
+            if ma.kind is not _SYSTEM or not ma.waste_or_releasing:
+                raise InvariantError(f"releasing pages [{s:#x}, {e:#x}) have state {ma}")
+            if ma.known_committed:
+                self._known_committed_bytes -= e - s
+                if self._account:
+                    self._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
+        self._mem_acct.remove_range(fr.start, fr.end)
+        self._releasing.remove(fr)
+        if not self._releasing and not self._have_waste:
+            self._released.set()
+
+    async def wait_released(self) -> None:
+        """Wait until no waste or releasing pages are left.
+
+        Returns at once if there are none. Raises :class:`~asyncpgalloc.ClosedError`
+        if the file closes meanwhile.
+        """
+        self._check()
+        while not self._released.is_set():
+            waiter = asyncio.ensure_future(self._released.wait())
+            try:
+                await asyncio.wait(
+                    [waiter, self._releaser_task], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+            if self._releaser_task.done():
+                if self._closed:
+                    raise ClosedError("the MemoryFile was closed while waiting for release")
+                raise InvariantError("the releaser task stopped") from (
+                    None if self._releaser_task.cancelled() else self._releaser_task.exception()
+                )
+
+    # ---------------------------------------------------------------- information
+
+    @property
+    def accounting(self) -> MemoryAccounting:
+        """The :class:`MemoryAccounting` this file reports into."""
+        return self._accounting
+
+    @property
+    def known_committed_bytes(self) -> int:
+        """Bytes known to be committed (the span of known-committed accounting segments)."""
+        return self._known_committed_bytes
+
+    @property
+    def fd(self) -> int:
+        """The backing file's descriptor (close-on-exec; -1 once closed)."""
+        return self._fd
+
+    @property
+    def is_disk_backed(self) -> bool:
+        return self._opts.disk_backed_file
+
+    @property
+    def hugepages_enabled(self) -> bool:
+        """True if ``huge=True`` allocations get huge-page-backed chunks (``expect_hugepages``)."""
+        return self._opts.expect_hugepages
+
+    @property
+    def opts(self) -> MemoryFileOpts:
+        return self._opts
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def total_size(self) -> int:
+        """The file's size in bytes (whole chunks): an upper bound on what is allocatable now."""
+        return len(self._chunks) * CHUNK_SIZE
+
+    def total_usage(self) -> int:
+        """Bytes the host stores for the file (``fstat().st_blocks * 512``). One fstat."""
+        self._check()
+        return host.file_usage(self._fd)
+
+    def stats(self) -> MemoryFileStats:
+        """Bytes by page state, right now. O(segments); no syscall."""
+        self._check()
+        return compute_stats(self)
+
+    def check_invariants(self) -> None:
+        """Check every invariant of DESIGN.md §2; raise :class:`InvariantError` if one fails.
+
+        O(segments + chunks); meant for tests and debugging.
+        """
+        from .invariants import check_invariants
+
+        check_invariants(self)
+
+    def __str__(self) -> str:
+        """A dump of the page sets, like the seed's ``String()``."""
+        parts = [f"unwaste_small:\n{self._unwaste_small}"]
+        if self._opts.expect_hugepages:
+            parts.append(f"unwaste_huge:\n{self._unwaste_huge}")
+        parts.append(f"unfree_small:\n{self._unfree_small}")
+        if self._opts.expect_hugepages:
+            parts.append(f"unfree_huge:\n{self._unfree_huge}")
+            parts.append(
+                "subreleased:\n"
+                + "".join(f"- {off:#x}: {n}\n" for off, n in sorted(self._subreleased.items()))
+            )
+        parts.append(f"mem_acct:\n{self._mem_acct}")
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd} size={self.total_size():#x}"
+        return f"<MemoryFile {state}>"
+
+
+class _Opener:
+    """What ``MemoryFile.open()`` returns: awaitable, or an async context manager."""
+
+    __slots__ = ("_cls", "_file", "_mf", "_opts")
+
+    def __init__(self, cls: type[MemoryFile], file: FileLike | None, opts: MemoryFileOpts) -> None:
+        self._cls = cls
+        self._file = file
+        self._opts = opts
+        self._mf: MemoryFile | None = None
+
+    def __await__(self) -> Generator[Any, None, MemoryFile]:
+        return self._cls._open(self._file, self._opts).__await__()
+
+    async def __aenter__(self) -> MemoryFile:
+        self._mf = await self._cls._open(self._file, self._opts)
+        return self._mf
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._mf is not None
+        await self._mf.aclose()
+
+
+def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """Split ``[start, end)`` at chunk boundaries."""
+    if start >> CHUNK_SHIFT == (end - 1) >> CHUNK_SHIFT:
+        return [(start, end)]
+    pieces = []
+    while start < end:
+        stop = min(end, ((start >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
+        pieces.append((start, stop))
+        start = stop
+    return pieces
+
+
+def _ref_inc(_s: int, _e: int, refs: int) -> int:
+    return refs + 1
+
+
+def _ref_recycled(s: int, e: int, refs: int) -> int:
+    if refs != 0:
+        raise InvariantError(f"waste pages [{s:#x}, {e:#x}) have refcount {refs} on recycling")
+    return 1
+
+
+def _replace(opts: MemoryFileOpts, **changes: Any) -> MemoryFileOpts:
+    import dataclasses
+
+    return dataclasses.replace(opts, **changes)

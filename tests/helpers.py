@@ -1,0 +1,54 @@
+"""Test helpers: executors that gate or record the file's blocking work, and state snapshots."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from asyncpgalloc import FileRange, MemoryFile
+
+T = TypeVar("T")
+
+
+class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A one-thread executor that records each job and can hold jobs at a gate.
+
+    While ``gate`` is clear, every submitted job waits (in its thread) until it is
+    set, so a test can look at the file while a punch or commit is in flight.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="test-executor")
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        self.calls.append((getattr(fn, "__name__", repr(fn)), args))
+
+        def gated() -> T:
+            self.started.set()
+            self.gate.wait()
+            return fn(*args, **kwargs)
+
+        return super().submit(gated)
+
+    def released_ranges(self) -> list[FileRange]:
+        return [args[0] for name, args in self.calls if name == "_decommit_or_zero"]
+
+
+def snapshot(mf: MemoryFile) -> tuple[str, object, int]:
+    """Everything a failed call must leave unchanged."""
+    return (str(mf), mf.stats(), mf.total_size())
+
+
+def fill(mf: MemoryFile, fr: FileRange, byte: int) -> None:
+    for view in mf.map_internal(fr):
+        view[:] = bytes([byte]) * len(view)
+
+
+def is_zero(mf: MemoryFile, fr: FileRange) -> bool:
+    return all(view.tobytes().count(0) == len(view) for view in mf.map_internal(fr))
