@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from asyncpgalloc import MemoryFile, MemoryFileOpts
 
@@ -33,3 +35,10 @@ async def huge_mf() -> AsyncIterator[MemoryFile]:
         yield f
         if not f.closed:
             f.check_invariants()
+
+
+# CI runs hypothesis with a fixed seed (derandomize) so a red run is reproducible;
+# locally each run explores new examples.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
