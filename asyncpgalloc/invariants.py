@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .accounting import MemoryKind
 from .errors import InvariantError
@@ -22,12 +22,14 @@ def _fail(mf: MemoryFile, what: str) -> InvariantError:
 
 
 def _covered_with(s: SegmentSet[int], start: int, end: int, refs: int) -> bool:
-    return s.is_fully_covered(start, end) and all(v == refs for _, _, v in s.visit_range(start, end))
+    return s.is_fully_covered(start, end) and all(
+        v == refs for _, _, v in s.visit_range(start, end)
+    )
 
 
 def check_invariants(mf: MemoryFile) -> None:
     """Raise InvariantError naming the first broken invariant. O(segments + chunks)."""
-    sets = {
+    sets: dict[str, SegmentSet[Any]] = {
         "unwaste_small": mf._unwaste_small,
         "unwaste_huge": mf._unwaste_huge,
         "unfree_small": mf._unfree_small,
@@ -36,9 +38,9 @@ def check_invariants(mf: MemoryFile) -> None:
     }
     for name, seg_set in sets.items():
         try:
-            seg_set.check_invariants()  # type: ignore[attr-defined]
-        except AssertionError as e:
-            raise _fail(mf, f"{name}: {e}") from e
+            seg_set.check_invariants()
+        except AssertionError as err:
+            raise _fail(mf, f"{name}: {err}") from err
 
     total = mf.total_size()
     # Beyond the file every page is void: non-free and non-waste in both sizes.
@@ -53,7 +55,9 @@ def check_invariants(mf: MemoryFile) -> None:
     for i, chunk in enumerate(mf._chunks):
         lo, hi = i * CHUNK_SIZE, (i + 1) * CHUNK_SIZE
         own, other = (
-            (mf._unfree_huge, mf._unfree_small) if chunk.huge else (mf._unfree_small, mf._unfree_huge)
+            (mf._unfree_huge, mf._unfree_small)
+            if chunk.huge
+            else (mf._unfree_small, mf._unfree_huge)
         )
         other_waste = mf._unwaste_small if chunk.huge else mf._unwaste_huge
         if not _covered_with(other, lo, hi, 0) or not other_waste.is_fully_covered(lo, hi):
@@ -101,8 +105,8 @@ def check_invariants(mf: MemoryFile) -> None:
         raise _fail(mf, f"accounting spans {acct_span} bytes, not used + waste + releasing")
 
     for off, n in mf._subreleased.items():
-        chunk = mf._chunks[off // CHUNK_SIZE] if off < total else None
-        if off % HUGE_PAGE_SIZE or chunk is None or not chunk.huge or not 0 < n < PAGES_PER_HUGE_PAGE:
+        in_huge_chunk = off < total and mf._chunks[off // CHUNK_SIZE].huge
+        if off % HUGE_PAGE_SIZE or not in_huge_chunk or not 0 < n < PAGES_PER_HUGE_PAGE:
             raise _fail(mf, f"bad sub-release entry {off:#x}: {n}")
 
     committed: defaultdict[tuple[int, MemoryKind], int] = defaultdict(int)
@@ -118,7 +122,9 @@ def check_invariants(mf: MemoryFile) -> None:
         for memcg_id in {m for m, _ in committed} | set(acct.memcg_ids()):
             want = {k: n for (m, k), n in committed.items() if m == memcg_id}
             if acct.by_memcg(memcg_id) != want:
-                raise _fail(mf, f"accounting of memcg {memcg_id}: {acct.by_memcg(memcg_id)} != {want}")
+                raise _fail(
+                    mf, f"accounting of memcg {memcg_id}: {acct.by_memcg(memcg_id)} != {want}"
+                )
 
     if (st.waste_bytes or st.releasing_bytes) and mf._released.is_set():
         raise _fail(mf, "wait_released() would return with waste or releasing pages left")

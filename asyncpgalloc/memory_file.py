@@ -56,7 +56,7 @@ from .ranges import (
     PAGE_SIZE,
     FileRange,
 )
-from .releaser import MAX_RELEASING_BYTES, ReleasePlan, plan_release, run_releaser
+from .releaser import run_releaser
 from .segments import SegmentSet
 from .stats import MemoryFileStats, compute_stats
 
@@ -316,7 +316,9 @@ class MemoryFile:
                     commit_seq = ma.commit_seq
                     if ma.known_committed:
                         if ma.kind is not _SYSTEM:
-                            raise InvariantError(f"waste pages [{s:#x}, {e:#x}) have kind {ma.kind}")
+                            raise InvariantError(
+                                f"waste pages [{s:#x}, {e:#x}) have kind {ma.kind}"
+                            )
                         commit_seq = 0
                         self._known_committed_bytes -= e - s
                         if self._account:
@@ -455,6 +457,13 @@ class MemoryFile:
         """
         self._check()
         pieces = self._referenced_pieces(fr, "dec_ref")
+        dead: list[tuple[int, int]] = []
+
+        def dec(s: int, e: int, refs: int) -> int:
+            if refs == 1:
+                dead.append((s, e))
+            return refs - 1
+
         made_waste = False
         for start, end, huge in pieces:
             unfree, unwaste = (
@@ -462,18 +471,12 @@ class MemoryFile:
                 if huge
                 else (self._unfree_small, self._unwaste_small)
             )
-            dead: list[tuple[int, int]] = []
-
-            def dec(s: int, e: int, refs: int) -> int:
-                if refs == 1:
-                    dead.append((s, e))
-                return refs - 1
-
             unfree.mutate_range(start, end, dec)
             for s, e in dead:
                 unwaste.remove_range(s, e)
                 self._mem_acct.mutate_range(s, e, self._to_waste)
             made_waste = made_waste or bool(dead)
+            dead.clear()
         if made_waste:
             self._released.clear()
             if not self._have_waste:
@@ -504,8 +507,8 @@ class MemoryFile:
         start, end = fr
         if not (0 <= start < end <= len(self._chunks) * CHUNK_SIZE) or (start | end) % PAGE_SIZE:
             raise InvalidRangeError(
-                f"{op}: invalid range [{start:#x}, {end:#x}) for a file of "
-                f"{len(self._chunks) * CHUNK_SIZE:#x} bytes (must be non-empty, page-aligned, inside)"
+                f"{op}: invalid range [{start:#x}, {end:#x}): it must be non-empty, "
+                f"page-aligned and inside the file ({len(self._chunks) * CHUNK_SIZE:#x} bytes)"
             )
         return start, end
 
@@ -572,27 +575,6 @@ class MemoryFile:
 
     # --------------------------------------------------------------------- release
 
-    def _begin_release(self) -> ReleasePlan | None:
-        """Move the next waste range to *releasing* and plan its release; None if no waste.
-
-        Small pages before huge, highest offsets first, at most MAX_RELEASING_BYTES:
-        huge pages at low offsets are older and more likely really huge.
-        """
-        for huge, unwaste in ((False, self._unwaste_small), (True, self._unwaste_huge)):
-            gap = unwaste.last_large_enough_gap(1)
-            if gap is not None:
-                end = gap[1]
-                start = max(gap[0], end - MAX_RELEASING_BYTES)
-                unwaste.insert_range(start, end, None)
-                fr = FileRange(start, end)
-                self._releasing.append(fr)
-                return plan_release(fr, huge, self._subreleased)
-        self._have_waste = False
-        self._release_wakeup.clear()
-        if not self._releasing:
-            self._released.set()
-        return None
-
     def _decommit_or_zero(self, fr: FileRange) -> None:
         """Punch ``fr``; if the host refuses, zero it by hand. Blocking; runs in the executor."""
         try:
@@ -602,29 +584,6 @@ class MemoryFile:
             logger.warning("Failed to decommit %s: %s", fr, e)
             for addr, n in self._address_pieces(fr):
                 host.zero(addr, n)
-
-    def _finish_release(self, plan: ReleasePlan) -> None:
-        """Apply a release step once its punch is done: pages become free or sub-released."""
-        fr = plan.released
-        for offset, count in plan.subreleased.items():
-            if count:
-                self._subreleased[offset] = count
-            else:
-                self._subreleased.pop(offset, None)
-        if plan.free.length:
-            unfree = self._unfree_huge if plan.huge else self._unfree_small
-            unfree.remove_range(plan.free.start, plan.free.end)
-        for s, e, ma in self._mem_acct.visit_range(fr.start, fr.end):
-            if ma.kind is not _SYSTEM or not ma.waste_or_releasing:
-                raise InvariantError(f"releasing pages [{s:#x}, {e:#x}) have state {ma}")
-            if ma.known_committed:
-                self._known_committed_bytes -= e - s
-                if self._account:
-                    self._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
-        self._mem_acct.remove_range(fr.start, fr.end)
-        self._releasing.remove(fr)
-        if not self._releasing and not self._have_waste:
-            self._released.set()
 
     async def wait_released(self) -> None:
         """Wait until no waste or releasing pages are left.
@@ -716,8 +675,10 @@ class MemoryFile:
         for s, e, ma in self._mem_acct.visit_range(pos, KEY_MAX):
             if s >= limit:
                 break
-            if ma.waste_or_releasing or ma.known_committed or (
-                ids is not None and ma.memcg_id not in ids
+            if (
+                ma.waste_or_releasing
+                or ma.known_committed
+                or (ids is not None and ma.memcg_id not in ids)
             ):
                 continue
             if lo < 0:
@@ -740,7 +701,9 @@ class MemoryFile:
             return ma._replace(known_committed=True, commit_seq=0)
 
         for run in _RESIDENT_RUN.finditer(resident):
-            self._mem_acct.mutate_range(lo + run.start() * PAGE_SIZE, lo + run.end() * PAGE_SIZE, mark)
+            self._mem_acct.mutate_range(
+                lo + run.start() * PAGE_SIZE, lo + run.end() * PAGE_SIZE, mark
+            )
 
     # ---------------------------------------------------------------- information
 

@@ -11,22 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .accounting import MemoryKind
 from .blocking import run_blocking
+from .errors import InvariantError
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, PAGES_PER_HUGE_PAGE, FileRange, huge_round_down
 
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
 
-__all__ = ["MAX_RELEASING_BYTES", "ReleasePlan", "plan_release", "run_releaser"]
+__all__ = [
+    "MAX_RELEASING_BYTES",
+    "MAX_RELEASING_RANGES",
+    "ReleasePlan",
+    "begin_release",
+    "finish_release",
+    "plan_release",
+    "punch_all",
+    "run_releaser",
+]
 
 logger = logging.getLogger("asyncpgalloc")
 
 # Linux serialises fallocate() on shmem files: releasing in bounded steps keeps
 # a concurrent decommit or commit from starving behind one huge punch.
 MAX_RELEASING_BYTES = 128 << 20
+# Many small ranges share one executor hop (~20 µs each), but a step stays short
+# on the loop: its bookkeeping is O(ranges).
+MAX_RELEASING_RANGES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +64,7 @@ class ReleasePlan:
 
 
 def _subrelease(
-    subreleased: dict[int, int], huge_start: int, pages: int, updates: dict[int, int]
+    subreleased: Mapping[int, int], huge_start: int, pages: int, updates: dict[int, int]
 ) -> bool:
     """Add ``pages`` sub-released pages to the huge page at ``huge_start``.
 
@@ -63,7 +79,7 @@ def _subrelease(
     return False
 
 
-def plan_release(fr: FileRange, huge: bool, subreleased: dict[int, int]) -> ReleasePlan:
+def plan_release(fr: FileRange, huge: bool, subreleased: Mapping[int, int]) -> ReleasePlan:
     """Plan the release of waste ``fr`` (the seed's ``releaseLocked``), changing nothing.
 
     Differs from the seed where DESIGN.md §6 says it slips: when ``fr`` spans two or
@@ -103,21 +119,88 @@ def plan_release(fr: FileRange, huge: bool, subreleased: dict[int, int]) -> Rele
     return ReleasePlan(fr, True, FileRange(decommit_start, decommit_end), free, updates)
 
 
+def begin_release(mf: MemoryFile) -> list[ReleasePlan]:
+    """Move the next waste ranges to *releasing* and plan their release (on the loop).
+
+    Small pages before huge, highest offsets first (huge pages at low offsets are
+    older and more likely really huge), at most MAX_RELEASING_BYTES and
+    MAX_RELEASING_RANGES per step so that one executor hop serves many small
+    ranges. Returns an empty list, and marks the file released, if no waste is left.
+    """
+    plans: list[ReleasePlan] = []
+    budget = MAX_RELEASING_BYTES
+    # Later plans of this step must see the sub-release counts of earlier ones.
+    pending: dict[int, int] = {}
+    counts = ChainMap(pending, mf._subreleased)
+    for huge, unwaste in ((False, mf._unwaste_small), (True, mf._unwaste_huge)):
+        while budget and len(plans) < MAX_RELEASING_RANGES:
+            gap = unwaste.last_large_enough_gap(1)
+            if gap is None:
+                break
+            end = gap[1]
+            start = max(gap[0], end - budget)
+            unwaste.insert_range(start, end, None)
+            fr = FileRange(start, end)
+            mf._releasing.append(fr)
+            plan = plan_release(fr, huge, counts)
+            pending.update(plan.subreleased)
+            plans.append(plan)
+            budget -= fr.length
+    if not plans:
+        mf._have_waste = False
+        mf._release_wakeup.clear()
+        if not mf._releasing:
+            mf._released.set()
+    return plans
+
+
+def punch_all(mf: MemoryFile, plans: list[ReleasePlan]) -> None:
+    """Punch every plan's range (blocking; one executor hop for the whole step)."""
+    for plan in plans:
+        mf._decommit_or_zero(plan.decommit)
+
+
+def finish_release(mf: MemoryFile, plan: ReleasePlan) -> None:
+    """Apply a release once its punch is done: its pages become free or sub-released."""
+    fr = plan.released
+    for offset, count in plan.subreleased.items():
+        if count:
+            mf._subreleased[offset] = count
+        else:
+            mf._subreleased.pop(offset, None)
+    if plan.free.length:
+        unfree = mf._unfree_huge if plan.huge else mf._unfree_small
+        unfree.remove_range(plan.free.start, plan.free.end)
+    account = mf._account
+    for s, e, ma in mf._mem_acct.visit_range(fr.start, fr.end):
+        if ma.kind is not MemoryKind.SYSTEM or not ma.waste_or_releasing:
+            raise InvariantError(f"releasing pages [{s:#x}, {e:#x}) have state {ma}")
+        if ma.known_committed:
+            mf._known_committed_bytes -= e - s
+            if account:
+                mf._accounting.dec(e - s, MemoryKind.SYSTEM, ma.memcg_id)
+    mf._mem_acct.remove_range(fr.start, fr.end)
+    mf._releasing.remove(fr)
+    if not mf._releasing and not mf._have_waste:
+        mf._released.set()
+
+
 async def run_releaser(mf: MemoryFile) -> None:
     """The releaser task: release waste until the file closes (the seed's releaserMain).
 
-    Sleeps on the file's wake-up event; each step punches at most
-    ``MAX_RELEASING_BYTES`` in the executor while the range is *releasing*, and the
-    step's bookkeeping runs even if the task is cancelled during the punch.
+    Sleeps on the file's wake-up event; each step punches its ranges in one
+    executor hop while they are *releasing*, and the step's bookkeeping runs even
+    if the task is cancelled during the punch.
     """
     while True:
         await mf._release_wakeup.wait()
-        plan = mf._begin_release()
-        if plan is None:
+        plans = begin_release(mf)
+        if not plans:
             continue
         try:
-            await run_blocking(mf._executor, mf._decommit_or_zero, plan.decommit)
+            await run_blocking(mf._executor, punch_all, mf, plans)
         finally:
-            mf._finish_release(plan)
-        # One release step per loop turn: let allocations in between.
+            for plan in plans:
+                finish_release(mf, plan)
+        # Let allocations in between release steps.
         await asyncio.sleep(0)

@@ -47,9 +47,7 @@ def compute_stats(mf: MemoryFile) -> MemoryFileStats:
     unfree_sets = (mf._unfree_small, mf._unfree_huge)
     used = sum(e - s for u in unfree_sets for s, e, refs in u.visit_range(0, total) if refs > 0)
     free = sum(e - s for u in unfree_sets for s, e in u.gaps(0, total))
-    waste = sum(
-        e - s for u in (mf._unwaste_small, mf._unwaste_huge) for s, e in u.gaps(0, total)
-    )
+    waste = sum(e - s for u in (mf._unwaste_small, mf._unwaste_huge) for s, e in u.gaps(0, total))
     huge_chunks = sum(1 for c in mf._chunks if c.huge)
     return MemoryFileStats(
         total_size=total,

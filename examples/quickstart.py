@@ -5,8 +5,6 @@ Run: python examples/quickstart.py
 
 from __future__ import annotations
 
-import asyncio
-
 import uvloop
 
 from asyncpgalloc import (

@@ -26,7 +26,9 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
         self.gate.set()
         self.started = threading.Event()
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
         self.calls.append((getattr(fn, "__name__", repr(fn)), args))
 
         def gated() -> T:
@@ -37,7 +39,10 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
         return super().submit(gated)
 
     def released_ranges(self) -> list[FileRange]:
-        return [args[0] for name, args in self.calls if name == "_decommit_or_zero"]
+        """Every range the releaser punched, in order."""
+        return [
+            plan.decommit for name, args in self.calls if name == "punch_all" for plan in args[1]
+        ]
 
 
 def snapshot(mf: MemoryFile) -> tuple[str, object, int]:

@@ -30,7 +30,7 @@ from asyncpgalloc import (
     ReferenceCountError,
     WrongThreadError,
 )
-from asyncpgalloc.releaser import MAX_RELEASING_BYTES
+from asyncpgalloc.releaser import MAX_RELEASING_BYTES, MAX_RELEASING_RANGES
 
 P = PAGE_SIZE
 H = HUGE_PAGE_SIZE
@@ -178,7 +178,11 @@ async def test_sub_released_huge_page_comes_back_zero(huge_mf: MemoryFile) -> No
     mf.dec_ref(FileRange(fr.start, fr.start + H // 2))
     await mf.wait_released()
     st = mf.stats()
-    assert st.subreleased_bytes == H // 2 and st.used_bytes == H // 2 and st.free_bytes == CHUNK_SIZE - H
+    assert (
+        st.subreleased_bytes == H // 2
+        and st.used_bytes == H // 2
+        and st.free_bytes == CHUNK_SIZE - H
+    )
     assert is_zero(mf, FileRange(fr.start, fr.start + H // 2))  # punched, not just forgotten
     mf.dec_ref(FileRange(fr.start + H // 2, fr.end))
     await mf.wait_released()
@@ -265,14 +269,50 @@ async def test_releaser_order_and_step_size() -> None:
             for fr in (huge, big, small_hi):
                 mf.dec_ref(fr)
             await mf.wait_released()
+            # Small before huge, highest offsets first, at most 128 MiB per step.
+            first = MAX_RELEASING_BYTES - P
             assert ex.released_ranges() == [
                 small_hi,
-                FileRange(big.end - MAX_RELEASING_BYTES, big.end),
-                FileRange(big.start, big.end - MAX_RELEASING_BYTES),
+                FileRange(big.end - first, big.end),
+                FileRange(big.start, big.end - first),
                 huge,
+            ]
+            steps = [args[1] for name, args in ex.calls if name == "punch_all"]
+            assert [[p.released for p in step] for step in steps] == [
+                [small_hi, FileRange(big.end - first, big.end)],
+                [FileRange(big.start, big.end - first), huge],
             ]
     finally:
         ex.shutdown()
+
+
+async def test_many_small_ranges_share_one_executor_hop() -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            frs = [mf.allocate(P) for _ in range(2 * MAX_RELEASING_RANGES)]
+            for fr in frs[::2]:  # every other page: MAX_RELEASING_RANGES separate ranges
+                mf.dec_ref(fr)
+            await mf.wait_released()
+            steps = [args[1] for name, args in ex.calls if name == "punch_all"]
+            assert [len(step) for step in steps] == [MAX_RELEASING_RANGES]
+            assert ex.released_ranges() == frs[::2][::-1]
+    finally:
+        ex.shutdown()
+
+
+async def test_one_step_releasing_two_pieces_of_one_huge_page(huge_mf: MemoryFile) -> None:
+    # Two waste pieces of the same huge page in one step: the second piece's
+    # sub-release count must build on the first's.
+    mf = huge_mf
+    fr = mf.allocate(H, AllocOpts(huge=True))
+    mf.dec_ref(FileRange(fr.start, fr.start + P))
+    mf.dec_ref(FileRange(fr.start + 2 * P, fr.end))
+    await mf.wait_released()
+    assert mf.stats().subreleased_bytes == H - P
+    mf.dec_ref(FileRange(fr.start + P, fr.start + 2 * P))
+    await mf.wait_released()
+    assert mf.stats().subreleased_bytes == 0 and mf.stats().free_bytes == CHUNK_SIZE
 
 
 async def test_stats_count_each_page_once_during_a_huge_release() -> None:
@@ -405,7 +445,9 @@ async def test_running_out_of_chunks_raises_out_of_memory() -> None:
         mf.check_invariants()
 
 
-async def test_failed_commit_returns_the_pages(mf: MemoryFile, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_commit_returns_the_pages(
+    mf: MemoryFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from asyncpgalloc import host
 
     def no_space(fd: int, offset: int, length: int) -> None:
