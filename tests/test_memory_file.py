@@ -553,3 +553,80 @@ async def test_str_dumps_the_sets(huge_mf: MemoryFile) -> None:
     for name in ("unwaste_small:", "unwaste_huge:", "unfree_small:", "unfree_huge:", "mem_acct:"):
         assert name in text
     assert "[0x0, 0x1000)" in text
+
+
+# ---------------------------------------------------------------- allocate_async
+
+ASYNC_LEN = 1 * MiB  # above ASYNC_PREPARE_MIN_BYTES: the work runs in the executor
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=lambda m: m.name)
+async def test_allocate_async_gives_zeroed_pages_in_every_mode(mode: AllocationMode) -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            fr = await mf.allocate_async(ASYNC_LEN, AllocOpts(mode=mode))
+            assert is_zero(mf, fr)
+            fill(mf, fr, 0x33)
+            mf.dec_ref(fr)
+            again = await mf.allocate_async(ASYNC_LEN, AllocOpts(mode=mode))
+            assert is_zero(mf, again)
+            hops = [name for name, _ in ex.calls if name == "_prepare_pages"]
+            assert len(hops) == (0 if mode is AllocationMode.UNCOMMITTED else 2)
+            if mode is AllocationMode.COMMIT:
+                assert mf.total_usage() >= ASYNC_LEN
+            mf.check_invariants()
+    finally:
+        ex.shutdown()
+
+
+async def test_allocate_async_small_ranges_stay_inline() -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            await mf.allocate_async(4 * P, AllocOpts(mode=AllocationMode.COMMIT))
+            assert not [name for name, _ in ex.calls if name == "_prepare_pages"]
+    finally:
+        ex.shutdown()
+
+
+async def test_allocate_async_cancelled_mid_commit_returns_the_pages() -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            keep = mf.allocate(P)
+            ex.gate.clear()
+            task = asyncio.ensure_future(
+                mf.allocate_async(ASYNC_LEN, AllocOpts(mode=AllocationMode.COMMIT))
+            )
+            while not ex.started.is_set():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            await asyncio.sleep(0.01)
+            assert not task.done()  # waits for the commit in flight before undoing it
+            ex.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await mf.wait_released()
+            st = mf.stats()
+            assert st.used_bytes == P and st.waste_bytes == 0
+            assert mf.has_unique_ref(keep)
+            mf.check_invariants()
+    finally:
+        ex.gate.set()
+        ex.shutdown()
+
+
+async def test_allocate_async_failure_returns_the_pages(
+    mf: MemoryFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncpgalloc import host
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(host, "commit", no_space)
+    with pytest.raises(OSError):
+        await mf.allocate_async(ASYNC_LEN, AllocOpts(mode=AllocationMode.COMMIT))
+    await mf.wait_released()
+    assert mf.stats().used_bytes == 0

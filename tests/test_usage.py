@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
 from helpers import fill
 
 from asyncpgalloc import (
@@ -160,6 +161,32 @@ async def test_decommit_during_a_scan_is_never_marked_committed() -> None:
             await mf.decommit(fr)  # punches after mincore saw the pages resident
             ex.gate.set()
             await scan
+            assert mf.known_committed_bytes == 0 and mf.accounting.total() == 0
+            assert mf.total_usage() == 0
+            mf.check_invariants()
+    finally:
+        ex.gate.set()
+        ex.shutdown()
+
+
+async def test_decommit_cancelled_mid_punch_still_updates_accounting() -> None:
+    from helpers import RecordingExecutor
+
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            fr = touched(mf, 8)
+            await mf.update_usage()
+            assert mf.known_committed_bytes == 8 * P
+            ex.gate.clear()
+            ex.started.clear()
+            task = asyncio.ensure_future(mf.decommit(fr))
+            while not ex.started.is_set():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            ex.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
             assert mf.known_committed_bytes == 0 and mf.accounting.total() == 0
             assert mf.total_usage() == 0
             mf.check_invariants()
