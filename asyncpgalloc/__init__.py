@@ -10,8 +10,10 @@ from .errors import InvalidLengthError as InvalidLengthError
 from .errors import InvalidRangeError as InvalidRangeError
 from .errors import InvariantError as InvariantError
 from .errors import OutOfMemoryError as OutOfMemoryError
+from .errors import PartialFillError as PartialFillError
 from .errors import ReferenceCountError as ReferenceCountError
 from .errors import WrongThreadError as WrongThreadError
+from .eviction import EvictableMemoryUser as EvictableMemoryUser
 from .memory_file import MemoryFile as MemoryFile
 from .options import AccessType as AccessType
 from .options import AllocationMode as AllocationMode
@@ -39,6 +41,7 @@ __all__ = (
     "ClosedError",
     "DelayedEviction",
     "Direction",
+    "EvictableMemoryUser",
     "EvictableRange",
     "FileRange",
     "InvalidLengthError",
@@ -50,6 +53,7 @@ __all__ = (
     "MemoryFileStats",
     "MemoryKind",
     "OutOfMemoryError",
+    "PartialFillError",
     "ReferenceCountError",
     "WrongThreadError",
 )

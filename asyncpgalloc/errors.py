@@ -8,6 +8,8 @@ before any state changes.
 
 from __future__ import annotations
 
+from .ranges import FileRange
+
 __all__ = [
     "AllocatorError",
     "ClosedError",
@@ -15,6 +17,7 @@ __all__ = [
     "InvalidRangeError",
     "InvariantError",
     "OutOfMemoryError",
+    "PartialFillError",
     "ReferenceCountError",
     "WrongThreadError",
 ]
@@ -46,6 +49,15 @@ class ClosedError(AllocatorError):
 
 class WrongThreadError(AllocatorError, RuntimeError):
     """A MemoryFile was called from a thread other than its event loop's."""
+
+
+class PartialFillError(AllocatorError):
+    """``allocate_from``'s source failed part-way; ``filled`` is the range kept (owned by
+    the caller, possibly empty) and ``__cause__`` the source's error."""
+
+    def __init__(self, message: str, filled: FileRange) -> None:
+        super().__init__(message)
+        self.filled = filled
 
 
 class InvariantError(AllocatorError):

@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import re
 import threading
 from collections.abc import Generator, Iterable
 from types import TracebackType
@@ -36,9 +35,11 @@ from .errors import (
     InvalidRangeError,
     InvariantError,
     OutOfMemoryError,
+    PartialFillError,
     ReferenceCountError,
     WrongThreadError,
 )
+from .eviction import EvictableMemoryUser, Evictions
 from .options import (
     AccessType,
     AllocationMode,
@@ -47,6 +48,7 @@ from .options import (
     Direction,
     MemoryFileOpts,
 )
+from .pressure import MemcgPressureWatcher
 from .ranges import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
@@ -54,11 +56,14 @@ from .ranges import (
     KEY_MAX,
     MAX_CHUNKS,
     PAGE_SIZE,
+    EvictableRange,
     FileRange,
 )
+from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
 from .segments import SegmentSet
 from .stats import MemoryFileStats, compute_stats
+from .usage import run_usage_refresher, update_usage
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
 
@@ -148,6 +153,7 @@ class MemoryFile:
         self._known_committed_bytes = 0
         self._commit_seq = 0
         self._next_commit_scan = 0.0
+        self._scan: asyncio.Future[None] | None = None
         self._chunks: list[Chunk] = []
 
         # The releaser sleeps on _release_wakeup; _released is set exactly while
@@ -157,6 +163,14 @@ class MemoryFile:
         self._released = asyncio.Event()
         self._released.set()
         self._releasing: list[FileRange] = []
+
+        self._evictions = Evictions(opts.delayed_eviction, self._release_wakeup.set)
+        # Without pressure notifications, ENABLED evicts once release work runs out.
+        self._evict_when_idle = (
+            opts.delayed_eviction is DelayedEviction.ENABLED and not opts.use_host_memcg_pressure
+        )
+        self._pressure: MemcgPressureWatcher | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,9 +194,9 @@ class MemoryFile:
             opts = _replace(opts, delayed_eviction=DelayedEviction.ENABLED)
         elif opts.delayed_eviction in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
             opts = _replace(opts, use_host_memcg_pressure=False)
-        if opts.use_host_memcg_pressure:
-            raise NotImplementedError(
-                "use_host_memcg_pressure: memory-cgroup pressure watching is not built yet"
+        if opts.usage_refresh_interval is not None and not opts.usage_refresh_interval > 0:
+            raise ValueError(
+                f"usage_refresh_interval must be > 0, got {opts.usage_refresh_interval}"
             )
         if opts.max_chunks is not None and not 0 <= opts.max_chunks <= MAX_CHUNKS:
             raise ValueError(f"max_chunks must be in [0, {MAX_CHUNKS}], got {opts.max_chunks}")
@@ -202,7 +216,27 @@ class MemoryFile:
             os.close(fd)
             raise
         mf._releaser_task = loop.create_task(run_releaser(mf), name="asyncpgalloc-releaser")
+        try:
+            if opts.use_host_memcg_pressure:
+                mf._pressure = MemcgPressureWatcher.start(
+                    mf._on_memcg_pressure,
+                    level=opts.memcg_pressure_level,
+                    memcg_path=opts.memcg_path,
+                    loop=loop,
+                )
+            if opts.usage_refresh_interval is not None:
+                mf._refresher = loop.create_task(
+                    run_usage_refresher(mf, opts.usage_refresh_interval),
+                    name="asyncpgalloc-usage-refresher",
+                )
+        except BaseException:
+            await mf.aclose()
+            raise
         return mf
+
+    def _on_memcg_pressure(self) -> None:
+        if not self._closed and self._evictions.start():
+            logger.debug("MemoryFile performing evictions due to memcg pressure")
 
     async def aclose(self) -> None:
         """Close the file: the seed's ``Destroy``.
@@ -218,9 +252,14 @@ class MemoryFile:
             return
         self._check_thread()
         self._closed = True
+        if self._pressure is not None:
+            self._pressure.stop()
+        if self._refresher is not None:
+            self._refresher.cancel()
         task = self._releaser_task
         task.cancel()
         try:
+            await self._evictions.aclose(self._opts.close_timeout)
             # Even if aclose() is cancelled, the fd must outlive a punch in flight.
             await finish_uncancelled(asyncio.wait([task]))
             if self._opts.decommit_on_destroy and self._chunks:
@@ -313,6 +352,50 @@ class MemoryFile:
                 self.dec_ref(fr)
             raise
         return fr
+
+    async def allocate_from(
+        self, source: AsyncByteSource, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS
+    ) -> FileRange:
+        """Allocate ``length`` bytes and fill them from ``source`` (the seed's ReaderFunc).
+
+        ``source``: an ``aiofiles`` binary file or anything with an async
+        ``readinto`` (bytes land straight in the mapped pages), an
+        ``asyncio.StreamReader`` or anything with an async ``read(n)``, or an async
+        callable ``f(n) -> bytes``. Pages are taken and prepared as by
+        :meth:`allocate_async`. On a short read (EOF) the unfilled tail, from the
+        first page not wholly filled, is released and the filled range is returned
+        (empty if not even one page was filled), as in the seed. If the source
+        raises, that tail is released likewise and a :class:`PartialFillError`
+        carries the filled range (still allocated: the caller owns it) with the
+        source's error as its cause. If the awaiting task is cancelled, every page
+        goes back. Raises ``TypeError`` for a source of none of these kinds before
+        allocating anything.
+        """
+        fill = filler_for(source)
+        fr = await self.allocate_async(length, opts)
+        progress = Progress()
+        try:
+            await fill(self._views(fr.start, fr.end), progress)
+        except BaseException as e:
+            if self._closed:
+                raise
+            if isinstance(e, Exception):
+                filled = self._keep_filled(fr, progress.filled)
+                raise PartialFillError(
+                    f"allocate_from: the source failed after {progress.filled} bytes", filled
+                ) from e
+            self.dec_ref(fr)
+            raise
+        if progress.filled < length:
+            return self._keep_filled(fr, progress.filled)
+        return fr
+
+    def _keep_filled(self, fr: FileRange, filled: int) -> FileRange:
+        """Release the part of ``fr`` past its last wholly filled page; return the rest."""
+        end = fr.start + filled - filled % PAGE_SIZE
+        if end < fr.end:
+            self.dec_ref(FileRange(end, fr.end))
+        return FileRange(fr.start, end)
 
     def _take_pages(self, length: int, opts: AllocOpts) -> tuple[FileRange, bool, bool]:
         """Validate, then mark pages used: (range, huge, recycled). The shared first step."""
@@ -677,70 +760,68 @@ class MemoryFile:
         """Bring :attr:`accounting` up to date with the pages the host really holds.
 
         The seed's ``UpdateUsage``: returns at once when ``fstat`` shows every
-        committed byte is already known, and scans at most 100 times a second
-        (a scan of specific ``memcg_ids`` does not arm the throttle). A scan runs
-        ``mincore`` over the used pages not yet known committed, one executor hop
-        per chunk (~11 ms per GiB), and marks the pages it finds committed unless
-        a decommit raced with it. Pages committed by ``fallocate`` but never
-        touched are invisible to ``mincore`` and stay unknown.
+        committed byte is already known, or when throttled: full scans run at most
+        100 times a second, and after any scan the next waits seven times its cost,
+        so scanning never takes more than 1/8 of a CPU. A call during a scan joins
+        it. A scan runs ``mincore`` over the used pages not yet known committed (of
+        ``memcg_ids`` only, if given) in the executor, one hop per chunk (~11 ms per
+        GiB), then marks what it found in slices of ~0.5 ms that yield to the loop;
+        pages that a decommit, release or allocation touched since the scan began
+        are not marked. Pages committed by ``fallocate`` but never touched are
+        invisible to ``mincore`` and stay unknown. Raises ``OSError`` if mincore
+        fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
-        if host.file_usage(self._fd) == self._known_committed_bytes:
-            return
-        now = self._loop.time()
-        if now < self._next_commit_scan:
-            return
-        ids = None if memcg_ids is None else frozenset(memcg_ids)
-        if ids is None:
-            self._next_commit_scan = now + _COMMIT_SCAN_INTERVAL
-        pos = 0
-        while (span := self._next_scan_span(pos, ids)) is not None:
-            lo, hi = span
-            last_seq = self._commit_seq
-            self._commit_seq += 1
-            addr = self._chunks[lo >> CHUNK_SHIFT].mapping.addr + (lo & (CHUNK_SIZE - 1))
-            resident = await run_blocking(self._executor, _resident_pages, addr, hi - lo)
-            if self._closed:
-                raise ClosedError("the MemoryFile was closed during a usage scan")
-            self._mark_committed(lo, resident, last_seq)
-            pos = hi
+        await update_usage(self, memcg_ids)
 
-    def _next_scan_span(self, pos: int, ids: frozenset[int] | None) -> tuple[int, int] | None:
-        """The next range at or after ``pos``, within one chunk, that holds pages to scan."""
-        lo = hi = -1
-        limit = KEY_MAX
-        for s, e, ma in self._mem_acct.visit_range(pos, KEY_MAX):
-            if s >= limit:
-                break
-            if (
-                ma.waste_or_releasing
-                or ma.known_committed
-                or (ids is not None and ma.memcg_id not in ids)
-            ):
-                continue
-            if lo < 0:
-                lo = s
-                limit = ((s >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT
-            hi = min(e, limit)
-        return None if lo < 0 else (lo, hi)
+    # -------------------------------------------------------------------- eviction
 
-    def _mark_committed(self, lo: int, resident: bytes, last_seq: int) -> None:
-        """Mark resident pages committed, where no decommit raced with the scan."""
+    def mark_evictable(self, user: EvictableMemoryUser, er: EvictableRange) -> None:
+        """Allow the file to ask ``user`` to evict ``er`` (its own offsets) later.
 
-        def mark(s: int, e: int, ma: MemAcct) -> MemAcct:
-            # DESIGN.md §6: judge the race by the segment as it is now, not as it
-            # was before the scan (the seed reads a stale segment here).
-            if ma.waste_or_releasing or ma.known_committed or ma.commit_seq > last_seq:
-                return ma
-            self._known_committed_bytes += e - s
-            if self._account:
-                self._accounting.inc(e - s, ma.kind, ma.memcg_id)
-            return ma._replace(known_committed=True, commit_seq=0)
+        Synchronous, O(log n). With ``DelayedEviction.DISABLED`` eviction starts at
+        once; with ENABLED and no pressure notifications, once the releaser runs out
+        of work; with pressure notifications, on pressure; with MANUAL, only on
+        :meth:`start_evictions`. Marking an evictable range again has no effect.
+        """
+        self._check()
+        self._evictions.mark_evictable(user, er, self._opts.use_host_memcg_pressure)
 
-        for run in _RESIDENT_RUN.finditer(resident):
-            self._mem_acct.mutate_range(
-                lo + run.start() * PAGE_SIZE, lo + run.end() * PAGE_SIZE, mark
-            )
+    def mark_unevictable(self, user: EvictableMemoryUser, er: EvictableRange) -> None:
+        """Stop asking ``user`` to evict ``er``; an eviction already under way may still
+        call ``evict`` for it (users must tolerate that, as in the seed)."""
+        self._check()
+        self._evictions.mark_unevictable(user, er)
+
+    def mark_all_unevictable(self, user: EvictableMemoryUser) -> None:
+        """As :meth:`mark_unevictable` for every range of ``user``."""
+        self._check()
+        self._evictions.mark_all_unevictable(user)
+
+    def start_evictions(self) -> bool:
+        """Start evicting every evictable user (one task each, last range first).
+
+        Does not wait; returns True if any eviction task was started.
+        """
+        self._check()
+        return self._evictions.start()
+
+    async def wait_for_evictions(self) -> None:
+        """Wait until no eviction task is running."""
+        self._check()
+        await self._evictions.wait()
+
+    def should_cache_evictable(self) -> bool:
+        """True if evictions are meaningfully delayed, so caching in evictable memory pays."""
+        return (
+            self._opts.delayed_eviction is DelayedEviction.MANUAL
+            or self._opts.use_host_memcg_pressure
+        )
+
+    @property
+    def pressure_events(self) -> int:
+        """Memory-cgroup pressure notifications received (0 without a watcher)."""
+        return 0 if self._pressure is None else self._pressure.events
 
     # ---------------------------------------------------------------- information
 
@@ -847,24 +928,11 @@ class _Opener:
         await self._mf.aclose()
 
 
-def _resident_pages(addr: int, length: int) -> bytes:
-    """mincore of a range as one byte per page, 1 if resident (blocking; executor)."""
-    out = bytearray(length // PAGE_SIZE)
-    host.mincore(addr, length, out)
-    return bytes(out).translate(_LOW_BIT)
-
-
 #: Committing work on smaller allocate_async ranges runs inline. Measured here
 #: (medians, asyncio loop): a shielded executor round trip adds 130-220 µs of
 #: latency, while committing or populating 64 pages inline takes 77-173 µs and 16
 #: pages 26-55 µs; so below 256 KiB inline is both faster and short on the loop.
 ASYNC_PREPARE_MIN_BYTES = 256 << 10
-
-_LOW_BIT = bytes(b & 1 for b in range(256))
-_RESIDENT_RUN = re.compile(rb"\x01+")
-# Linux updates usage at CONFIG_HZ; scanning more often than that learns nothing.
-_COMMIT_SCAN_INTERVAL = 0.01
-
 
 def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
     """Split ``[start, end)`` at chunk boundaries."""

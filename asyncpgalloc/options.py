@@ -85,6 +85,14 @@ class MemoryFileOpts:
     * ``max_chunks``: the most 1 GiB chunks the file may grow to; an allocation that
       needs more raises :class:`~asyncpgalloc.OutOfMemoryError`. ``None``: as large as
       ``off_t`` allows.
+    * ``memcg_path`` / ``memcg_pressure_level``: with ``use_host_memcg_pressure``, the
+      memory cgroup directory to watch (v1: under the memory hierarchy's mount, e.g.
+      ``/sys/fs/cgroup/memory/<group>``; v2: ``<cgroup2 mount>/<group>``; ``None``: this
+      process's own) and the pressure level that starts evictions (``"low"``,
+      ``"medium"`` or ``"critical"``).
+    * ``usage_refresh_interval``: if set, a task refreshes usage (``update_usage``)
+      every that many seconds, so accounting stays fresh without polling.
+    * ``close_timeout``: how long ``aclose()`` waits for cancelled eviction tasks.
     """
 
     delayed_eviction: DelayedEviction = DelayedEviction.DEFAULT
@@ -100,3 +108,6 @@ class MemoryFileOpts:
     accounting: MemoryAccounting | None = None
     executor: concurrent.futures.Executor | None = None
     max_chunks: int | None = None
+    memcg_pressure_level: str = "low"
+    usage_refresh_interval: float | None = None
+    close_timeout: float = 5.0

@@ -196,6 +196,9 @@ async def run_releaser(mf: MemoryFile) -> None:
         await mf._release_wakeup.wait()
         plans = begin_release(mf)
         if not plans:
+            if mf._evict_when_idle:
+                # Out of release work: evict to make more (the seed's releaserMain).
+                mf._evictions.start()
             continue
         try:
             await run_blocking(mf._executor, punch_all, mf, plans)
