@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
-from helpers import fill
+from helpers import RecordingExecutor, fill
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -171,7 +171,6 @@ async def test_decommit_during_a_scan_is_never_marked_committed() -> None:
 
 
 async def test_decommit_cancelled_mid_punch_still_updates_accounting() -> None:
-    from helpers import RecordingExecutor
 
     ex = RecordingExecutor()
     try:
@@ -194,3 +193,91 @@ async def test_decommit_cancelled_mid_punch_still_updates_accounting() -> None:
     finally:
         ex.gate.set()
         ex.shutdown()
+
+
+async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            touched(mf, 4, memcg_id=1)
+            await mf.update_usage(memcg_ids=[1])
+            scans = sum(name == "_resident_pages" for name, _ in ex.calls)
+            assert scans == 1 and mf.known_committed_bytes == 4 * P
+            touched(mf, 4, memcg_id=1)
+            # However often callers ask, the next scan waits 7x the last one's cost.
+            for _ in range(20):
+                await mf.update_usage(memcg_ids=[1])
+            assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1
+    finally:
+        ex.shutdown()
+
+
+async def test_concurrent_callers_join_one_scan() -> None:
+    ex = RecordingExecutor()
+    try:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            touched(mf, 4)
+            await asyncio.gather(*(mf.update_usage() for _ in range(5)))
+            assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1
+            assert mf.known_committed_bytes == 4 * P
+    finally:
+        ex.shutdown()
+
+
+async def test_background_refresh_keeps_accounting_fresh() -> None:
+    async with MemoryFile.open(opts=MemoryFileOpts(usage_refresh_interval=0.02)) as mf:
+        touched(mf, 6, memcg_id=4)
+        for _ in range(200):
+            if mf.accounting.by_memcg(4) == {ANON: 6 * P}:
+                break
+            await asyncio.sleep(0.01)
+        assert mf.accounting.by_memcg(4) == {ANON: 6 * P}
+
+
+async def test_a_long_scan_yields_and_stays_right_while_the_file_changes(mf: MemoryFile) -> None:
+    # 64 MiB with every other page touched: 8192 runs to mark, in many slices.
+    big = mf.allocate(64 << 20, AllocOpts(memcg_id=1))
+    (view,) = mf.map_internal(big)
+    for off in range(0, big.length, 2 * P):
+        view[off] = 1
+    del view
+    ticks = 0
+    scanning = True
+
+    async def churn() -> None:
+        nonlocal ticks
+        live: list[FileRange] = []
+        while scanning:
+            ticks += 1
+            live.append(touched(mf, 1, memcg_id=2))  # new pages: must not be marked
+            if len(live) > 8:
+                mf.dec_ref(live.pop(0))
+            await asyncio.sleep(0)
+        for fr in live:
+            mf.dec_ref(fr)
+
+    churner = asyncio.ensure_future(churn())
+    await mf.update_usage(memcg_ids=[1])
+    scanning = False
+    await churner
+    assert ticks > 2  # the loop ran other tasks during the scan
+    assert mf.accounting.by_memcg(1) == {ANON: big.length // 2}
+    assert mf.accounting.by_memcg(2) == {}
+    await mf.wait_released()
+    mf.check_invariants()
+
+
+async def test_mincore_failure_raises_and_leaves_accounting(
+    mf: MemoryFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncpgalloc import host
+
+    def fail(addr: int, length: int, out: bytearray) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    touched(mf, 3)
+    monkeypatch.setattr(host, "mincore", fail)
+    with pytest.raises(OSError):
+        await mf.update_usage()
+    assert mf.known_committed_bytes == 0 and mf.accounting.total() == 0
+    mf.check_invariants()
