@@ -141,7 +141,7 @@ async def _mark_committed(mf: MemoryFile, lo: int, resident: bytes, last_seq: in
     slice_start = time.perf_counter()
     for i, run in enumerate(_RESIDENT_RUN.finditer(resident)):
         mf._mem_acct.mutate_range(lo + run.start() * PAGE_SIZE, lo + run.end() * PAGE_SIZE, mark)
-        if i % 64 == 63 and time.perf_counter() - slice_start > SLICE_SECONDS:
+        if i & 7 == 7 and time.perf_counter() - slice_start > SLICE_SECONDS:
             cost += time.perf_counter() - slice_start
             await asyncio.sleep(0)
             if mf._closed:
