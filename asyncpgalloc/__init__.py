@@ -21,6 +21,8 @@ from .options import AllocOpts as AllocOpts
 from .options import DelayedEviction as DelayedEviction
 from .options import Direction as Direction
 from .options import MemoryFileOpts as MemoryFileOpts
+from .pressure import MemcgPressureWatcher as MemcgPressureWatcher
+from .pressure import PressureWatcherError as PressureWatcherError
 from .ranges import CHUNK_SIZE as CHUNK_SIZE
 from .ranges import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
 from .ranges import PAGE_SIZE as PAGE_SIZE
@@ -47,6 +49,7 @@ __all__ = (
     "InvalidLengthError",
     "InvalidRangeError",
     "InvariantError",
+    "MemcgPressureWatcher",
     "MemoryAccounting",
     "MemoryFile",
     "MemoryFileOpts",
@@ -54,6 +57,7 @@ __all__ = (
     "MemoryKind",
     "OutOfMemoryError",
     "PartialFillError",
+    "PressureWatcherError",
     "ReferenceCountError",
     "WrongThreadError",
 )

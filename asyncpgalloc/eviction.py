@@ -33,7 +33,9 @@ class EvictableMemoryUser(Protocol):
     must be hashable (identity is fine): it is the key of its evictable ranges.
     """
 
-    async def evict(self, er: EvictableRange) -> None: ...
+    async def evict(self, er: EvictableRange) -> None:
+        """Free (some of) the memory backing ``er``; may do nothing."""
+        ...
 
 
 class _UserState:

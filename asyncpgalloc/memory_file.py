@@ -842,6 +842,7 @@ class MemoryFile:
 
     @property
     def is_disk_backed(self) -> bool:
+        """True if the backing file lives on a disk filesystem (``disk_backed_file``)."""
         return self._opts.disk_backed_file
 
     @property
@@ -851,10 +852,12 @@ class MemoryFile:
 
     @property
     def opts(self) -> MemoryFileOpts:
+        """The options in force (DEFAULT eviction already resolved to ENABLED)."""
         return self._opts
 
     @property
     def closed(self) -> bool:
+        """True once ``aclose()`` has begun."""
         return self._closed
 
     def total_size(self) -> int:

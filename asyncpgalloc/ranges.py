@@ -73,12 +73,15 @@ class FileRange(NamedTuple):
 
     @property
     def length(self) -> int:
+        """``end - start``."""
         return self.end - self.start
 
     def well_formed(self) -> bool:
+        """True if ``0 <= start <= end``."""
         return 0 <= self.start <= self.end
 
     def intersect(self, other: tuple[int, int]) -> FileRange:
+        """The part of this range inside ``other`` (empty, at a bound, if none)."""
         start = max(self.start, other[0])
         end = min(self.end, other[1])
         if end < start:
@@ -97,6 +100,7 @@ class EvictableRange(NamedTuple):
 
     @property
     def length(self) -> int:
+        """``end - start``."""
         return self.end - self.start
 
     def __str__(self) -> str:
