@@ -28,6 +28,7 @@ from .ranges import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
 from .ranges import PAGE_SIZE as PAGE_SIZE
 from .ranges import EvictableRange as EvictableRange
 from .ranges import FileRange as FileRange
+from .stats import MemoryFileCounters as MemoryFileCounters
 from .stats import MemoryFileStats as MemoryFileStats
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = (
     "MemcgPressureWatcher",
     "MemoryAccounting",
     "MemoryFile",
+    "MemoryFileCounters",
     "MemoryFileOpts",
     "MemoryFileStats",
     "MemoryKind",

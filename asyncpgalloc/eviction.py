@@ -60,8 +60,9 @@ class Evictions:
         self._wake_releaser = wake_releaser
         self._users: dict[EvictableMemoryUser, _UserState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Evictions started (one per user per start), and evict() calls that raised.
+        #: Evictions started (one per user per start), evict() calls, and those that raised.
         self.started = 0
+        self.calls = 0
         self.failures = 0
 
     def mark_evictable(
@@ -125,6 +126,7 @@ class Evictions:
                 # Evict from the end: uses of a user's memory that start again (and
                 # mark it unevictable) tend to start from the beginning.
                 state.ranges.remove_range(start, end)
+                self.calls += 1
                 try:
                     await user.evict(EvictableRange(start, end))
                 except asyncio.CancelledError:

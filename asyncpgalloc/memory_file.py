@@ -62,7 +62,7 @@ from .ranges import (
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
 from .segments import SegmentSet
-from .stats import MemoryFileStats, compute_stats
+from .stats import MemoryFileCounters, MemoryFileStats, compute_stats
 from .usage import run_usage_refresher, update_usage
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
@@ -154,6 +154,12 @@ class MemoryFile:
         self._commit_seq = 0
         self._next_commit_scan = 0.0
         self._scan: asyncio.Future[None] | None = None
+        # Counters (see MemoryFileCounters).
+        self._allocations = 0
+        self._allocated_bytes = 0
+        self._release_steps = 0
+        self._released_bytes = 0
+        self._usage_scans = 0
         self._chunks: list[Chunk] = []
 
         # The releaser sleeps on _release_wakeup; _released is set exactly while
@@ -404,6 +410,8 @@ class MemoryFile:
             raise InvalidLengthError(f"invalid allocation length: {length:#x}")
         huge = opts.huge and self._opts.expect_hugepages
         fr, recycled = self._find_allocatable_and_mark_used(length, opts, huge)
+        self._allocations += 1
+        self._allocated_bytes += length
         return fr, huge, recycled
 
     def _find_allocatable_and_mark_used(
@@ -873,6 +881,21 @@ class MemoryFile:
         """Bytes by page state, right now. O(segments); no syscall."""
         self._check()
         return compute_stats(self)
+
+    def counters(self) -> MemoryFileCounters:
+        """What the file has done since it opened (monotonic counts). O(1); works after close."""
+        ev = self._evictions
+        return MemoryFileCounters(
+            allocations=self._allocations,
+            allocated_bytes=self._allocated_bytes,
+            release_steps=self._release_steps,
+            released_bytes=self._released_bytes,
+            evictions_started=ev.started,
+            evict_calls=ev.calls,
+            evict_failures=ev.failures,
+            pressure_events=self.pressure_events,
+            usage_scans=self._usage_scans,
+        )
 
     def check_invariants(self) -> None:
         """Check every invariant of DESIGN.md §2; raise :class:`InvariantError` if one fails.

@@ -181,6 +181,7 @@ def finish_release(mf: MemoryFile, plan: ReleasePlan) -> None:
                 mf._accounting.dec(e - s, MemoryKind.SYSTEM, ma.memcg_id)
     mf._mem_acct.remove_range(fr.start, fr.end)
     mf._releasing.remove(fr)
+    mf._released_bytes += fr.length
     if not mf._releasing and not mf._have_waste:
         mf._released.set()
 
@@ -200,6 +201,7 @@ async def run_releaser(mf: MemoryFile) -> None:
                 # Out of release work: evict to make more (the seed's releaserMain).
                 mf._evictions.start()
             continue
+        mf._release_steps += 1
         try:
             await run_blocking(mf._executor, punch_all, mf, plans)
         finally:

@@ -145,6 +145,11 @@ class SegmentSet(Generic[V]):
     always maximal; with ``merge=False`` segments are only merged by
     :meth:`merge_all`.
 
+    Values are stored by reference, not copied: splitting a segment leaves
+    both halves holding the same object, so values should be immutable (or
+    treated as such) and changed only through :meth:`mutate_range` -- where
+    gVisor copies a value struct, this shares it.
+
     Not thread-safe; iterators are invalidated by mutation.
     """
 
@@ -822,8 +827,9 @@ class SegmentSet(Generic[V]):
         seg_start[e] = ls
 
     def merge_all(self) -> None:
-        """Merge every pair of adjacent segments with equal values.  O(n + m log n)
-        for m merges.
+        """Merge every pair of adjacent segments with equal values.
+
+        O(n) plus O(log n) per merge.
         """
         seg_end = self._seg_end
         vals = self._vals

@@ -10,7 +10,7 @@ from .ranges import PAGE_SIZE
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
 
-__all__ = ["MemoryFileStats", "compute_stats"]
+__all__ = ["MemoryFileCounters", "MemoryFileStats", "compute_stats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,36 @@ class MemoryFileStats:
     known_committed_bytes: int
     huge_chunks: int
     small_chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFileCounters:
+    """What a MemoryFile has done since it opened (monotonic counts, for metrics).
+
+    Attributes:
+        allocations: successful page takes by ``allocate``, ``allocate_async`` and
+            ``allocate_from`` (including ones whose commit then failed and returned
+            the pages).
+        allocated_bytes: bytes of those allocations.
+        release_steps: releaser steps (one executor hop each).
+        released_bytes: waste bytes the releaser gave back to the host.
+        evictions_started: eviction tasks started (one per user per start).
+        evict_calls: ``evict`` calls made.
+        evict_failures: ``evict`` calls that raised.
+        pressure_events: memory-cgroup pressure notifications received.
+        usage_scans: ``update_usage`` scans run (calls answered by the fast path,
+            the throttle or by joining another scan are not counted).
+    """
+
+    allocations: int
+    allocated_bytes: int
+    release_steps: int
+    released_bytes: int
+    evictions_started: int
+    evict_calls: int
+    evict_failures: int
+    pressure_events: int
+    usage_scans: int
 
 
 def compute_stats(mf: MemoryFile) -> MemoryFileStats:

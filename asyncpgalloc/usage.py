@@ -63,6 +63,7 @@ async def update_usage(mf: MemoryFile, memcg_ids: Iterable[int] | None) -> None:
     if ids is None:
         mf._next_commit_scan = now + MIN_SCAN_INTERVAL
     scan = mf._scan = loop.create_future()
+    mf._usage_scans += 1
     cost = 0.0
     try:
         cost = await _scan(mf, ids)

@@ -630,3 +630,15 @@ async def test_allocate_async_failure_returns_the_pages(
         await mf.allocate_async(ASYNC_LEN, AllocOpts(mode=AllocationMode.COMMIT))
     await mf.wait_released()
     assert mf.stats().used_bytes == 0
+
+
+async def test_counters_count_what_happened(mf: MemoryFile) -> None:
+    a = mf.allocate(4 * P)
+    b = await mf.allocate_async(2 * P)
+    mf.dec_ref(a)
+    mf.dec_ref(b)
+    await mf.wait_released()
+    c = mf.counters()
+    assert (c.allocations, c.allocated_bytes) == (2, 6 * P)
+    assert c.released_bytes == 6 * P and c.release_steps >= 1
+    assert (c.evictions_started, c.evict_calls, c.pressure_events) == (0, 0, 0)
