@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["finish_uncancelled", "run_blocking"]
+__all__ = ["BlockingRunner", "finish_uncancelled"]
 
 T = TypeVar("T")
 
@@ -39,12 +39,31 @@ async def finish_uncancelled(aw: Awaitable[T]) -> T:
     return result
 
 
-async def run_blocking(
-    executor: concurrent.futures.Executor | None, fn: Callable[..., T], *args: object
-) -> T:
-    """Run ``fn(*args)`` in ``executor``, shielded: see :func:`finish_uncancelled`.
+class BlockingRunner:
+    """Runs a file's blocking syscalls in its executor and knows which are in flight.
 
-    Costs one executor round trip (~20 µs here) plus ``fn`` itself.
+    A file must not close its fd or unmap while a syscall on them is still running
+    in a thread (the fd number could be reused underneath it): ``aclose`` drains
+    this runner first.
     """
-    loop = asyncio.get_running_loop()
-    return await finish_uncancelled(loop.run_in_executor(executor, fn, *args))
+
+    __slots__ = ("_executor", "_inflight")
+
+    def __init__(self, executor: concurrent.futures.Executor | None) -> None:
+        self._executor = executor
+        self._inflight: set[asyncio.Future[Any]] = set()
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in the executor, shielded: see :func:`finish_uncancelled`.
+
+        Costs one executor round trip (130-220 µs of latency here) plus ``fn`` itself.
+        """
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return await finish_uncancelled(fut)
+
+    async def drain(self) -> None:
+        """Wait (uncancellably) until nothing runs in the executor on our behalf."""
+        while self._inflight:
+            await finish_uncancelled(asyncio.wait(list(self._inflight)))

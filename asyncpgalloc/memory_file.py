@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from . import host
 from .accounting import MemoryAccounting, MemoryKind
-from .blocking import finish_uncancelled, run_blocking
+from .blocking import BlockingRunner, finish_uncancelled
 from .errors import (
     ClosedError,
     InvalidLengthError,
@@ -138,6 +138,7 @@ class MemoryFile:
             self._executor = self._own_executor
         else:
             self._executor = opts.executor
+        self._blocking = BlockingRunner(self._executor)
 
         # Initially every page is void: non-free and non-waste in both page sizes.
         self._unwaste_small: SegmentSet[None] = SegmentSet()
@@ -260,16 +261,20 @@ class MemoryFile:
         self._closed = True
         if self._pressure is not None:
             self._pressure.stop()
+        tasks = [self._releaser_task]
         if self._refresher is not None:
-            self._refresher.cancel()
+            tasks.append(self._refresher)
+        for t in tasks:
+            t.cancel()
         task = self._releaser_task
-        task.cancel()
         try:
             await self._evictions.aclose(self._opts.close_timeout)
-            # Even if aclose() is cancelled, the fd must outlive a punch in flight.
-            await finish_uncancelled(asyncio.wait([task]))
+            # Even if aclose() is cancelled, the fd and the mappings must outlive
+            # every syscall in flight (a punch, a commit, a scan of any caller).
+            await finish_uncancelled(asyncio.wait(tasks))
+            await self._blocking.drain()
             if self._opts.decommit_on_destroy and self._chunks:
-                await run_blocking(self._executor, host.decommit, self._fd, 0, self.total_size())
+                await self._blocking.run(host.decommit, self._fd, 0, self.total_size())
         finally:
             self._release_resources()
         if not task.cancelled() and task.exception() is not None:
@@ -350,8 +355,8 @@ class MemoryFile:
             if length < ASYNC_PREPARE_MIN_BYTES:
                 self._prepare_pages(fr, opts.mode, huge, recycled)
             else:
-                await run_blocking(
-                    self._executor, self._prepare_pages, fr, opts.mode, huge, recycled
+                await self._blocking.run(
+                    self._prepare_pages, fr, opts.mode, huge, recycled
                 )
         except BaseException:
             if not self._closed:
@@ -751,7 +756,7 @@ class MemoryFile:
         start, end = fr
         self._referenced_pieces(fr, "decommit")
         try:
-            await run_blocking(self._executor, self._decommit_or_zero, FileRange(start, end))
+            await self._blocking.run(self._decommit_or_zero, FileRange(start, end))
         finally:
             if not self._closed:
                 self._mem_acct.mutate_range(start, end, self._decommitted)

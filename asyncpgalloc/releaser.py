@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .accounting import MemoryKind
-from .blocking import run_blocking
 from .errors import InvariantError
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, PAGES_PER_HUGE_PAGE, FileRange, huge_round_down
 
@@ -203,7 +202,7 @@ async def run_releaser(mf: MemoryFile) -> None:
             continue
         mf._release_steps += 1
         try:
-            await run_blocking(mf._executor, punch_all, mf, plans)
+            await mf._blocking.run(punch_all, mf, plans)
         finally:
             for plan in plans:
                 finish_release(mf, plan)

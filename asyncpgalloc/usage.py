@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import host
-from .blocking import run_blocking
 from .errors import ClosedError
 from .ranges import CHUNK_SHIFT, CHUNK_SIZE, KEY_MAX, PAGE_SIZE
 
@@ -83,7 +82,7 @@ async def _scan(mf: MemoryFile, ids: frozenset[int] | None) -> float:
         last_seq = mf._commit_seq
         mf._commit_seq += 1
         addr = mf._chunks[lo >> CHUNK_SHIFT].mapping.addr + (lo & (CHUNK_SIZE - 1))
-        resident, seconds = await run_blocking(mf._executor, _resident_pages, addr, hi - lo)
+        resident, seconds = await mf._blocking.run(_resident_pages, addr, hi - lo)
         cost += seconds
         if mf._closed:
             raise ClosedError("the MemoryFile was closed during a usage scan")

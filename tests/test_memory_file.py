@@ -642,3 +642,29 @@ async def test_counters_count_what_happened(mf: MemoryFile) -> None:
     assert (c.allocations, c.allocated_bytes) == (2, 6 * P)
     assert c.released_bytes == 6 * P and c.release_steps >= 1
     assert (c.evictions_started, c.evict_calls, c.pressure_events) == (0, 0, 0)
+
+
+async def test_aclose_waits_for_every_syscall_in_flight() -> None:
+    ex = RecordingExecutor()
+    try:
+        mf = await MemoryFile.open(opts=MemoryFileOpts(executor=ex))
+        fd = mf.fd
+        ex.gate.clear()
+        alloc = asyncio.ensure_future(
+            mf.allocate_async(ASYNC_LEN, AllocOpts(mode=AllocationMode.COMMIT))
+        )
+        while not ex.started.is_set():
+            await asyncio.sleep(0.001)
+        closing = asyncio.ensure_future(mf.aclose())
+        await asyncio.sleep(0.02)
+        assert not closing.done()
+        os.fstat(fd)  # still open: the commit in flight is using it
+        ex.gate.set()
+        await closing
+        fr = await alloc  # the commit finished; the file closed after it
+        assert fr.length == ASYNC_LEN
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        ex.gate.set()
+        ex.shutdown()
