@@ -12,6 +12,7 @@ from .ranges import FileRange
 
 __all__ = [
     "AllocatorError",
+    "CheckpointError",
     "ClosedError",
     "InvalidLengthError",
     "InvalidRangeError",
@@ -58,6 +59,12 @@ class PartialFillError(AllocatorError):
     def __init__(self, message: str, filled: FileRange) -> None:
         super().__init__(message)
         self.filled = filled
+
+
+class CheckpointError(AllocatorError):
+    """A checkpoint cannot be saved (e.g. evictions are pending) or loaded: it is truncated,
+    corrupt (a checksum does not match), of another format version or page geometry, or its
+    metadata is inconsistent. Nothing is left allocated or mapped when ``load`` raises it."""
 
 
 class InvariantError(AllocatorError):

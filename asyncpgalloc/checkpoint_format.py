@@ -1,0 +1,440 @@
+"""The checkpoint file format: its binary layout, and checking what a file says (no I/O).
+
+A checkpoint is, in order (every integer little-endian)::
+
+    header      72 bytes: magic, version, flags, page/huge-page/block/chunk sizes,
+                file size, metadata length, data length, metadata CRC, header CRC
+    metadata    ``metadata_length`` bytes, all u64 words (see :class:`Snapshot`),
+                followed by nothing: its CRC is in the header
+    data        the contents of the known-committed pages, in file order, cut into
+                blocks of ``block_size`` bytes (the last may be shorter), each
+                followed by a u32 CRC seeded with the block index and the header CRC
+    trailer     24 bytes: magic, block count, CRC
+
+So a checkpoint's size follows committed memory, not the sparse file, and every byte
+is covered by a CRC-32C (the ``crc32c`` package: SSE4.2/ARMv8 instructions, ~12.8
+GB/s here against zlib.crc32's ~3.2, with the GIL released; it detects corruption, not
+tampering). A block's CRC is seeded with its index and the header's
+CRC, so blocks swapped within a file, or spliced in from another checkpoint, fail
+too. A malicious file may carry valid CRCs:
+:func:`~asyncpgalloc.checkpoint_state.build_state` therefore checks every bound and
+every relation between the page sets before anything is mapped.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING, NamedTuple
+
+from crc32c import crc32c
+
+from .accounting import MemoryKind
+from .errors import CheckpointError
+from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "BLOCK_SIZE",
+    "FLAG_ZERO_PAGES_EXCLUDED",
+    "HEADER_SIZE",
+    "KINDS",
+    "KIND_MASK",
+    "KNOWN_BIT",
+    "MAGIC",
+    "MAX_CHUNKS_LOADABLE",
+    "MAX_METADATA_BYTES",
+    "TRAILER_SIZE",
+    "VERSION",
+    "Block",
+    "Header",
+    "Snapshot",
+    "block_seed",
+    "committed_extents",
+    "crc",
+    "decode_metadata",
+    "encode_metadata",
+    "merged",
+    "pack_trailer",
+    "plan_blocks",
+    "unpack_trailer",
+]
+
+MAGIC = b"APGACKPT"
+TRAILER_MAGIC = b"APGAEND\x00"
+VERSION = 1
+#: Data blocks written by this version (any power of two from a page to 64 MiB loads).
+BLOCK_SIZE = 1 << 20
+_MAX_BLOCK_SIZE = 64 << 20
+FLAG_ZERO_PAGES_EXCLUDED = 1
+_KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED
+#: Metadata is read whole into memory: about 40 bytes per segment, so this allows
+#: tens of millions of segments while bounding what a forged length can make us read.
+MAX_METADATA_BYTES = 1 << 30
+#: x86-64 gives a process 128 TiB of address space: no more 1 GiB chunks can be mapped.
+MAX_CHUNKS_LOADABLE = 1 << 17
+
+_HEADER = struct.Struct("<8sIIIIIIQQQQI")
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+_TRAILER = struct.Struct("<8sQ")
+TRAILER_SIZE = _TRAILER.size + _CRC.size + 4
+_SEED = struct.Struct("<QI")
+_U64_MAX = 2**64 - 1
+_LITTLE = sys.byteorder == "little"
+
+# mem_acct's info word: kind in bits 0-7, known_committed bit 8, waste_or_releasing bit 9.
+KNOWN_BIT = 1 << 8
+_WASTE_BIT = 1 << 9
+KIND_MASK = 0xFF
+KINDS = {int(k) for k in MemoryKind}
+_COUNT_WORDS = 9
+# Words per entry of each list, in file order.
+_WIDTHS = (2, 2, 3, 3, 5, 2)
+
+
+def crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """CRC-32C of ``data``, continuing from ``value``. Releases the GIL; ~0.08 ms per MiB."""
+    return crc32c(data, value)
+
+
+_crc = crc
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fixed-size header. ``crc`` covers every byte before it."""
+
+    version: int
+    flags: int
+    page_size: int
+    huge_page_size: int
+    block_size: int
+    chunk_size: int
+    file_size: int
+    metadata_length: int
+    data_length: int
+    metadata_crc: int
+    crc: int = 0
+
+    @classmethod
+    def make(cls, *, flags: int, file_size: int, metadata: bytes, data_length: int) -> Header:
+        """The header of a checkpoint made on this host, its CRC computed."""
+        h = cls(
+            VERSION,
+            flags,
+            PAGE_SIZE,
+            HUGE_PAGE_SIZE,
+            BLOCK_SIZE,
+            CHUNK_SIZE,
+            file_size,
+            len(metadata),
+            data_length,
+            _crc(metadata),
+        )
+        return _replace_crc(h, _crc(h._body()))
+
+    def _body(self) -> bytes:
+        return _HEADER.pack(
+            MAGIC,
+            self.version,
+            HEADER_SIZE,
+            self.flags,
+            self.page_size,
+            self.huge_page_size,
+            self.block_size,
+            self.chunk_size,
+            self.file_size,
+            self.metadata_length,
+            self.data_length,
+            self.metadata_crc,
+        )
+
+    def pack(self) -> bytes:
+        return self._body() + _CRC.pack(self.crc)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Header:
+        """Parse and check a header: magic, version, CRC, this host's geometry, bounds.
+
+        Raises :class:`CheckpointError` naming the first problem.
+        """
+        if len(raw) < HEADER_SIZE:
+            raise CheckpointError(f"truncated checkpoint: {len(raw)}-byte header")
+        if raw[:8] != MAGIC:
+            raise CheckpointError(f"not an asyncpgalloc checkpoint (magic {raw[:8]!r})")
+        fields = _HEADER.unpack_from(raw)
+        (
+            _,
+            version,
+            header_size,
+            flags,
+            page,
+            huge,
+            block,
+            chunk,
+            size,
+            meta_len,
+            data_len,
+            meta_crc,
+        ) = fields
+        (crc,) = _CRC.unpack_from(raw, _HEADER.size)
+        if version != VERSION:
+            raise CheckpointError(
+                f"checkpoint format version {version} is not supported (this is {VERSION})"
+            )
+        if _crc(raw[: _HEADER.size]) != crc:
+            raise CheckpointError("checkpoint header checksum mismatch")
+        h = cls(version, flags, page, huge, block, chunk, size, meta_len, data_len, meta_crc, crc)
+        h._check(header_size)
+        return h
+
+    def _check(self, header_size: int) -> None:
+        if header_size != HEADER_SIZE:
+            raise CheckpointError(f"header size {header_size} != {HEADER_SIZE}")
+        if self.flags & ~_KNOWN_FLAGS:
+            raise CheckpointError(f"unknown checkpoint flags {self.flags:#x}")
+        geometry = (self.page_size, self.huge_page_size, self.chunk_size)
+        if geometry != (PAGE_SIZE, HUGE_PAGE_SIZE, CHUNK_SIZE):
+            raise CheckpointError(
+                f"checkpoint page/huge-page/chunk sizes {geometry} differ from this host's "
+                f"{(PAGE_SIZE, HUGE_PAGE_SIZE, CHUNK_SIZE)}"
+            )
+        b = self.block_size
+        if not PAGE_SIZE <= b <= _MAX_BLOCK_SIZE or b & (b - 1):
+            raise CheckpointError(f"bad data block size {b}")
+        if self.file_size % CHUNK_SIZE or self.num_chunks > MAX_CHUNKS_LOADABLE:
+            raise CheckpointError(f"bad file size {self.file_size:#x}")
+        m = self.metadata_length
+        if m % 8 or not _COUNT_WORDS * 8 <= m <= MAX_METADATA_BYTES:
+            raise CheckpointError(f"bad metadata length {m}")
+        if self.data_length % PAGE_SIZE or self.data_length > self.file_size:
+            raise CheckpointError(
+                f"data length {self.data_length:#x} is unaligned or exceeds the file size"
+            )
+
+    @property
+    def num_chunks(self) -> int:
+        return self.file_size // CHUNK_SIZE
+
+    @property
+    def blocks(self) -> int:
+        """Number of data blocks."""
+        return -(-self.data_length // self.block_size)
+
+    @property
+    def data_offset(self) -> int:
+        """Offset of the first data block in the checkpoint."""
+        return HEADER_SIZE + self.metadata_length
+
+    @property
+    def total_length(self) -> int:
+        """Bytes of the whole checkpoint, trailer included."""
+        return self.data_offset + self.data_length + _CRC.size * self.blocks + TRAILER_SIZE
+
+    def check_metadata(self, metadata: bytes | memoryview) -> None:
+        if len(metadata) != self.metadata_length:
+            raise CheckpointError(
+                f"truncated checkpoint: {len(metadata)} of {self.metadata_length} metadata bytes"
+            )
+        if _crc(metadata) != self.metadata_crc:
+            raise CheckpointError("checkpoint metadata checksum mismatch")
+
+
+def _replace_crc(h: Header, crc: int) -> Header:
+    import dataclasses
+
+    return dataclasses.replace(h, crc=crc)
+
+
+def pack_trailer(header: Header) -> bytes:
+    body = _TRAILER.pack(TRAILER_MAGIC, header.blocks)
+    return body + _CRC.pack(_crc(body, header.crc)) + bytes(4)
+
+
+def unpack_trailer(header: Header, raw: bytes) -> None:
+    """Check the trailer; raises :class:`CheckpointError` if it is not this header's."""
+    if len(raw) != TRAILER_SIZE:
+        raise CheckpointError("truncated checkpoint: no trailer")
+    body = raw[: _TRAILER.size]
+    magic, blocks = _TRAILER.unpack(body)
+    (crc,) = _CRC.unpack_from(raw, _TRAILER.size)
+    if magic != TRAILER_MAGIC or blocks != header.blocks or crc != _crc(body, header.crc):
+        raise CheckpointError("checkpoint trailer is corrupt")
+    if raw[_TRAILER.size + _CRC.size :] != bytes(4):
+        raise CheckpointError("checkpoint trailer is corrupt")
+
+
+def block_seed(header_crc: int, index: int) -> int:
+    """The CRC seed of data block ``index``: ties each block to its place and its file."""
+    return _crc(_SEED.pack(index, header_crc))
+
+
+def pack_crc(value: int) -> bytes:
+    return _CRC.pack(value)
+
+
+def unpack_crc(raw: bytes | bytearray | memoryview) -> int:
+    value: int = _CRC.unpack(raw)[0]
+    return value
+
+
+# ------------------------------------------------------------------------ metadata
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A MemoryFile's bookkeeping at one instant, clipped to ``[0, file_size)``.
+
+    Metadata words, in order: ``commit_seq``, ``known_committed_bytes``, the number
+    of chunks, the six list lengths; one byte per chunk (1: huge), zero-padded to 8;
+    then the lists, flattened: ``unwaste_small`` and ``unwaste_huge`` as (start, end),
+    ``unfree_small`` and ``unfree_huge`` as (start, end, refs), ``mem_acct`` as
+    (start, end, memcg_id, commit_seq, info) with info = kind | known_committed << 8
+    | waste_or_releasing << 9, and ``subreleased`` as (huge page offset, pages).
+    """
+
+    commit_seq: int
+    known_committed_bytes: int
+    chunk_huge: bytes
+    unwaste_small: list[tuple[int, int]]
+    unwaste_huge: list[tuple[int, int]]
+    unfree_small: list[tuple[int, int, int]]
+    unfree_huge: list[tuple[int, int, int]]
+    mem_acct: list[tuple[int, int, int, int, int]]
+    subreleased: list[tuple[int, int]]
+
+    @property
+    def file_size(self) -> int:
+        return len(self.chunk_huge) * CHUNK_SIZE
+
+    def _lists(self) -> tuple[Sequence[tuple[int, ...]], ...]:
+        return (
+            self.unwaste_small,
+            self.unwaste_huge,
+            self.unfree_small,
+            self.unfree_huge,
+            self.mem_acct,
+            self.subreleased,
+        )
+
+
+def mem_acct_info(kind: MemoryKind, known_committed: bool, waste_or_releasing: bool) -> int:
+    known = KNOWN_BIT if known_committed else 0
+    return int(kind) | known | (_WASTE_BIT if waste_or_releasing else 0)
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def encode_metadata(snap: Snapshot) -> bytes:
+    """The metadata bytes of ``snap``. O(segments), C speed; runs anywhere.
+
+    Raises :class:`CheckpointError` if a value does not fit in a u64 (a negative or
+    huge memcg id).
+    """
+    lists = snap._lists()
+    counts = [len(lst) for lst in lists]
+    chunks = snap.chunk_huge
+    try:
+        head = array("Q", [snap.commit_seq, snap.known_committed_bytes, len(chunks), *counts])
+        body = array("Q", chain.from_iterable(chain.from_iterable(lists)))
+    except OverflowError as e:
+        raise CheckpointError(f"a value does not fit in a checkpoint (u64): {e}") from e
+    if not _LITTLE:
+        head.byteswap()
+        body.byteswap()
+    return head.tobytes() + chunks + bytes(_pad8(len(chunks)) - len(chunks)) + body.tobytes()
+
+
+def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
+    """Parse checked metadata bytes (see :meth:`Header.check_metadata`) into a Snapshot.
+
+    Checks only the shape: every count against the length, the chunk bytes. O(segments).
+    """
+    words = array("Q")
+    words.frombytes(metadata[: _COUNT_WORDS * 8])
+    if not _LITTLE:
+        words.byteswap()
+    commit_seq, known, num_chunks, *counts = words
+    if num_chunks != header.num_chunks:
+        raise CheckpointError(
+            f"metadata has {num_chunks} chunks, the header's file size {header.num_chunks}"
+        )
+    flags_len = _pad8(num_chunks)
+    expected = (
+        _COUNT_WORDS * 8 + flags_len + 8 * sum(c * w for c, w in zip(counts, _WIDTHS, strict=True))
+    )
+    if expected != header.metadata_length:
+        raise CheckpointError(
+            f"metadata counts need {expected} bytes, the header says {header.metadata_length}"
+        )
+    pos = _COUNT_WORDS * 8
+    chunk_huge = metadata[pos : pos + num_chunks]
+    if chunk_huge.strip(b"\x00\x01") or any(metadata[pos + num_chunks : pos + flags_len]):
+        raise CheckpointError("bad chunk page-size flags")
+    pos += flags_len
+    body = array("Q")
+    body.frombytes(metadata[pos:])
+    if not _LITTLE:
+        body.byteswap()
+    lists: list[list[tuple[int, ...]]] = []
+    at = 0
+    for count, width in zip(counts, _WIDTHS, strict=True):
+        flat = body[at : at + count * width]
+        at += count * width
+        lists.append(list(zip(*[iter(flat)] * width, strict=True)))
+    return Snapshot(commit_seq, known, bytes(chunk_huge), *lists)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ data blocks
+
+
+def merged(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def committed_extents(mem_acct: Sequence[tuple[int, int, int, int, int]]) -> list[tuple[int, int]]:
+    """The file ranges whose contents a checkpoint holds: known-committed, merged, in order."""
+    return merged((s, e) for s, e, _, _, info in mem_acct if info & KNOWN_BIT)
+
+
+class Block(NamedTuple):
+    """One data block: its number, its pieces of the file (offset, length), its length."""
+
+    number: int
+    pieces: tuple[tuple[int, int], ...]
+    length: int
+
+
+def plan_blocks(extents: Sequence[tuple[int, int]], block_size: int) -> Iterator[Block]:
+    """Cut the concatenation of ``extents`` into blocks of ``block_size`` bytes."""
+    index = 0
+    pieces: list[tuple[int, int]] = []
+    have = 0
+    for s, e in extents:
+        while s < e:
+            n = min(e - s, block_size - have)
+            pieces.append((s, n))
+            have += n
+            s += n
+            if have == block_size:
+                yield Block(index, tuple(pieces), have)
+                index += 1
+                pieces.clear()
+                have = 0
+    if have:
+        yield Block(index, tuple(pieces), have)
