@@ -25,7 +25,7 @@ def test_quick_start_has_exactly_two_commands() -> None:
     assert block is not None
     commands = [line for line in block.group(1).splitlines() if line.strip()]
     assert len(commands) == 2
-    assert "examples/quickstart.py" in commands[0]
+    assert "examples/sandbox_supervisor.py" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
