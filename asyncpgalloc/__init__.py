@@ -5,6 +5,7 @@ from __future__ import annotations
 from .accounting import MemoryAccounting as MemoryAccounting
 from .accounting import MemoryKind as MemoryKind
 from .errors import AllocatorError as AllocatorError
+from .errors import CheckpointError as CheckpointError
 from .errors import ClosedError as ClosedError
 from .errors import InvalidLengthError as InvalidLengthError
 from .errors import InvalidRangeError as InvalidRangeError
@@ -41,6 +42,7 @@ __all__ = (
     "AllocOpts",
     "AllocationMode",
     "AllocatorError",
+    "CheckpointError",
     "ClosedError",
     "DelayedEviction",
     "Direction",

@@ -36,6 +36,8 @@ __all__ = [
 
 logger = logging.getLogger("asyncpgalloc")
 
+_SYSTEM = MemoryKind.SYSTEM
+
 # Linux serialises fallocate() on shmem files: releasing in bounded steps keeps
 # a concurrent decommit or commit from starving behind one huge punch.
 MAX_RELEASING_BYTES = 128 << 20
@@ -132,12 +134,12 @@ def begin_release(mf: MemoryFile) -> list[ReleasePlan]:
     pending: dict[int, int] = {}
     counts = ChainMap(pending, mf._subreleased)
     for huge, unwaste in ((False, mf._unwaste_small), (True, mf._unwaste_huge)):
-        while budget and len(plans) < MAX_RELEASING_RANGES:
-            gap = unwaste.last_large_enough_gap(1)
-            if gap is None:
+        # The seed takes LastLargeEnoughGap(1) again and again; walking the gaps
+        # down from the top visits the same ones without an index query each.
+        for gap_start, end in unwaste.gaps_descending():
+            if not budget or len(plans) >= MAX_RELEASING_RANGES:
                 break
-            end = gap[1]
-            start = max(gap[0], end - budget)
+            start = max(gap_start, end - budget)
             unwaste.insert_range(start, end, None)
             fr = FileRange(start, end)
             mf._releasing.append(fr)
@@ -171,14 +173,14 @@ def finish_release(mf: MemoryFile, plan: ReleasePlan) -> None:
         unfree = mf._unfree_huge if plan.huge else mf._unfree_small
         unfree.remove_range(plan.free.start, plan.free.end)
     account = mf._account
-    for s, e, ma in mf._mem_acct.visit_range(fr.start, fr.end):
-        if ma.kind is not MemoryKind.SYSTEM or not ma.waste_or_releasing:
-            raise InvariantError(f"releasing pages [{s:#x}, {e:#x}) have state {ma}")
+    # One pass: remove the accounting segments, then settle what they held.
+    for s, e, ma in mf._mem_acct.pop_range(fr.start, fr.end):
+        if ma.kind is not _SYSTEM or not ma.waste_or_releasing:
+            raise InvariantError(f"releasing pages [{s:#x}, {e:#x}) had state {ma}")
         if ma.known_committed:
             mf._known_committed_bytes -= e - s
             if account:
-                mf._accounting.dec(e - s, MemoryKind.SYSTEM, ma.memcg_id)
-    mf._mem_acct.remove_range(fr.start, fr.end)
+                mf._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
     mf._releasing.remove(fr)
     mf._released_bytes += fr.length
     if not mf._releasing and not mf._have_waste:

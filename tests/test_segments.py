@@ -962,3 +962,141 @@ TestSegmentSetSmallKeysModel = SegmentSetSmallKeysMachine.TestCase
 TestSegmentSetSmallKeysModel.settings = _SETTINGS
 TestSegmentSetSmallKeysNoMergeModel = SegmentSetSmallKeysNoMergeMachine.TestCase
 TestSegmentSetSmallKeysNoMergeModel.settings = _SETTINGS
+
+
+# ----------------------------------------------------------------------
+# The allocator's fast-path primitives: get_exact, replace_value, pop_range,
+# refine, take_first_gap / take_last_gap, gaps_descending, gap_index=False.
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_get_exact_and_replace_value(merge: bool) -> None:
+    s = make([(0, 10, 1), (10, 20, 2), (30, 40, 2)], merge=merge)
+    assert s.get_exact(10, 20, None) == 2
+    assert s.get_exact(10, 19, None) is None
+    assert s.get_exact(11, 20, None) is None
+    assert s.get_exact(20, 30, "gap") == "gap"
+    s.replace_value(10, 1)
+    s.check_invariants()
+    if merge:
+        assert segs(s) == [(0, 20, 1), (30, 40, 2)]
+    else:
+        assert segs(s) == [(0, 10, 1), (10, 20, 1), (30, 40, 2)]
+        assert str(s) == "[0x0, 0x14): 1\n[0x1e, 0x28): 2\n"  # shown merged
+    with pytest.raises(KeyError):
+        s.replace_value(25, 3)
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_pop_range_returns_clipped_pieces(merge: bool) -> None:
+    s = make([(0, 10, 1), (10, 20, 2), (30, 40, 3)], merge=merge)
+    assert s.pop_range(5, 35) == [(5, 10, 1), (10, 20, 2), (30, 35, 3)]
+    assert segs(s) == [(0, 5, 1), (35, 40, 3)]
+    assert s.pop_range(50, 60) == []
+    assert s.pop_range(36, 38) == [(36, 38, 3)]
+    s.check_invariants()
+    assert list(s.gaps(0, 64)) == [(5, 35), (36, 38), (40, 64)]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_refine_splits_one_segment(merge: bool) -> None:
+    s = make([(0, 100, 1), (100, 110, 2)], merge=merge)
+    s.refine(0, [10, 20, 90], [2, 3, 2, 2])
+    s.check_invariants()
+    if merge:
+        # [90, 100) now equals [100, 110) and merges across the edge.
+        assert segs(s) == [(0, 10, 2), (10, 20, 3), (20, 110, 2)]
+    else:
+        assert segs(s) == [(0, 10, 2), (10, 20, 3), (20, 90, 2), (90, 100, 2), (100, 110, 2)]
+    for bad_start, cuts, values in [(5, [10], [1, 2]), (0, [10, 10], [1, 2, 3]), (0, [10], [1])]:
+        before = segs(s)
+        with pytest.raises(ValueError):
+            s.refine(bad_start, cuts, values)
+        assert segs(s) == before
+    big: SegmentSet[int] = SegmentSet(merge=False)
+    big.insert_range(0, 1 << 40, 0)
+    cuts = list(range(P, 1 << 30, 2 * P))
+    big.refine(0, cuts, [i & 1 for i in range(len(cuts) + 1)])
+    big.check_invariants()
+    assert len(big) == len(cuts) + 1
+    # Cuts at odd multiples of P: 2**29 (an even one) lies in [2**29 - P, 2**29 + P).
+    assert big.find_segment((1 << 29) + 5) == ((1 << 29) - P, (1 << 29) + P, 0)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_take_first_and_last_gap_match_queries(merge: bool) -> None:
+    rng = random.Random(11)
+    a: SegmentSet[int] = SegmentSet(merge=merge)
+    b: SegmentSet[int] = SegmentSet(merge=merge)
+    for t in (a, b):
+        t.insert_range(1 << 30, KEY_MAX, 0)
+    live: list[tuple[int, int]] = []
+    for i in range(600):
+        n = rng.randint(1, 20) * P
+        top = rng.random() < 0.2
+        if top:
+            gap = b.last_large_enough_gap(n)
+            got = a.take_last_gap(n, 1)
+        else:
+            gap = b.first_large_enough_gap(n)
+            got = a.take_first_gap(n, 1)
+        assert gap is not None and got is not None
+        start = gap[1] - n if top else gap[0]
+        assert got == start
+        b.insert_range(start, start + n, 1)
+        live.append((start, start + n))
+        if rng.random() < 0.45:
+            fs, fe = live.pop(rng.randrange(len(live)))
+            a.remove_range(fs, fe)
+            b.remove_range(fs, fe)
+        if i % 50 == 0:
+            a.check_invariants()
+    a.check_invariants()
+    assert list(a) == list(b)
+    assert a.take_first_gap(1 << 31, 1) is None
+    assert a.take_last_gap(1 << 31, 1) is None
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_gaps_descending_allows_filling_each_gap(merge: bool) -> None:
+    s = make([(10, 20, 1), (30, 40, 1), (50, 60, 2)], merge=merge)
+    want = list(reversed(list(s.gaps())))
+    seen = []
+    for gs, ge in s.gaps_descending():
+        seen.append((gs, ge))
+        s.insert_range(gs, ge, 1)
+        s.check_invariants()
+    assert seen == want
+    assert list(s.gaps()) == []
+
+
+def test_set_without_gap_index() -> None:
+    s: SegmentSet[int] = SegmentSet(merge=False, gap_index=False)
+    assert not s.has_gap_index and not s.merges
+    s.insert_range(P, 2 * P, 1)
+    s.insert_range(5 * P, 6 * P, 2)
+    s.remove_range(P, 2 * P)
+    s.check_invariants()
+    assert list(s.gaps(0, 8 * P)) == [(0, 5 * P), (6 * P, 8 * P)]
+    with pytest.raises(TypeError):
+        s.first_large_enough_gap(P)
+    with pytest.raises(TypeError):
+        s.last_large_enough_gap(P)
+
+
+def test_start_index_keeps_and_drops_empty_blocks() -> None:
+    s: SegmentSet[int] = SegmentSet(merge=False)
+    block = 1 << segments._BLOCK_SHIFT
+    for i in range(40):
+        s.insert_range(i * block, i * block + P, i)
+    for i in range(0, 40, 2):
+        s.remove_range(i * block, i * block + P)
+    s.check_invariants()
+    # Lookups past empty blocks find the right segment (and drop those blocks).
+    for i in range(1, 40, 2):
+        assert s.find_segment(i * block + 5) == (i * block, i * block + P, i)
+        want = (i * block + P, (i + 2) * block if i < 39 else KEY_MAX)
+        assert s.find_gap((i + 1) * block + 5) == want
+    s.check_invariants()
+    assert s.last_segment() == (39 * block, 39 * block + P, 39)

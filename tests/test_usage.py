@@ -281,3 +281,18 @@ async def test_mincore_failure_raises_and_leaves_accounting(
         await mf.update_usage()
     assert mf.known_committed_bytes == 0 and mf.accounting.total() == 0
     mf.check_invariants()
+
+
+async def test_closing_a_file_takes_its_bytes_out_of_shared_accounting() -> None:
+    acct = MemoryAccounting()
+    async with MemoryFile.open(opts=MemoryFileOpts(accounting=acct)) as keep:
+        touched(keep, 2, memcg_id=1)
+        await keep.update_usage()
+        mf = await MemoryFile.open(opts=MemoryFileOpts(accounting=acct))
+        touched(mf, 3, memcg_id=1)
+        waste = touched(mf, 4, memcg_id=1)
+        await mf.update_usage()
+        mf.dec_ref(waste)  # SYSTEM until released; close before the releaser runs
+        assert acct.by_memcg(1) == {ANON: 5 * P, SYSTEM: 4 * P}
+        await mf.aclose()  # still referenced and still waste: all given back
+        assert acct.by_memcg(1) == {ANON: 2 * P}
