@@ -63,7 +63,10 @@ def _check_ranges(name: str, ranges: Sequence[tuple[int, ...]], size: int) -> No
 
 
 def _build_unfree(entries: list[tuple[int, int, int]], size: int) -> SegmentSet[int]:
-    out: SegmentSet[int] = SegmentSet()
+    from .memory_file import new_unfree_set
+
+    # The same kind of set the file keeps, so that its fast paths apply at once.
+    out = new_unfree_set()
     for s, e, refs in entries:
         out.insert_range(s, e, refs)
     if size < KEY_MAX:
@@ -125,7 +128,9 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
 
     if merged(iter(used)) != merged((s, e) for s, e, *_ in snap.mem_acct):
         raise _bad("accounting does not cover exactly the used pages")
-    mem_acct: SegmentSet[MemAcct] = SegmentSet()
+    from .memory_file import new_mem_acct_set
+
+    mem_acct = new_mem_acct_set()
     committed: list[tuple[MemoryKind, int, int]] = []
     known_bytes = 0
     for s, e, memcg, seq, info in snap.mem_acct:

@@ -122,6 +122,10 @@ class MemoryFile:
     # Populated by _open(); declared here for mypy and for readers.
     _fd: int
     _releaser_task: asyncio.Task[None]
+    # True unless the file is a memfd this MemoryFile created (set by _open()): a file
+    # from the caller may be on a filesystem that runs out of space, where writing an
+    # unbacked page through the mapping is a SIGBUS, so writes are committed first.
+    _commit_before_write = True
 
     def __init__(self, fd: int, opts: MemoryFileOpts, loop: asyncio.AbstractEventLoop) -> None:
         """Internal: use :meth:`MemoryFile.open`."""
@@ -228,6 +232,7 @@ class MemoryFile:
         try:
             host.set_file_size(fd, 0)
             mf = cls(fd, opts, loop)
+            mf._commit_before_write = file is not None
             if not opts.disable_ima_workaround:
                 host.ima_workaround(fd)
         except BaseException:
@@ -609,6 +614,9 @@ class MemoryFile:
         if mode is _COMMIT:
             host.commit(self._fd, fr.start, fr.length)
         elif mode is _WRITE_POPULATE:
+            if self._commit_before_write:
+                # ENOSPC surfaces here as an OSError, not as a SIGBUS on the next write.
+                host.commit(self._fd, fr.start, fr.length)
             pieces = self._address_pieces(fr)
             if host.can_populate():
                 for addr, n in pieces:

@@ -59,7 +59,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator, Sequence
-from itertools import pairwise
+from itertools import islice
+from operator import lt
 from typing import Generic, TypeVar
 
 from sortedcontainers import SortedList
@@ -1219,7 +1220,7 @@ class SegmentSet(Generic[V]):
         if cuts:
             if not start < cuts[0] or not cuts[-1] < e:
                 raise ValueError(f"cuts outside the segment [{start:#x}, {e:#x})")
-            if any(a >= b for a, b in pairwise(cuts)):
+            if not all(map(lt, cuts, islice(cuts, 1, None))):
                 raise ValueError("cuts are not strictly ascending")
         starts = [start, *cuts]
         ends = [*cuts, e]

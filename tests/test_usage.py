@@ -200,14 +200,20 @@ async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
     try:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             touched(mf, 4, memcg_id=1)
+            loop = asyncio.get_running_loop()
             await mf.update_usage(memcg_ids=[1])
+            scan_end = loop.time()
             scans = sum(name == "_resident_pages" for name, _ in ex.calls)
             assert scans == 1 and mf.known_committed_bytes == 4 * P
+            # A filtered scan arms the throttle too (by 7x its cost), however often
+            # callers ask until then.
+            armed_until = mf._next_commit_scan
+            assert armed_until > scan_end
             touched(mf, 4, memcg_id=1)
-            # However often callers ask, the next scan waits 7x the last one's cost.
-            for _ in range(20):
+            while loop.time() < armed_until:
                 await mf.update_usage(memcg_ids=[1])
-            assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1
+                assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1
+                await asyncio.sleep(0)
     finally:
         ex.shutdown()
 
