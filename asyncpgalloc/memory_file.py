@@ -647,20 +647,10 @@ class MemoryFile:
         if self._closed or _get_ident() != self._thread_id:
             self._check()
         start, end = fr
-        chunks = self._chunks
-        ci = start >> CHUNK_SHIFT
-        if (
-            0 <= start < end
-            and not (start | end) & _PAGE_MASK
-            and ci < len(chunks)
-            and ci == (end - 1) >> CHUNK_SHIFT
-        ):
-            # Fast path: fr is exactly one refcount segment (a whole allocation).
-            unfree = self._unfree_huge if chunks[ci].huge else self._unfree_small
-            refs = unfree.get_exact(start, end, 0)
-            if refs > 0:
-                unfree.replace_value(start, refs + 1)
-                return
+        hit = self._whole_segment(start, end)
+        if hit is not None and hit[1] > 0:
+            hit[0].replace_value(start, hit[1] + 1)
+            return
         pieces = self._referenced_pieces(fr, "inc_ref")
         for start, end, huge in pieces:
             unfree = self._unfree_huge if huge else self._unfree_small
@@ -677,6 +667,28 @@ class MemoryFile:
         if self._closed or _get_ident() != self._thread_id:
             self._check()
         start, end = fr
+        hit = self._whole_segment(start, end)
+        if hit is not None and hit[1] > 0:
+            # Validating it was one dict hit; the update cannot fail halfway.
+            unfree, refs, huge = hit
+            unfree.replace_value(start, refs - 1)
+            if refs == 1:
+                (self._unwaste_huge if huge else self._unwaste_small).remove_range(start, end)
+                mem_acct = self._mem_acct
+                ma = mem_acct.get_exact(start, end, None)
+                if ma is None:
+                    mem_acct.mutate_range(start, end, self._to_waste)
+                else:
+                    mem_acct.replace_value(start, self._to_waste(start, end, ma))
+                self._made_waste()
+            return
+        self._dec_ref_slow(fr)
+
+    def _whole_segment(self, start: int, end: int) -> tuple[SegmentSet[int], int, bool] | None:
+        """For a page-aligned range inside one chunk: its chunk's reference-count set,
+        the count if the range is exactly one segment (a whole allocation; else 0),
+        and whether the chunk is huge. None for any other range (the slow path judges
+        it). One dict hit: the fast path of inc_ref/dec_ref/has_unique_ref."""
         chunks = self._chunks
         ci = start >> CHUNK_SHIFT
         if (
@@ -685,31 +697,17 @@ class MemoryFile:
             and ci < len(chunks)
             and ci == (end - 1) >> CHUNK_SHIFT
         ):
-            # Fast path: fr is exactly one refcount segment (a whole allocation),
-            # so validating it is one dict hit and the update cannot fail halfway.
             huge = chunks[ci].huge
             unfree = self._unfree_huge if huge else self._unfree_small
-            refs = unfree.get_exact(start, end, 0)
-            if refs > 1:
-                unfree.replace_value(start, refs - 1)
-                return
-            if refs == 1:
-                unfree.replace_value(start, 0)
-                (self._unwaste_huge if huge else self._unwaste_small).remove_range(start, end)
-                mem_acct = self._mem_acct
-                ma = mem_acct.get_exact(start, end, None)
-                if ma is None:
-                    mem_acct.mutate_range(start, end, self._to_waste)
-                else:
-                    if ma.known_committed and self._account:
-                        self._accounting.move(end - start, _SYSTEM, ma.kind, ma.memcg_id)
-                    mem_acct.replace_value(start, self._waste_acct(ma))
-                self._released.clear()
-                if not self._have_waste:
-                    self._have_waste = True
-                    self._release_wakeup.set()
-                return
-        self._dec_ref_slow(fr)
+            return unfree, unfree.get_exact(start, end, 0), huge
+        return None
+
+    def _made_waste(self) -> None:
+        """Waste appeared: wait_released() must wait, and the releaser must wake."""
+        self._released.clear()
+        if not self._have_waste:
+            self._have_waste = True
+            self._release_wakeup.set()
 
     def _dec_ref_slow(self, fr: FileRange) -> None:
         """dec_ref of any range: validate every page, then mutate piece by piece."""
@@ -735,10 +733,7 @@ class MemoryFile:
             made_waste = made_waste or bool(dead)
             dead.clear()
         if made_waste:
-            self._released.clear()
-            if not self._have_waste:
-                self._have_waste = True
-                self._release_wakeup.set()
+            self._made_waste()
 
     def _to_waste(self, s: int, e: int, ma: MemAcct) -> MemAcct:
         if self._account and ma.known_committed:
@@ -754,13 +749,9 @@ class MemoryFile:
         """
         self._check()
         start, end = fr
-        chunks = self._chunks
-        ci = start >> CHUNK_SHIFT
-        if 0 <= start < end and ci < len(chunks) and ci == (end - 1) >> CHUNK_SHIFT:
-            unfree = self._unfree_huge if chunks[ci].huge else self._unfree_small
-            refs = unfree.get_exact(start, end, 0)
-            if refs > 0 and not (start | end) & _PAGE_MASK:
-                return refs == 1
+        hit = self._whole_segment(start, end)
+        if hit is not None and hit[1] > 0:
+            return hit[1] == 1
         for start, end, huge in self._referenced_pieces(fr, "has_unique_ref"):
             unfree = self._unfree_huge if huge else self._unfree_small
             for _, _, refs in unfree.visit_range(start, end):
