@@ -807,7 +807,10 @@ class MemoryFile:
         O(chunks touched), no syscall. ``fr`` need not be page-aligned but must be
         non-empty and inside the file. Raises ``PermissionError`` for EXECUTE access.
         A view keeps its chunk's mapping alive even after ``aclose()``: it never
-        dangles, but after close it no longer reaches the file.
+        dangles, but after close it no longer reaches the file. On a caller's file on
+        a filesystem that can fill up, writing a page that was never committed
+        (``UNCOMMITTED``) raises SIGBUS when the filesystem is full: allocate such
+        memory with ``COMMIT`` or ``WRITE_POPULATE``, which report ENOSPC instead.
         """
         self._check()
         if AccessType.EXECUTE in access:
@@ -1070,7 +1073,8 @@ class MemoryFile:
         return compute_stats(self)
 
     def counters(self) -> MemoryFileCounters:
-        """What the file has done since it opened (monotonic counts). O(1); works after close."""
+        """What the file has done since it opened (monotonic counts). O(1); works after
+        close, and from any thread (it only reads counters)."""
         ev = self._evictions
         return MemoryFileCounters(
             allocations=self._allocations,
@@ -1089,6 +1093,7 @@ class MemoryFile:
 
         O(segments + chunks); meant for tests and debugging.
         """
+        self._check_thread()
         from .invariants import check_invariants
 
         check_invariants(self)
