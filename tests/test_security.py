@@ -26,6 +26,7 @@ from asyncpgalloc import (
     CheckpointError,
     EvictableRange,
     MemoryFile,
+    MemoryFileOpts,
     WrongThreadError,
 )
 
@@ -112,3 +113,30 @@ async def test_random_bytes_are_only_ever_a_checkpoint_error(tmp_path: Path, see
     path.write_bytes(rng.randbytes(rng.choice([0, 1, 7, 64, 4096, 1 << 16])))
     with pytest.raises(CheckpointError):
         await MemoryFile.load(path)
+
+
+def _fd_targets(pid: str | int) -> dict[str, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd is gone already
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
+
+
+async def test_pressure_watcher_descriptors_do_not_reach_a_child() -> None:
+    from cgroups import make_cgroup, set_v1_limit, v1_parent
+
+    with make_cgroup(v1_parent(), set_v1_limit) as group:
+        before = _fd_targets("self")
+        opts = MemoryFileOpts(use_host_memcg_pressure=True, memcg_path=group)
+        async with MemoryFile.open(opts=opts):
+            ours = {fd: t for fd, t in _fd_targets("self").items() if before.get(fd) != t}
+            assert any("eventfd" in target for target in ours.values())  # the v1 watcher
+            child = subprocess.Popen(["sleep", "5"], close_fds=False)  # noqa: ASYNC220
+            try:
+                theirs = _fd_targets(child.pid)
+            finally:
+                child.kill()
+                child.wait()
+            inherited = {fd for fd, target in ours.items() if theirs.get(fd) == target}
+            assert inherited == set()
