@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 from asyncpgalloc import FileRange, MemoryFile
@@ -43,6 +47,19 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
         return [
             plan.decommit for name, args in self.calls if name == "punch_all" for plan in args[1]
         ]
+
+
+def load_example(name: str) -> ModuleType:
+    """Import examples/<name>.py as a module (examples are scripts, not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
 
 
 def snapshot(mf: MemoryFile) -> tuple[str, object, int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fill, is_zero
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -37,7 +38,6 @@ from asyncpgalloc import (
     MemoryFile,
     MemoryFileOpts,
 )
-from tests.helpers import fill, is_zero
 
 P = PAGE_SIZE
 MiB = 1 << 20

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import importlib.util
 import json
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import load_example
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncpgalloc import PAGE_SIZE, MemoryFile, MemoryFileOpts
@@ -25,16 +24,6 @@ HOST = "127.0.0.1"  # loopback only
 MiB = 1 << 20
 
 
-def load_example(name: str) -> ModuleType:
-    """Import examples/<name>.py as a module (examples are scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 stats_server = load_example("stats_server")
