@@ -141,7 +141,7 @@ def snapshot(mf: MemoryFile) -> MapSnapshot:
     # this is the cost paid on the loop; the void beyond the file is cut off.
     used_s, free_s, zero_s = _scan_unfree(mf._unfree_small, total)
     used_h, free_h, zero_h = _scan_unfree(mf._unfree_huge, total)
-    waste = sorted(_scan_gaps(mf._unwaste_small, total) + _scan_gaps(mf._unwaste_huge, total))
+    waste = sorted([*mf._unwaste_small.gaps(0, total), *mf._unwaste_huge.gaps(0, total)])
     releasing = sorted((r.start, r.end) for r in mf._releasing)
     # Every zero-reference page of a chunk's own size is waste, releasing or
     # sub-released (an invariant), so the sub-released pages are what is left once
@@ -210,21 +210,6 @@ def _scan_unfree(
     if prev < total:
         free.append((prev, total))
     return used, free, zero
-
-
-def _scan_gaps(seg_set: SegmentSet[None], total: int) -> list[tuple[int, int]]:
-    """The gaps of ``seg_set`` inside ``[0, total)``, from one pass over its segments."""
-    gaps: list[tuple[int, int]] = []
-    prev = 0
-    for s, e, _ in seg_set:
-        if s >= total:
-            break
-        if s > prev:
-            gaps.append((prev, s))
-        prev = e
-    if prev < total:
-        gaps.append((prev, total))
-    return gaps
 
 
 def _span(ranges: Iterable[tuple[int, int]]) -> int:
