@@ -42,6 +42,11 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
 
         return super().submit(gated)
 
+    def __exit__(self, *exc: object) -> None:
+        # Open the gate first: a held job would otherwise block shutdown forever.
+        self.gate.set()
+        self.shutdown()
+
     def released_ranges(self) -> list[FileRange]:
         """Every range the releaser punched, in order."""
         return [

@@ -118,8 +118,7 @@ async def test_cancelled_while_reading_returns_every_page(mf: MemoryFile) -> Non
 
 
 async def test_cancelled_during_the_commit_hop_returns_every_page() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             from asyncpgalloc import AllocationMode, AllocOpts
 
@@ -136,9 +135,6 @@ async def test_cancelled_during_the_commit_hop_returns_every_page() -> None:
                 await task
             await mf.wait_released()
             assert mf.stats().used_bytes == 0
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 async def test_a_source_of_the_wrong_kind(mf: MemoryFile) -> None:

@@ -410,30 +410,29 @@ async def test_load_respects_max_chunks(mf: MemoryFile, tmp_path: Path) -> None:
 
 
 async def test_waste_at_save_time_is_waited_for(tmp_path: Path) -> None:
-    ex = RecordingExecutor()
-    async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
-        keep = mf.allocate(4 * P)
-        gone = mf.allocate(8 * P)
-        write(mf, keep, 1)
-        write(mf, gone, 2)
-        ex.gate.clear()  # the releaser's punch waits
-        mf.dec_ref(gone)
-        saving = asyncio.ensure_future(mf.save(tmp_path / "ck"))
-        for _ in range(20):
-            await asyncio.sleep(0.005)
-        assert not saving.done()
-        assert mf.stats().waste_bytes + mf.stats().releasing_bytes == 8 * P
-        ex.gate.set()
-        await saving
-        loaded = await MemoryFile.load(tmp_path / "ck")
-        try:
-            st = loaded.stats()
-            assert st.waste_bytes == st.releasing_bytes == 0
-            assert st.used_bytes == 4 * P
-            assert contents(loaded) == contents(mf)
-        finally:
-            await loaded.aclose()
-    ex.shutdown()
+    with RecordingExecutor() as ex:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            keep = mf.allocate(4 * P)
+            gone = mf.allocate(8 * P)
+            write(mf, keep, 1)
+            write(mf, gone, 2)
+            ex.gate.clear()  # the releaser's punch waits
+            mf.dec_ref(gone)
+            saving = asyncio.ensure_future(mf.save(tmp_path / "ck"))
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+            assert not saving.done()
+            assert mf.stats().waste_bytes + mf.stats().releasing_bytes == 8 * P
+            ex.gate.set()
+            await saving
+            loaded = await MemoryFile.load(tmp_path / "ck")
+            try:
+                st = loaded.stats()
+                assert st.waste_bytes == st.releasing_bytes == 0
+                assert st.used_bytes == 4 * P
+                assert contents(loaded) == contents(mf)
+            finally:
+                await loaded.aclose()
 
 
 class Evictee:

@@ -126,8 +126,7 @@ async def test_committing_modes_recycle_waste_and_others_never_do(mf: MemoryFile
 
 
 async def test_recycling_never_takes_used_or_releasing_pages() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             a = mf.allocate(8 * P, AllocOpts(mode=AllocationMode.COMMIT))
             used = mf.allocate(8 * P, AllocOpts(mode=AllocationMode.COMMIT))
@@ -143,9 +142,6 @@ async def test_recycling_never_takes_used_or_releasing_pages() -> None:
             await mf.wait_released()
             assert mf.allocate(8 * P, AllocOpts(mode=AllocationMode.COMMIT)) == a
             mf.check_invariants()
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 # -------------------------------------------------------------------- zeroing
@@ -259,8 +255,7 @@ async def test_release_spanning_huge_pages_keeps_sub_release_counts(huge_mf: Mem
 
 
 async def test_releaser_order_and_step_size() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         opts = MemoryFileOpts(executor=ex, expect_hugepages=True)
         async with MemoryFile.open(opts=opts) as mf:
             big = mf.allocate(200 * MiB)
@@ -282,13 +277,10 @@ async def test_releaser_order_and_step_size() -> None:
                 [small_hi, FileRange(big.end - first, big.end)],
                 [FileRange(big.start, big.end - first), huge],
             ]
-    finally:
-        ex.shutdown()
 
 
 async def test_many_small_ranges_share_one_executor_hop() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             frs = [mf.allocate(P) for _ in range(2 * MAX_RELEASING_RANGES)]
             for fr in frs[::2]:  # every other page: MAX_RELEASING_RANGES separate ranges
@@ -297,8 +289,6 @@ async def test_many_small_ranges_share_one_executor_hop() -> None:
             steps = [args[1] for name, args in ex.calls if name == "punch_all"]
             assert [len(step) for step in steps] == [MAX_RELEASING_RANGES]
             assert ex.released_ranges() == frs[::2][::-1]
-    finally:
-        ex.shutdown()
 
 
 async def test_one_step_releasing_two_pieces_of_one_huge_page(huge_mf: MemoryFile) -> None:
@@ -316,8 +306,7 @@ async def test_one_step_releasing_two_pieces_of_one_huge_page(huge_mf: MemoryFil
 
 
 async def test_stats_count_each_page_once_during_a_huge_release() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex, expect_hugepages=True)) as mf:
             fr = mf.allocate(H, AllocOpts(huge=True))
             mf.dec_ref(FileRange(fr.start, fr.start + 3 * P))
@@ -333,9 +322,6 @@ async def test_stats_count_each_page_once_during_a_huge_release() -> None:
             ex.gate.set()
             await mf.wait_released()
             assert mf.stats().free_bytes == CHUNK_SIZE
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 async def test_release_gives_memory_back_to_the_host(mf: MemoryFile) -> None:
@@ -513,8 +499,7 @@ async def test_views_never_dangle_after_aclose() -> None:
 
 
 async def test_wait_released_wakes_up_when_the_file_closes() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         mf = await MemoryFile.open(opts=MemoryFileOpts(executor=ex))
         fr = mf.allocate(P)
         ex.gate.clear()
@@ -529,9 +514,6 @@ async def test_wait_released_wakes_up_when_the_file_closes() -> None:
         await closing
         with pytest.raises(ClosedError):
             await waiter
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 @pytest.mark.parametrize("decommit_on_destroy", [False, True])
@@ -562,8 +544,7 @@ ASYNC_LEN = 1 * MiB  # above ASYNC_PREPARE_MIN_BYTES: the work runs in the execu
 
 @pytest.mark.parametrize("mode", ALL_MODES, ids=lambda m: m.name)
 async def test_allocate_async_gives_zeroed_pages_in_every_mode(mode: AllocationMode) -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             fr = await mf.allocate_async(ASYNC_LEN, AllocOpts(mode=mode))
             assert is_zero(mf, fr)
@@ -576,23 +557,17 @@ async def test_allocate_async_gives_zeroed_pages_in_every_mode(mode: AllocationM
             if mode is AllocationMode.COMMIT:
                 assert mf.total_usage() >= ASYNC_LEN
             mf.check_invariants()
-    finally:
-        ex.shutdown()
 
 
 async def test_allocate_async_small_ranges_stay_inline() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             await mf.allocate_async(4 * P, AllocOpts(mode=AllocationMode.COMMIT))
             assert not [name for name, _ in ex.calls if name == "_prepare_pages"]
-    finally:
-        ex.shutdown()
 
 
 async def test_allocate_async_cancelled_mid_commit_returns_the_pages() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             keep = mf.allocate(P)
             ex.gate.clear()
@@ -612,9 +587,6 @@ async def test_allocate_async_cancelled_mid_commit_returns_the_pages() -> None:
             assert st.used_bytes == P and st.waste_bytes == 0
             assert mf.has_unique_ref(keep)
             mf.check_invariants()
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 async def test_allocate_async_failure_returns_the_pages(
@@ -645,8 +617,7 @@ async def test_counters_count_what_happened(mf: MemoryFile) -> None:
 
 
 async def test_aclose_waits_for_every_syscall_in_flight() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         mf = await MemoryFile.open(opts=MemoryFileOpts(executor=ex))
         fd = mf.fd
         ex.gate.clear()
@@ -665,6 +636,3 @@ async def test_aclose_waits_for_every_syscall_in_flight() -> None:
         assert fr.length == ASYNC_LEN
         with pytest.raises(OSError):
             os.fstat(fd)
-    finally:
-        ex.gate.set()
-        ex.shutdown()

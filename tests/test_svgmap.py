@@ -92,8 +92,7 @@ def gated(ex: RecordingExecutor) -> Iterator[None]:
 
 
 async def test_map_shows_every_state_of_a_real_file(tmp_path: Path) -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         opts = MemoryFileOpts(executor=ex, expect_hugepages=True)
         async with MemoryFile.open(opts=opts) as mf:
             # Chunk 0, small pages: a committed block and three neighbours.
@@ -122,8 +121,6 @@ async def test_map_shows_every_state_of_a_real_file(tmp_path: Path) -> None:
             await mf.wait_released()
             await mf.render_map_async(tmp_path / "async.svg")
             mf.check_invariants()
-    finally:
-        ex.shutdown()
 
     assert snap.stats == st_now
     assert snap.chunk_huge == (False, True, False)

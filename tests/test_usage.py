@@ -172,8 +172,7 @@ async def test_decommit_during_a_scan_is_never_marked_committed() -> None:
 
 async def test_decommit_cancelled_mid_punch_still_updates_accounting() -> None:
 
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             fr = touched(mf, 8)
             await mf.update_usage()
@@ -190,14 +189,10 @@ async def test_decommit_cancelled_mid_punch_still_updates_accounting() -> None:
             assert mf.known_committed_bytes == 0 and mf.accounting.total() == 0
             assert mf.total_usage() == 0
             mf.check_invariants()
-    finally:
-        ex.gate.set()
-        ex.shutdown()
 
 
 async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             touched(mf, 4, memcg_id=1)
             loop = asyncio.get_running_loop()
@@ -219,20 +214,15 @@ async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
                     t - scan_end, armed_until - scan_end, [n for n, _ in ex.calls]
                 )
                 await asyncio.sleep(0)
-    finally:
-        ex.shutdown()
 
 
 async def test_concurrent_callers_join_one_scan() -> None:
-    ex = RecordingExecutor()
-    try:
+    with RecordingExecutor() as ex:
         async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
             touched(mf, 4)
             await asyncio.gather(*(mf.update_usage() for _ in range(5)))
             assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1
             assert mf.known_committed_bytes == 4 * P
-    finally:
-        ex.shutdown()
 
 
 async def test_background_refresh_keeps_accounting_fresh() -> None:
