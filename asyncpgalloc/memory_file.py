@@ -13,6 +13,14 @@ inside huge-page-backed chunks. ``_unfree_*`` hold every non-free page (with
 per-page reference counts; gaps are free pages), ``_unwaste_*`` every non-waste
 page (gaps are waste), both per page size, and ``_mem_acct`` the accounting state
 of every used, waste and releasing page (gaps are known-uncommitted pages).
+
+A ``dec_ref`` that drops an allocation's last reference updates the reference
+counts at once but only queues the range as *dead*: its waste transition (out of
+``_unwaste_*``, accounting reclassified as SYSTEM) is applied by ``_settle_dead``
+before anything reads those sets, which the ``_unwaste_*`` and ``_mem_acct``
+properties guarantee. The hot paths use the raw sets (``_raw_*``) and touch only
+pages that are not dead. Adjacent dead allocations then leave ``_unwaste_*`` in
+one step, and a release step shortly after costs no more than before.
 """
 
 from __future__ import annotations
@@ -151,16 +159,20 @@ class MemoryFile:
         self._blocking = BlockingRunner(self._executor)
 
         # Initially every page is void: non-free and non-waste in both page sizes.
-        self._unwaste_small: SegmentSet[None] = SegmentSet()
-        self._unwaste_huge: SegmentSet[None] = SegmentSet()
+        self._raw_unwaste_small: SegmentSet[None] = SegmentSet()
+        self._raw_unwaste_huge: SegmentSet[None] = SegmentSet()
         self._unfree_small: SegmentSet[int] = new_unfree_set()
         self._unfree_huge: SegmentSet[int] = new_unfree_set()
-        for s in (self._unwaste_small, self._unwaste_huge):
+        for s in (self._raw_unwaste_small, self._raw_unwaste_huge):
             s.insert_range(0, KEY_MAX, None)
         for u in (self._unfree_small, self._unfree_huge):
             u.insert_range(0, KEY_MAX, 0)
         self._subreleased: dict[int, int] = {}
-        self._mem_acct: SegmentSet[MemAcct] = new_mem_acct_set()
+        self._raw_mem_acct: SegmentSet[MemAcct] = new_mem_acct_set()
+        # Allocations whose last reference is gone, waste transition pending
+        # (see the module docstring), per page size.
+        self._dead_small: list[tuple[int, int]] = []
+        self._dead_huge: list[tuple[int, int]] = []
         # Shared accounting values (see _used_acct and _waste_acct): one MemAcct
         # object serves every allocation made with the same options between two
         # commit-sequence changes, instead of ~100 bytes each.
@@ -372,7 +384,7 @@ class MemoryFile:
             ma = last[2]
             if last[0] is not opts or last[1] != self._commit_seq or ma is None:
                 ma = self._used_acct(opts)
-            self._mem_acct.insert_range(start, end, ma)
+            self._raw_mem_acct.insert_range(start, end, ma)
             self._allocations += 1
             self._allocated_bytes += length
             # FileRange(start, end) without NamedTuple's Python-level __new__.
@@ -542,7 +554,7 @@ class MemoryFile:
         end = start + length
         unfree.insert_range(start, end, 1)
         # Unknown commitment from now on: users may commit these pages at any time.
-        self._mem_acct.insert_range(start, end, self._used_acct(opts))
+        self._raw_mem_acct.insert_range(start, end, self._used_acct(opts))
         return FileRange(start, end), False
 
     def _extend_chunks(self, length: int, huge: bool) -> None:
@@ -647,8 +659,8 @@ class MemoryFile:
         if self._closed or _get_ident() != self._thread_id:
             self._check()
         start, end = fr
-        hit = self._whole_segment(start, end)
-        if hit is not None and hit[1] > 0:
+        hit = self._whole_allocation(start, end)
+        if hit is not None:
             hit[0].replace_value(start, hit[1] + 1)
             return
         pieces = self._referenced_pieces(fr, "inc_ref")
@@ -667,47 +679,148 @@ class MemoryFile:
         if self._closed or _get_ident() != self._thread_id:
             self._check()
         start, end = fr
-        hit = self._whole_segment(start, end)
-        if hit is not None and hit[1] > 0:
+        # Inlined _whole_allocation(start, end): this is the hottest path there is.
+        unfree = self._unfree_small
+        refs = unfree.get_exact(start, end, 0)
+        dead = self._dead_small
+        if not refs:
+            unfree = self._unfree_huge
+            refs = unfree.get_exact(start, end, 0)
+            dead = self._dead_huge
+        if refs and type(start) is int is type(end):
             # Validating it was one dict hit; the update cannot fail halfway.
-            unfree, refs, huge = hit
             unfree.replace_value(start, refs - 1)
             if refs == 1:
-                (self._unwaste_huge if huge else self._unwaste_small).remove_range(start, end)
-                mem_acct = self._mem_acct
-                ma = mem_acct.get_exact(start, end, None)
-                if ma is None:
-                    mem_acct.mutate_range(start, end, self._to_waste)
+                if self._known_committed_bytes and self._settle_now(start, end):
+                    # Known-committed pages move to SYSTEM in the accounting now:
+                    # callers may read a shared MemoryAccounting at any time.
+                    self._settle((start, end), dead is self._dead_huge)
                 else:
-                    mem_acct.replace_value(start, self._to_waste(start, end, ma))
-                self._made_waste()
+                    dead.append((start, end))
+                if not self._have_waste:
+                    self._made_waste()
             return
         self._dec_ref_slow(fr)
 
-    def _whole_segment(self, start: int, end: int) -> tuple[SegmentSet[int], int, bool] | None:
-        """For a page-aligned range inside one chunk: its chunk's reference-count set,
-        the count if the range is exactly one segment (a whole allocation; else 0),
-        and whether the chunk is huge. None for any other range (the slow path judges
-        it). One dict hit: the fast path of inc_ref/dec_ref/has_unique_ref."""
-        chunks = self._chunks
-        ci = start >> CHUNK_SHIFT
-        if (
-            0 <= start < end
-            and not (start | end) & _PAGE_MASK
-            and ci < len(chunks)
-            and ci == (end - 1) >> CHUNK_SHIFT
-        ):
-            huge = chunks[ci].huge
-            unfree = self._unfree_huge if huge else self._unfree_small
-            return unfree, unfree.get_exact(start, end, 0), huge
+    def _whole_allocation(self, start: int, end: int) -> tuple[SegmentSet[int], int] | None:
+        """If ``[start, end)`` is exactly one segment with references (a whole
+        allocation, or a range made one by an earlier slow-path call): its
+        reference-count set and count. None for any other range (the slow path
+        judges it). One or two dict hits: the fast path of inc_ref/has_unique_ref.
+
+        A set holds a referenced segment only over chunks of its own page size
+        (elsewhere it holds void), so the hit also says which set it is.
+        """
+        if type(start) is int is type(end):
+            for unfree in (self._unfree_small, self._unfree_huge):
+                refs = unfree.get_exact(start, end, 0)
+                if refs:
+                    return unfree, refs
         return None
 
     def _made_waste(self) -> None:
-        """Waste appeared: wait_released() must wait, and the releaser must wake."""
+        """The first waste since the releaser last ran out: wait_released() must wait,
+        and the releaser must wake. While ``_have_waste`` stays set, ``_released``
+        stays clear (the releaser sets it only after clearing ``_have_waste``)."""
+        self._have_waste = True
         self._released.clear()
-        if not self._have_waste:
-            self._have_waste = True
-            self._release_wakeup.set()
+        self._release_wakeup.set()
+
+    def _settle_now(self, start: int, end: int) -> bool:
+        """True if any page of the dead allocation ``[start, end)`` is known committed."""
+        mem_acct = self._raw_mem_acct
+        ma = mem_acct.get_exact(start, end, None)
+        if ma is None:
+            return any(ma.known_committed for _, _, ma in mem_acct.visit_range(start, end))
+        return ma.known_committed
+
+    def _settle(self, fr: tuple[int, int], huge: bool) -> None:
+        """Apply the waste transition of the dead range ``fr``: it leaves the unwaste set
+        and its accounting becomes SYSTEM waste. O(log n)."""
+        start, end = fr
+        (self._raw_unwaste_huge if huge else self._raw_unwaste_small).remove_range(start, end)
+        mem_acct = self._raw_mem_acct
+        ma = mem_acct.get_exact(start, end, None)
+        if ma is None:
+            mem_acct.mutate_range(start, end, self._to_waste)
+        else:
+            mem_acct.replace_value(start, self._to_waste(start, end, ma))
+
+    def _take_dead(self, huge: bool, limit: int = -1) -> list[tuple[int, int]]:
+        """Take pending dead allocations of one page size: all of them, or at most
+        ``limit`` (the most recent); their accounting becomes SYSTEM waste. Returns
+        them as runs of adjacent ranges, ascending, still in the unwaste set: the
+        caller makes them waste (``_settle_dead``) or releases them directly (the
+        releaser: no round trip through the unwaste set). O(k log k) for k taken.
+        """
+        dead = self._dead_huge if huge else self._dead_small
+        # Taken out first: nothing is applied twice even if a step raises.
+        if 0 < limit < len(dead):
+            batch = dead[-limit:]
+            del dead[-limit:]
+        else:
+            batch = dead[:]
+            dead.clear()
+        if not batch:
+            return []
+        batch.sort()
+        mem_acct = self._raw_mem_acct
+        to_waste = self._to_waste
+        waste_accts = self._waste_accts
+        runs: list[tuple[int, int]] = []
+        run_start = run_end = batch[0][0]
+        for s, e in batch:
+            ma = mem_acct.get_exact(s, e, None)
+            if ma is None:
+                mem_acct.mutate_range(s, e, to_waste)
+            elif ma.known_committed or ma not in waste_accts:
+                mem_acct.replace_value(s, to_waste(s, e, ma))
+            else:
+                # Inlined to_waste of the common case: nothing to account.
+                mem_acct.replace_value(s, waste_accts[ma])
+            if s != run_end:
+                runs.append((run_start, run_end))
+                run_start = s
+            run_end = e
+        runs.append((run_start, run_end))
+        return runs
+
+    def _settle_dead(self) -> None:
+        """Make every pending dead allocation waste (see the module docstring).
+
+        O(k log k) for k dead allocations, plus one unwaste update per run of
+        adjacent ones. Called by the ``_unwaste_*``/``_mem_acct`` properties.
+        """
+        for huge in (False, True):
+            unwaste = self._raw_unwaste_huge if huge else self._raw_unwaste_small
+            for start, end in self._take_dead(huge):
+                unwaste.remove_range(start, end)
+
+    @property
+    def _unwaste_small(self) -> SegmentSet[None]:
+        """The small-page unwaste set with every dead allocation settled."""
+        if self._dead_small:
+            self._settle_dead()
+        return self._raw_unwaste_small
+
+    @property
+    def _unwaste_huge(self) -> SegmentSet[None]:
+        """The huge-page unwaste set with every dead allocation settled."""
+        if self._dead_huge:
+            self._settle_dead()
+        return self._raw_unwaste_huge
+
+    @property
+    def _mem_acct(self) -> SegmentSet[MemAcct]:
+        """The accounting set with every dead allocation settled."""
+        if self._dead_small or self._dead_huge:
+            self._settle_dead()
+        return self._raw_mem_acct
+
+    @_mem_acct.setter
+    def _mem_acct(self, value: SegmentSet[MemAcct]) -> None:
+        self._settle_dead()
+        self._raw_mem_acct = value
 
     def _dec_ref_slow(self, fr: FileRange) -> None:
         """dec_ref of any range: validate every page, then mutate piece by piece."""
@@ -721,18 +834,12 @@ class MemoryFile:
 
         made_waste = False
         for start, end, huge in pieces:
-            unfree, unwaste = (
-                (self._unfree_huge, self._unwaste_huge)
-                if huge
-                else (self._unfree_small, self._unwaste_small)
-            )
-            unfree.mutate_range(start, end, dec)
-            for s, e in dead:
-                unwaste.remove_range(s, e)
-                self._mem_acct.mutate_range(s, e, self._to_waste)
+            (self._unfree_huge if huge else self._unfree_small).mutate_range(start, end, dec)
+            for piece in dead:
+                self._settle(piece, huge)
             made_waste = made_waste or bool(dead)
             dead.clear()
-        if made_waste:
+        if made_waste and not self._have_waste:
             self._made_waste()
 
     def _to_waste(self, s: int, e: int, ma: MemAcct) -> MemAcct:
@@ -749,8 +856,8 @@ class MemoryFile:
         """
         self._check()
         start, end = fr
-        hit = self._whole_segment(start, end)
-        if hit is not None and hit[1] > 0:
+        hit = self._whole_allocation(start, end)
+        if hit is not None:
             return hit[1] == 1
         for start, end, huge in self._referenced_pieces(fr, "has_unique_ref"):
             unfree = self._unfree_huge if huge else self._unfree_small

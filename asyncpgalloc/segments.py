@@ -90,7 +90,7 @@ _CLASS_BIAS: int = _EXACT_CLASSES - _EXACT_BITS * (1 << _SUB_BITS)
 # memmove of at most 32 KiB per insort) and a new block only every 8 huge pages.
 _BLOCK_SHIFT: int = 24
 # Pending gap-index updates are applied once this many ends are stale.
-_MAX_DIRTY: int = 4096
+_MAX_DIRTY: int = 256
 # Empty start-index blocks kept beyond the number of non-empty ones.
 _MAX_EMPTY: int = 4096
 

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from asyncpgalloc import FileRange, MemoryFile
+from asyncpgalloc.releaser import ReleasePlan
 
 T = TypeVar("T")
 
@@ -49,9 +50,11 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
 
     def released_ranges(self) -> list[FileRange]:
         """Every range the releaser punched, in order."""
-        return [
-            plan.decommit for name, args in self.calls if name == "punch_all" for plan in args[1]
-        ]
+        return [plan.decommit for step in self.release_steps() for plan in step]
+
+    def release_steps(self) -> list[list[ReleasePlan]]:
+        """The plans each release step punched (a step may stop before its last plans)."""
+        return [args[1][: args[2][0]] for name, args in self.calls if name == "punch_all"]
 
 
 def load_example(name: str) -> ModuleType:
