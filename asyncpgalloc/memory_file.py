@@ -196,7 +196,8 @@ class MemoryFile:
         self._release_wakeup = asyncio.Event()
         self._released = asyncio.Event()
         self._released.set()
-        self._releasing: list[FileRange] = []
+        # An ordered set: a step adds and removes hundreds of ranges.
+        self._releasing: dict[FileRange, None] = {}
 
         self._evictions = Evictions(opts.delayed_eviction, self._release_wakeup.set)
         # Without pressure notifications, ENABLED evicts once release work runs out.

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_RELEASING_BYTES",
     "MAX_RELEASING_RANGES",
+    "PLAN_SLICE",
     "SLICE_SECONDS",
     "STEP_SECONDS",
     "ReleasePlan",
@@ -58,6 +59,8 @@ MAX_RELEASING_BYTES = 128 << 20
 # Many ranges share one executor hop, but planning a step stays short on the
 # loop: it is O(ranges).
 MAX_RELEASING_RANGES = 256
+# Ranges planned per loop turn (~3 µs each).
+PLAN_SLICE = 64
 # A hop starts no new punch after this long, so that released pages become
 # free (allocatable) at least this often while committed memory is punched.
 STEP_SECONDS = 0.005
@@ -141,19 +144,22 @@ def plan_release(fr: FileRange, huge: bool, subreleased: Mapping[int, int]) -> R
     return ReleasePlan(fr, True, FileRange(decommit_start, decommit_end), free, updates)
 
 
-def begin_release(mf: MemoryFile) -> list[ReleasePlan]:
+def begin_release(
+    mf: MemoryFile, limit: int = PLAN_SLICE, pending: dict[int, int] | None = None
+) -> list[ReleasePlan]:
     """Move the next waste ranges to *releasing* and plan their release (on the loop).
 
     Small pages before huge, highest offsets first (huge pages at low offsets are
     older and more likely really huge), each range at most MAX_RELEASING_BYTES
-    (the seed's step) and at most MAX_RELEASING_RANGES per step, so that one
-    executor hop serves many. Dead allocations (whose waste transition
-    ``dec_ref`` deferred) come first and go straight to *releasing*. Returns an
-    empty list, and marks the file released, if no waste is left.
+    (the seed's step), at most ``limit`` ranges. Dead allocations (whose waste
+    transition ``dec_ref`` deferred) come first and go straight to *releasing*.
+    ``pending`` carries sub-release counts between calls that make up one step.
+    Returns an empty list, and marks the file released, if no waste is left.
     """
     plans: list[ReleasePlan] = []
     # Later plans of this step must see the sub-release counts of earlier ones.
-    pending: dict[int, int] = {}
+    if pending is None:
+        pending = {}
     counts = ChainMap(pending, mf._subreleased)
 
     def plan(gap_start: int, end: int, huge: bool) -> None:
@@ -161,7 +167,7 @@ def begin_release(mf: MemoryFile) -> list[ReleasePlan]:
         while end > gap_start:
             start = max(gap_start, end - MAX_RELEASING_BYTES)
             fr = FileRange(start, end)
-            mf._releasing.append(fr)
+            mf._releasing[fr] = None
             p = plan_release(fr, huge, counts)
             pending.update(p.subreleased)
             plans.append(p)
@@ -170,15 +176,16 @@ def begin_release(mf: MemoryFile) -> list[ReleasePlan]:
     for huge, unwaste in ((False, mf._raw_unwaste_small), (True, mf._raw_unwaste_huge)):
         # Dead allocations (see memory_file) are released without becoming waste
         # first: they are not in a waste gap, just as releasing pages are not.
-        for start, end in reversed(mf._take_dead(huge, MAX_RELEASING_RANGES - len(plans))):
-            plan(start, end, huge)
+        if len(plans) < limit:
+            for start, end in reversed(mf._take_dead(huge, limit - len(plans))):
+                plan(start, end, huge)
         # The seed takes LastLargeEnoughGap(1) again and again; walking the gaps
         # down from the top visits the same ones without an index query each.
         for gap_start, end in unwaste.gaps_descending():
-            if len(plans) >= MAX_RELEASING_RANGES:
+            if len(plans) >= limit:
                 break
-            # At most the rest of this step's ranges from the top of the gap.
-            start = max(gap_start, end - (MAX_RELEASING_RANGES - len(plans)) * MAX_RELEASING_BYTES)
+            # At most the rest of this call's ranges from the top of the gap.
+            start = max(gap_start, end - (limit - len(plans)) * MAX_RELEASING_BYTES)
             unwaste.insert_range(start, end, None)
             plan(start, end, huge)
     if not plans:
@@ -207,7 +214,10 @@ def abort_release(mf: MemoryFile, plan: ReleasePlan) -> None:
     """Return an unpunched plan's range to waste (the next step takes it again)."""
     fr = plan.released
     (mf._raw_unwaste_huge if plan.huge else mf._raw_unwaste_small).remove_range(fr.start, fr.end)
-    mf._releasing.remove(fr)
+    del mf._releasing[fr]
+    if not mf._have_waste:
+        # A later begin_release of this step may have found no waste left.
+        mf._made_waste()
 
 
 def finish_release(mf: MemoryFile, plan: ReleasePlan, start: int, end: int) -> None:
@@ -237,7 +247,7 @@ def finish_release(mf: MemoryFile, plan: ReleasePlan, start: int, end: int) -> N
                 mf._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
     if end < fr.end:
         return
-    mf._releasing.remove(fr)
+    del mf._releasing[fr]
     mf._released_bytes += fr.length
     if not mf._releasing and not mf._have_waste:
         mf._released.set()
@@ -248,7 +258,8 @@ def _part_end(mf: MemoryFile, plan: ReleasePlan, start: int) -> int:
     accounting segments for a small plan, so that finishing it can yield between
     parts; a huge plan is one part."""
     end = plan.released.end
-    if plan.huge:
+    if plan.huge or end - start <= FINISH_SLICE * PAGE_SIZE:
+        # Too few pages for more segments than a slice holds.
         return end
     for n, (_, e, _) in enumerate(mf._raw_mem_acct.visit_range(start, end), 1):
         if n == FINISH_SLICE:
@@ -281,17 +292,29 @@ async def run_releaser(mf: MemoryFile) -> None:
     """
     while True:
         await mf._release_wakeup.wait()
-        plans = begin_release(mf)
-        if not plans:
-            if mf._evict_when_idle:
-                # Out of release work: evict to make more (the seed's releaserMain).
-                mf._evictions.start()
-            continue
-        mf._release_steps += 1
+        plans: list[ReleasePlan] = []
         punched = [0]
         try:
+            # Planned PLAN_SLICE ranges per loop turn, punched in one hop.
+            pending: dict[int, int] = {}
+            while True:
+                new = begin_release(mf, PLAN_SLICE, pending)
+                plans += new
+                # A short slice means no waste is left: the next step finds out
+                # (and may evict) before the wake-up is cleared.
+                if len(new) < PLAN_SLICE or len(plans) >= MAX_RELEASING_RANGES:
+                    break
+                await asyncio.sleep(0)
+            if not plans:
+                if mf._evict_when_idle:
+                    # Out of release work: evict to make more (the seed's releaserMain).
+                    mf._evictions.start()
+                continue
+            mf._release_steps += 1
             await mf._blocking.run(punch_all, mf, plans, punched)
         finally:
-            await finish_uncancelled(_finish_step(mf, plans, punched[0]))
+            if plans:
+                # Unpunched plans (cancelled while planning) go back to waste.
+                await finish_uncancelled(_finish_step(mf, plans, punched[0]))
         # Let allocations in between release steps.
         await asyncio.sleep(0)

@@ -29,6 +29,7 @@ from asyncpgalloc import (
     OutOfMemoryError,
     ReferenceCountError,
     WrongThreadError,
+    releaser,
 )
 from asyncpgalloc.releaser import MAX_RELEASING_BYTES, MAX_RELEASING_RANGES
 
@@ -292,6 +293,26 @@ async def test_many_small_ranges_share_one_executor_hop() -> None:
             await mf.wait_released()
             assert [len(step) for step in ex.release_steps()] == [MAX_RELEASING_RANGES]
             assert ex.released_ranges() == frs[::2][::-1]
+
+
+async def test_a_step_out_of_time_returns_its_unpunched_ranges_to_waste(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every hop punches one range only: the rest of each step goes back to waste
+    # and later steps release it; wait_released() must wait for all of it.
+    monkeypatch.setattr(releaser, "STEP_SECONDS", 0.0)
+    with RecordingExecutor() as ex:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            frs = [mf.allocate(P) for _ in range(20)]
+            for fr in frs[::2]:
+                mf.dec_ref(fr)
+            await mf.wait_released()
+            mf.check_invariants()
+            st = mf.stats()
+            assert (st.waste_bytes, st.releasing_bytes) == (0, 0)
+            assert [len(step) for step in ex.release_steps()] == [1] * 10
+            assert ex.released_ranges() == frs[::2][::-1]
+            assert len([c for c in ex.calls if c[0] == "punch_all"]) == 10
 
 
 async def test_one_step_releasing_two_pieces_of_one_huge_page(huge_mf: MemoryFile) -> None:
