@@ -171,8 +171,11 @@ class MemoryFile:
         self._raw_mem_acct: SegmentSet[MemAcct] = new_mem_acct_set()
         # Allocations whose last reference is gone, waste transition pending
         # (see the module docstring), per page size.
-        self._dead_small: list[tuple[int, int]] = []
-        self._dead_huge: list[tuple[int, int]] = []
+        # Each is a start: the allocation stays one segment of its unfree set (with
+        # no references) until taken, so that set knows its end. Plain ints keep
+        # the list cheap to sort and out of the cyclic GC's way.
+        self._dead_small: list[int] = []
+        self._dead_huge: list[int] = []
         # Shared accounting values (see _used_acct and _waste_acct): one MemAcct
         # object serves every allocation made with the same options between two
         # commit-sequence changes, instead of ~100 bytes each.
@@ -697,7 +700,7 @@ class MemoryFile:
                     # callers may read a shared MemoryAccounting at any time.
                     self._settle((start, end), dead is self._dead_huge)
                 else:
-                    dead.append((start, end))
+                    dead.append(start)
                 if not self._have_waste:
                     self._made_waste()
             return
@@ -755,6 +758,7 @@ class MemoryFile:
         releaser: no round trip through the unwaste set). O(k log k) for k taken.
         """
         dead = self._dead_huge if huge else self._dead_small
+        segment_end = (self._unfree_huge if huge else self._unfree_small).segment_end
         # Taken out first: nothing is applied twice even if a step raises.
         if 0 < limit < len(dead):
             batch = dead[-limit:]
@@ -769,8 +773,9 @@ class MemoryFile:
         to_waste = self._to_waste
         waste_accts = self._waste_accts
         runs: list[tuple[int, int]] = []
-        run_start = run_end = batch[0][0]
-        for s, e in batch:
+        run_start = run_end = batch[0]
+        for s in batch:
+            e = segment_end(s)
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)

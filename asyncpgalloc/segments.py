@@ -47,8 +47,9 @@ Representation (``n`` = number of segments, ``g`` = number of gaps):
   under (-1: none); queries (and ``check_invariants``) first apply those
   records.  A waste run that grows page by page between two release steps
   then costs one index update, not one per page; a gap that comes and goes
-  between two queries costs none.  ``_gdirty`` is applied once it holds
-  ``_MAX_DIRTY`` ends, so it never grows without bound.
+  between two queries costs none.  Once ``_gdirty`` holds ``_MAX_DIRTY`` ends,
+  each change applies the oldest ``_FLUSH_BATCH`` of them, so it never grows
+  without bound and no single change pays for many.
 
 Costs quoted below: "O(log n)" means one ``SortedList`` search or update
 (amortised, sortedcontainers' usual ~log with a large constant base) or one
@@ -89,8 +90,11 @@ _CLASS_BIAS: int = _EXACT_CLASSES - _EXACT_BITS * (1 << _SUB_BITS)
 # Start-index blocks: 16 MiB of keys, so at most 4096 page-aligned starts each (a
 # memmove of at most 32 KiB per insort) and a new block only every 8 huge pages.
 _BLOCK_SHIFT: int = 24
-# Pending gap-index updates are applied once this many ends are stale.
+# Pending gap-index updates: once this many ends are stale, a change applies the
+# oldest _FLUSH_BATCH of them, so that no single change (and no query, which
+# applies all) stalls the loop for long: ~3 µs per end.
 _MAX_DIRTY: int = 256
+_FLUSH_BATCH: int = 32
 # Empty start-index blocks kept beyond the number of non-empty ones.
 _MAX_EMPTY: int = 4096
 
@@ -426,12 +430,20 @@ class SegmentSet(Generic[V]):
                 lo = g << _GROUP_SHIFT
                 gmax[g] = max(bmax[lo : lo + _GROUP_SIZE])
 
-    def _gflush(self) -> None:
-        """Apply the recorded gap changes to the buckets.  O(log g) per stale end."""
+    def _gflush(self, limit: int = 0) -> None:
+        """Apply the recorded gap changes to the buckets: all of them, or the oldest
+        ``limit`` (each record stands alone).  O(log g) per stale end."""
         gd = self._gdirty
         assert gd is not None
+        if 0 < limit < len(gd):
+            items = list(islice(gd.items(), limit))
+            for ge, _ in items:
+                del gd[ge]
+        else:
+            items = list(gd.items())
+            gd.clear()
         gap_start = self._gap_start
-        for ge, oc in gd.items():
+        for ge, oc in items:
             gs = gap_start.get(ge)
             nc = -1 if gs is None else _gap_class(ge - gs)
             if nc != oc:
@@ -439,7 +451,6 @@ class SegmentSet(Generic[V]):
                     self._bucket_remove(oc, ge)
                 if nc >= 0:
                     self._bucket_add(nc, ge)
-        gd.clear()
 
     def _gap_add(self, gs: int, ge: int) -> None:
         """Record the non-empty gap ``[gs, ge)``; no gap ends at ``ge`` yet.  O(1)."""
@@ -451,7 +462,7 @@ class SegmentSet(Generic[V]):
             # Untouched since the last flush, and no gap ended here: unindexed.
             gd[ge] = -1
             if len(gd) >= _MAX_DIRTY:
-                self._gflush()
+                self._gflush(_FLUSH_BATCH)
 
     def _gap_del(self, gs: int, ge: int) -> None:
         """Forget the gap ``[gs, ge)``.  O(1)."""
@@ -459,9 +470,9 @@ class SegmentSet(Generic[V]):
         if gd is not None and ge not in gd:
             gd[ge] = _gap_class(ge - gs)
             if len(gd) >= _MAX_DIRTY:
-                # Flushed below with the gap still present: harmless, the
-                # entry is recorded again.
-                self._gflush()
+                # Should this entry be flushed with the gap still present:
+                # harmless, it is recorded again.
+                self._gflush(_FLUSH_BATCH)
                 gd[ge] = _gap_class(ge - gs)
         del self._gap_end[gs]
         del self._gap_start[ge]
@@ -476,7 +487,7 @@ class SegmentSet(Generic[V]):
             if oc != _gap_class(ge - ngs):
                 gd[ge] = oc
                 if len(gd) >= _MAX_DIRTY:
-                    self._gflush()
+                    self._gflush(_FLUSH_BATCH)
                     gd[ge] = oc
         gap_end = self._gap_end
         del gap_end[gs]
@@ -552,6 +563,10 @@ class SegmentSet(Generic[V]):
         if e <= key:
             return None
         return s, e, self._vals[s]
+
+    def segment_end(self, start: int) -> int:
+        """The end of the segment that starts at ``start``; KeyError if none does.  O(1)."""
+        return self._seg_end[start]
 
     def get_exact(self, start: int, end: int, default: D) -> V | D:
         """The value of the segment ``[start, end)`` if exactly that segment exists, else
@@ -878,7 +893,7 @@ class SegmentSet(Generic[V]):
                 oc = _gap_class(ge - gs)
                 gd[ge] = oc
                 if len(gd) >= _MAX_DIRTY:
-                    self._gflush()
+                    self._gflush(_FLUSH_BATCH)
                     gd[ge] = oc
         gap_end = self._gap_end
         del gap_end[gs]
@@ -966,7 +981,7 @@ class SegmentSet(Generic[V]):
                         oc = _gap_class(ge - start)
                         gd[ge] = oc
                         if len(gd) >= _MAX_DIRTY:
-                            self._gflush()
+                            self._gflush(_FLUSH_BATCH)
                             gd[ge] = oc
                 del gap_end[start]
                 gap_end[end] = ge
@@ -1103,7 +1118,7 @@ class SegmentSet(Generic[V]):
                 if gd is not None and end not in gd:
                     gd[end] = -1
                     if len(gd) >= _MAX_DIRTY:
-                        self._gflush()
+                        self._gflush(_FLUSH_BATCH)
                 return
             # Trim the segment to [pos, start).
             if out is not None:
@@ -1139,7 +1154,7 @@ class SegmentSet(Generic[V]):
                     if end not in gd:
                         gd[end] = -1
                     if len(gd) >= _MAX_DIRTY:
-                        self._gflush()
+                        self._gflush(_FLUSH_BATCH)
                 return
             if new_gs < pos:
                 # The freed range joins the gap before it.
