@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import pytest
 from helpers import RecordingExecutor, fill
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -20,7 +22,9 @@ from asyncpgalloc import (
     MemoryFile,
     MemoryFileOpts,
     MemoryKind,
+    usage,
 )
+from asyncpgalloc.memory_file import MemAcct
 
 P = PAGE_SIZE
 T = TypeVar("T")
@@ -297,3 +301,88 @@ async def test_closing_a_file_takes_its_bytes_out_of_shared_accounting() -> None
         assert acct.by_memcg(1) == {ANON: 5 * P, SYSTEM: 4 * P}
         await mf.aclose()  # still referenced and still waste: all given back
         assert acct.by_memcg(1) == {ANON: 2 * P}
+
+
+# ------------------------------------------------- marking against a page-by-page model
+
+_HOW = ("plain", "memcg", "commit", "decommit", "free")
+
+
+def _pages(mf: MemoryFile, end: int) -> tuple[list[MemAcct | None], set[int]]:
+    """The accounting value of every page below ``end`` (None: no segment), and the
+    segment starts."""
+    vals: list[MemAcct | None] = [None] * (end // P)
+    starts = set()
+    for s, e, ma in mf._mem_acct.visit_range(0, end):
+        vals[s // P : e // P] = [ma] * ((e - s) // P)
+        starts.add(s)
+    return vals, starts
+
+
+async def _check_marking(
+    allocs: list[tuple[int, str]], runs: list[tuple[bool, int]], skip: int, cut: int
+) -> None:
+    async with MemoryFile.open() as mf:
+        made = []
+        for i, (pages, how) in enumerate(allocs):
+            mode = AllocationMode.COMMIT if how == "commit" else AllocationMode.UNCOMMITTED
+            opts = AllocOpts(mode=mode, memcg_id=i if how == "memcg" else 0)
+            made.append((mf.allocate(pages * P, opts), how))
+        # As a scan does: the sequence before its mincore, then the races.
+        last_seq = mf._commit_seq
+        mf._commit_seq += 1
+        for fr, how in made:
+            if how == "decommit":
+                await mf.decommit(fr)  # after the scan began: must not be marked
+            elif how == "free":
+                mf.dec_ref(fr)  # waste, then released, while marking runs
+        end = max(fr.end for fr, _ in made)
+        lo = min(skip, end // P - 1) * P
+        bits = b"".join(bytes([bit]) * n for bit, n in runs)
+        resident = (bits * (end // P // len(bits) + 1))[: max(1, end // P - lo // P - cut)]
+        hi = lo + len(resident) * P
+        before, starts_before = _pages(mf, end)
+        known_before = mf.known_committed_bytes
+        await usage._mark_committed(mf, lo, resident, last_seq)
+        after, starts_after = _pages(mf, end)
+        want_known = known_before
+        changes = set()
+        for p, (b, a) in enumerate(zip(before, after, strict=True)):
+            if b is None or b.waste_or_releasing:
+                assert a is None or a == b, p  # never marked; may be released meanwhile
+                if a is None and b is not None and b.known_committed:
+                    want_known -= P
+                continue
+            want = b
+            eligible = not b.known_committed and b.commit_seq <= last_seq
+            if lo <= p * P < hi and resident[p - lo // P] and eligible:
+                want = b._replace(known_committed=True, commit_seq=0)
+                want_known += P
+            assert a == want, p
+            if p and after[p - 1] != a and before[p - 1] is b:
+                changes.add(p * P)
+        assert mf.known_committed_bytes == want_known
+        # Cuts only where the value changes: a run is one segment however windows fall.
+        live_before = {s for s in starts_before if before[s // P] is not None}
+        assert starts_after == (live_before & starts_after) | changes
+        await mf.wait_released()
+        mf.check_invariants()
+
+
+@settings(max_examples=60)
+@given(
+    allocs=st.lists(st.tuples(st.integers(1, 1500), st.sampled_from(_HOW)), min_size=1, max_size=6),
+    runs=st.lists(
+        st.tuples(st.integers(0, 1), st.one_of(st.integers(1, 3), st.integers(1000, 2600))),
+        min_size=1,
+        max_size=30,
+    ),
+    skip=st.integers(0, 50),
+    cut=st.integers(0, 50),
+)
+def test_marking_matches_a_page_by_page_model(
+    allocs: list[tuple[int, str]], runs: list[tuple[int, int]], skip: int, cut: int
+) -> None:
+    # Mixed short and long runs around MARK_WINDOW_PAGES, over allocations in every
+    # state a scan meets, starting and ending inside segments.
+    asyncio.run(_check_marking(allocs, [(bool(b), n) for b, n in runs], skip, cut))
