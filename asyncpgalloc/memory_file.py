@@ -750,32 +750,44 @@ class MemoryFile:
         else:
             mem_acct.replace_value(start, self._to_waste(start, end, ma))
 
-    def _take_dead(self, huge: bool, limit: int = -1) -> list[tuple[int, int]]:
-        """Take pending dead allocations of one page size: all of them, or at most
-        ``limit`` (the most recent); their accounting becomes SYSTEM waste. Returns
-        them as runs of adjacent ranges, ascending, still in the unwaste set: the
-        caller makes them waste (``_settle_dead``) or releases them directly (the
-        releaser: no round trip through the unwaste set). O(k log k) for k taken.
+    def _take_dead(
+        self, huge: bool, max_entries: int = -1, max_runs: int = -1
+    ) -> list[tuple[int, int]]:
+        """Take pending dead allocations of one page size, highest first: all of them,
+        or at most ``max_entries`` making at most ``max_runs`` runs of adjacent ones.
+        Their accounting becomes SYSTEM waste. Returns the runs, descending, still in
+        the unwaste set: the caller makes them waste (``_settle_dead``) or releases
+        them directly (the releaser: no round trip through the unwaste set).
+
+        O(k) for k taken, plus a sort of the queue that is O(n) when only its tail
+        is new (Python's sort merges the sorted runs it finds).
         """
         dead = self._dead_huge if huge else self._dead_small
-        segment_end = (self._unfree_huge if huge else self._unfree_small).segment_end
-        # Taken out first: nothing is applied twice even if a step raises.
-        if 0 < limit < len(dead):
-            batch = dead[-limit:]
-            del dead[-limit:]
-        else:
-            batch = dead[:]
-            dead.clear()
-        if not batch:
+        if not dead:
             return []
-        batch.sort()
+        dead.sort()
+        segment_end = (self._unfree_huge if huge else self._unfree_small).segment_end
         mem_acct = self._raw_mem_acct
         to_waste = self._to_waste
         waste_accts = self._waste_accts
         runs: list[tuple[int, int]] = []
-        run_start = run_end = batch[0]
-        for s in batch:
+        run_start = run_end = -1
+        nruns = 0
+        i = len(dead)
+        while i and max_entries:
+            s = dead[i - 1]
             e = segment_end(s)
+            if e != run_start:
+                # Not adjacent to the run below which the last one started.
+                if nruns == max_runs:
+                    break
+                if run_end >= 0:
+                    runs.append((run_start, run_end))
+                run_end = e
+                nruns += 1
+            run_start = s
+            i -= 1
+            max_entries -= 1
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)
@@ -784,11 +796,9 @@ class MemoryFile:
             else:
                 # Inlined to_waste of the common case: nothing to account.
                 mem_acct.replace_value(s, waste_accts[ma])
-            if s != run_end:
-                runs.append((run_start, run_end))
-                run_start = s
-            run_end = e
-        runs.append((run_start, run_end))
+        if run_end >= 0:
+            runs.append((run_start, run_end))
+        del dead[i:]
         return runs
 
     def _settle_dead(self) -> None:

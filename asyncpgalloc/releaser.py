@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import ChainMap
 from collections.abc import Mapping
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from .memory_file import MemoryFile
 
 __all__ = [
+    "DEAD_SLICE",
+    "GATHER_TURNS",
+    "IDLE_TURN_SECONDS",
+    "LEND_SECONDS",
     "MAX_RELEASING_BYTES",
     "MAX_RELEASING_RANGES",
     "PLAN_SLICE",
@@ -44,6 +49,7 @@ __all__ = [
     "abort_release",
     "begin_release",
     "finish_release",
+    "out_of_waste",
     "plan_release",
     "punch_all",
     "run_releaser",
@@ -59,11 +65,20 @@ MAX_RELEASING_BYTES = 128 << 20
 # Many ranges share one executor hop, but planning a step stays short on the
 # loop: it is O(ranges).
 MAX_RELEASING_RANGES = 256
-# Ranges planned per loop turn (~3 µs each).
+# Loop turns the releaser lets pass after waking, so that one hop serves the waste
+# of several turns of a busy caller (an idle loop turns in microseconds).
+GATHER_TURNS = 1
+# Ranges planned per loop turn (~3 µs each), from at most DEAD_SLICE dead
+# allocations (~0.5 µs each; adjacent ones make one range).
 PLAN_SLICE = 64
-# A hop starts no new punch after this long, so that released pages become
-# free (allocatable) at least this often while committed memory is punched.
+DEAD_SLICE = 512
+# A hop starts no new punch after this much CPU time, so that released pages
+# become free (allocatable) about this often while committed memory is punched.
 STEP_SECONDS = 0.005
+# While a hop runs, each busy loop turn lends it the GIL for up to this long.
+LEND_SECONDS = 0.0003
+# A loop turn this short means nothing else is running: no need to lend.
+IDLE_TURN_SECONDS = 0.00005
 # Loop-side release work yields to the loop after about this long.
 SLICE_SECONDS = 0.0005
 # Accounting segments finished per slice (~1-2 µs each).
@@ -151,10 +166,11 @@ def begin_release(
 
     Small pages before huge, highest offsets first (huge pages at low offsets are
     older and more likely really huge), each range at most MAX_RELEASING_BYTES
-    (the seed's step), at most ``limit`` ranges. Dead allocations (whose waste
-    transition ``dec_ref`` deferred) come first and go straight to *releasing*.
-    ``pending`` carries sub-release counts between calls that make up one step.
-    Returns an empty list, and marks the file released, if no waste is left.
+    (the seed's step), at most ``limit`` ranges from at most ``limit`` dead
+    allocations. Dead allocations (whose waste transition ``dec_ref`` deferred)
+    come first and go straight to *releasing*. ``pending`` carries sub-release
+    counts between calls that make up one step. An empty list means that no waste
+    is left (see :func:`out_of_waste`).
     """
     plans: list[ReleasePlan] = []
     # Later plans of this step must see the sub-release counts of earlier ones.
@@ -177,7 +193,7 @@ def begin_release(
         # Dead allocations (see memory_file) are released without becoming waste
         # first: they are not in a waste gap, just as releasing pages are not.
         if len(plans) < limit:
-            for start, end in reversed(mf._take_dead(huge, limit - len(plans))):
+            for start, end in mf._take_dead(huge, DEAD_SLICE, limit - len(plans)):
                 plan(start, end, huge)
         # The seed takes LastLargeEnoughGap(1) again and again; walking the gaps
         # down from the top visits the same ones without an index query each.
@@ -188,26 +204,62 @@ def begin_release(
             start = max(gap_start, end - (limit - len(plans)) * MAX_RELEASING_BYTES)
             unwaste.insert_range(start, end, None)
             plan(start, end, huge)
-    if not plans:
-        mf._have_waste = False
-        mf._release_wakeup.clear()
-        if not mf._releasing:
-            mf._released.set()
     return plans
 
 
-def punch_all(mf: MemoryFile, plans: list[ReleasePlan], punched: list[int]) -> None:
+def out_of_waste(mf: MemoryFile) -> None:
+    """No waste is left: the releaser sleeps, and wait_released() returns once the
+    releasing pages are done."""
+    mf._have_waste = False
+    mf._release_wakeup.clear()
+    if not mf._releasing:
+        mf._released.set()
+
+
+def punch_all(
+    mf: MemoryFile, plans: list[ReleasePlan], punched: list[int], done: threading.Event
+) -> None:
     """Punch the plans' ranges in order (blocking; one executor hop for the whole step).
 
-    Starts no new punch once STEP_SECONDS have passed. ``punched[0]`` counts the
-    plans done so far, so that the caller knows even if this raises.
+    Starts no new punch once the thread has spent STEP_SECONDS of CPU time on it
+    (freeing committed pages is the kernel's CPU work; time spent waiting for the
+    GIL while the loop is busy, up to 5 ms per punch, must not count, or a busy
+    loop would cut every step to one range). ``punched[0]`` counts the plans done
+    so far, so that the caller knows even if this raises; ``done`` is set at the end.
     """
-    deadline = time.monotonic() + STEP_SECONDS
-    for plan in plans:
-        if punched[0] and time.monotonic() > deadline:
-            return
-        mf._decommit_or_zero(plan.decommit)
-        punched[0] += 1
+    try:
+        deadline = time.thread_time() + STEP_SECONDS
+        for plan in plans:
+            if punched[0] and time.thread_time() > deadline:
+                return
+            mf._decommit_or_zero(plan.decommit)
+            punched[0] += 1
+    finally:
+        done.set()
+
+
+async def _punch_step(mf: MemoryFile, plans: list[ReleasePlan], punched: list[int]) -> None:
+    """Run :func:`punch_all` in the executor, lending it the GIL while the loop is busy.
+
+    A loop that keeps running callbacks releases the GIL only for an instant (its
+    zero-timeout poll) and takes it straight back, so a thread waiting for the GIL
+    never gets it: CPython forces a switch only when no switch happened for 5 ms,
+    and every poll counts as one. The punches of a busy loop would then wait until
+    it goes idle. So while the hop runs, each loop turn blocks the loop for up to
+    LEND_SECONDS (GIL released) for the thread to make progress, and stops lending
+    once a turn comes back at once (the loop is idle: its poll sleeps, and the
+    thread gets the GIL anyway).
+    """
+    done = threading.Event()
+    job = asyncio.ensure_future(mf._blocking.run(punch_all, mf, plans, punched, done))
+    try:
+        while not done.wait(LEND_SECONDS):
+            turn = time.perf_counter()
+            await asyncio.sleep(0)
+            if time.perf_counter() - turn < IDLE_TURN_SECONDS:
+                break
+    finally:
+        await finish_uncancelled(job)
 
 
 def abort_release(mf: MemoryFile, plan: ReleasePlan) -> None:
@@ -292,26 +344,28 @@ async def run_releaser(mf: MemoryFile) -> None:
     """
     while True:
         await mf._release_wakeup.wait()
+        for _ in range(GATHER_TURNS):
+            await asyncio.sleep(0)
         plans: list[ReleasePlan] = []
         punched = [0]
         try:
             # Planned PLAN_SLICE ranges per loop turn, punched in one hop.
             pending: dict[int, int] = {}
-            while True:
+            for turn in range(MAX_RELEASING_RANGES // PLAN_SLICE):
+                if turn:
+                    await asyncio.sleep(0)
                 new = begin_release(mf, PLAN_SLICE, pending)
-                plans += new
-                # A short slice means no waste is left: the next step finds out
-                # (and may evict) before the wake-up is cleared.
-                if len(new) < PLAN_SLICE or len(plans) >= MAX_RELEASING_RANGES:
+                if not new:
                     break
-                await asyncio.sleep(0)
+                plans += new
             if not plans:
+                out_of_waste(mf)
                 if mf._evict_when_idle:
                     # Out of release work: evict to make more (the seed's releaserMain).
                     mf._evictions.start()
                 continue
             mf._release_steps += 1
-            await mf._blocking.run(punch_all, mf, plans, punched)
+            await _punch_step(mf, plans, punched)
         finally:
             if plans:
                 # Unpunched plans (cancelled while planning) go back to waste.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,37 @@ async def test_releaser_order_and_step_size() -> None:
                     huge,
                 ],
             ]
+
+
+async def test_adjacent_dead_allocations_are_released_together_whatever_the_order() -> None:
+    # dec_ref queues allocations; the releaser takes the queue sorted, highest
+    # first, so adjacent allocations freed in any order make one range per slice.
+    with RecordingExecutor() as ex:
+        async with MemoryFile.open(opts=MemoryFileOpts(executor=ex)) as mf:
+            frs = [mf.allocate(P) for _ in range(1000)]
+            for fr in random.Random(1).sample(frs, len(frs)):
+                mf.dec_ref(fr)
+            await mf.wait_released()
+            top = FileRange(frs[-releaser.DEAD_SLICE].start, frs[-1].end)
+            assert ex.released_ranges() == [top, FileRange(frs[0].start, top.start)]
+            assert mf.stats().free_bytes == CHUNK_SIZE
+
+
+async def test_release_progresses_while_the_loop_is_busy() -> None:
+    # A loop that never idles still lets its executor punch (the releaser lends it
+    # the GIL): the pages are free again long before the busy task ends.
+    async with MemoryFile.open() as mf:
+        frs = [mf.allocate(P) for _ in range(64)]
+        for fr in frs[::2]:
+            mf.dec_ref(fr)
+        deadline = time.monotonic() + 2.0
+        while mf.stats().waste_bytes or mf.stats().releasing_bytes:
+            assert time.monotonic() < deadline, "nothing was released while the loop was busy"
+            end = time.perf_counter() + 0.0005
+            while time.perf_counter() < end:
+                pass
+            await asyncio.sleep(0)
+        assert mf.counters().released_bytes == 32 * P
 
 
 async def test_many_small_ranges_share_one_executor_hop() -> None:
