@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import ChainMap
 from collections.abc import Mapping
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEAD_SLICE",
     "GATHER_TURNS",
-    "IDLE_TURN_SECONDS",
-    "LEND_SECONDS",
     "MAX_RELEASING_BYTES",
     "MAX_RELEASING_RANGES",
     "PLAN_SLICE",
@@ -75,10 +72,6 @@ DEAD_SLICE = 512
 # A hop starts no new punch after this much CPU time, so that released pages
 # become free (allocatable) about this often while committed memory is punched.
 STEP_SECONDS = 0.005
-# While a hop runs, each busy loop turn lends it the GIL for up to this long.
-LEND_SECONDS = 0.0003
-# A loop turn this short means nothing else is running: no need to lend.
-IDLE_TURN_SECONDS = 0.00005
 # Loop-side release work yields to the loop after about this long.
 SLICE_SECONDS = 0.0005
 # Accounting segments finished per slice (~1-2 µs each).
@@ -216,50 +209,21 @@ def out_of_waste(mf: MemoryFile) -> None:
         mf._released.set()
 
 
-def punch_all(
-    mf: MemoryFile, plans: list[ReleasePlan], punched: list[int], done: threading.Event
-) -> None:
+def punch_all(mf: MemoryFile, plans: list[ReleasePlan], punched: list[int]) -> None:
     """Punch the plans' ranges in order (blocking; one executor hop for the whole step).
 
     Starts no new punch once the thread has spent STEP_SECONDS of CPU time on it
     (freeing committed pages is the kernel's CPU work; time spent waiting for the
     GIL while the loop is busy, up to 5 ms per punch, must not count, or a busy
     loop would cut every step to one range). ``punched[0]`` counts the plans done
-    so far, so that the caller knows even if this raises; ``done`` is set at the end.
+    so far, so that the caller knows even if this raises.
     """
-    try:
-        deadline = time.thread_time() + STEP_SECONDS
-        for plan in plans:
-            if punched[0] and time.thread_time() > deadline:
-                return
-            mf._decommit_or_zero(plan.decommit)
-            punched[0] += 1
-    finally:
-        done.set()
-
-
-async def _punch_step(mf: MemoryFile, plans: list[ReleasePlan], punched: list[int]) -> None:
-    """Run :func:`punch_all` in the executor, lending it the GIL while the loop is busy.
-
-    A loop that keeps running callbacks releases the GIL only for an instant (its
-    zero-timeout poll) and takes it straight back, so a thread waiting for the GIL
-    never gets it: CPython forces a switch only when no switch happened for 5 ms,
-    and every poll counts as one. The punches of a busy loop would then wait until
-    it goes idle. So while the hop runs, each loop turn blocks the loop for up to
-    LEND_SECONDS (GIL released) for the thread to make progress, and stops lending
-    once a turn comes back at once (the loop is idle: its poll sleeps, and the
-    thread gets the GIL anyway).
-    """
-    done = threading.Event()
-    job = asyncio.ensure_future(mf._blocking.run(punch_all, mf, plans, punched, done))
-    try:
-        while not done.wait(LEND_SECONDS):
-            turn = time.perf_counter()
-            await asyncio.sleep(0)
-            if time.perf_counter() - turn < IDLE_TURN_SECONDS:
-                break
-    finally:
-        await finish_uncancelled(job)
+    deadline = time.thread_time() + STEP_SECONDS
+    for plan in plans:
+        if punched[0] and time.thread_time() > deadline:
+            return
+        mf._decommit_or_zero(plan.decommit)
+        punched[0] += 1
 
 
 def abort_release(mf: MemoryFile, plan: ReleasePlan) -> None:
@@ -365,7 +329,7 @@ async def run_releaser(mf: MemoryFile) -> None:
                     mf._evictions.start()
                 continue
             mf._release_steps += 1
-            await _punch_step(mf, plans, punched)
+            await mf._blocking.run(punch_all, mf, plans, punched)
         finally:
             if plans:
                 # Unpunched plans (cancelled while planning) go back to waste.

@@ -12,9 +12,18 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from asyncpgalloc import FileRange, MemoryFile
+from asyncpgalloc.blocking import run_signalling
 from asyncpgalloc.releaser import ReleasePlan
 
 T = TypeVar("T")
+
+
+def job_of(
+    fn: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The file's own job in an executor submission: BlockingRunner submits
+    ``run_signalling(done, job, *job_args)``."""
+    return (args[1], args[2:]) if fn is run_signalling else (fn, args)
 
 
 class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -34,7 +43,8 @@ class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
-        self.calls.append((getattr(fn, "__name__", repr(fn)), args))
+        job, job_args = job_of(fn, args)
+        self.calls.append((getattr(job, "__name__", repr(job)), job_args))
 
         def gated() -> T:
             self.started.set()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
-from helpers import RecordingExecutor, fill
+from helpers import RecordingExecutor, fill, job_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +24,7 @@ from asyncpgalloc import (
     MemoryKind,
     usage,
 )
+from asyncpgalloc.blocking import run_signalling
 from asyncpgalloc.memory_file import MemAcct
 
 P = PAGE_SIZE
@@ -141,15 +142,18 @@ class _HoldScanResult(concurrent.futures.ThreadPoolExecutor):
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
-        if getattr(fn, "__name__", "") != "_resident_pages":
+        job, job_args = job_of(fn, args)
+        if getattr(job, "__name__", "") != "_resident_pages":
             return super().submit(fn, *args, **kwargs)
 
         def held() -> T:
-            result = fn(*args, **kwargs)
+            result: T = job(*job_args, **kwargs)
             self.scanned.set()
             self.gate.wait()
             return result
 
+        if fn is run_signalling:
+            return super().submit(run_signalling, args[0], held)
         return super().submit(held)
 
 
