@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import host
 from .accounting import MemoryKind
-from .blocking import BlockingRunner, finish_uncancelled
+from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
 from .checkpoint_format import (
     FLAG_ZERO_PAGES_EXCLUDED,
     HEADER_SIZE,
@@ -75,9 +75,6 @@ __all__ = [
 
 CheckpointDestination = str | os.PathLike[str] | AsyncBinaryWriter
 CheckpointSource = str | os.PathLike[str] | AsyncBinaryReader
-
-#: Marking scan results yields to the loop about this often (as update_usage does).
-_SLICE_SECONDS = 0.0005
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -175,7 +172,7 @@ async def _mark_data_committed(mf: MemoryFile, fd: int) -> None:
     slice_start = time.perf_counter()
     for i, (s, e) in enumerate(extents):
         mf._mem_acct.mutate_range(s, e, mark)
-        if i & 63 == 63 and time.perf_counter() - slice_start > _SLICE_SECONDS:
+        if i & 63 == 63 and time.perf_counter() - slice_start > SLICE_SECONDS:
             await asyncio.sleep(0)
             _live(mf)
             slice_start = time.perf_counter()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .accounting import MemoryKind
-from .blocking import finish_uncancelled
+from .blocking import SLICE_SECONDS, finish_uncancelled
 from .errors import InvariantError
 from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, PAGES_PER_HUGE_PAGE, FileRange, huge_round_down
 
@@ -40,7 +40,6 @@ __all__ = [
     "MAX_RELEASING_BYTES",
     "MAX_RELEASING_RANGES",
     "PLAN_SLICE",
-    "SLICE_SECONDS",
     "STEP_SECONDS",
     "ReleasePlan",
     "abort_release",
@@ -67,13 +66,11 @@ MAX_RELEASING_RANGES = 256
 GATHER_TURNS = 1
 # Ranges planned per loop turn (~3 µs each), from at most DEAD_SLICE dead
 # allocations (~0.5 µs each; adjacent ones make one range).
-PLAN_SLICE = 64
-DEAD_SLICE = 512
+PLAN_SLICE = 32
+DEAD_SLICE = 256
 # A hop starts no new punch after this much CPU time, so that released pages
 # become free (allocatable) about this often while committed memory is punched.
 STEP_SECONDS = 0.005
-# Loop-side release work yields to the loop after about this long.
-SLICE_SECONDS = 0.0005
 # Accounting segments finished per slice (~1-2 µs each).
 FINISH_SLICE = 256
 
@@ -319,9 +316,9 @@ async def run_releaser(mf: MemoryFile) -> None:
                 if turn:
                     await asyncio.sleep(0)
                 new = begin_release(mf, PLAN_SLICE, pending)
-                if not new:
-                    break
                 plans += new
+                if len(new) < PLAN_SLICE and not (mf._dead_small or mf._dead_huge):
+                    break  # that was all the waste there is
             if not plans:
                 out_of_waste(mf)
                 if mf._evict_when_idle:

@@ -17,6 +17,7 @@ from itertools import compress
 from typing import TYPE_CHECKING
 
 from . import host
+from .blocking import SLICE_SECONDS
 from .errors import ClosedError
 from .ranges import CHUNK_SHIFT, CHUNK_SIZE, KEY_MAX, PAGE_SIZE
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SCAN_CPU_SHARE",
     "MIN_SCAN_INTERVAL",
-    "SLICE_SECONDS",
     "run_usage_refresher",
     "update_usage",
 ]
@@ -39,8 +39,6 @@ MIN_SCAN_INTERVAL = 0.01
 #: than 1/8 of a CPU however often callers ask (gVisor PR #13941: scans once ate
 #: 78% of the sentry's CPU).
 MAX_SCAN_CPU_SHARE = 1 / 8
-#: Marking a scan's result yields to the loop after about this long.
-SLICE_SECONDS = 0.0005
 
 _LOW_BIT = bytes(b & 1 for b in range(256))
 
