@@ -64,8 +64,9 @@ MAX_RELEASING_RANGES = 256
 # Loop turns the releaser lets pass after waking, so that one hop serves the waste
 # of several turns of a busy caller (an idle loop turns in microseconds).
 GATHER_TURNS = 1
-# Ranges planned per loop turn (~3 µs each), from at most DEAD_SLICE dead
-# allocations (~0.5 µs each; adjacent ones make one range).
+# Ranges planned per call (~3 µs each), from at most DEAD_SLICE dead
+# allocations (~0.5 µs each; adjacent ones make one range); calls go on until
+# a loop slice is used up.
 PLAN_SLICE = 32
 DEAD_SLICE = 256
 # A hop starts no new punch after this much CPU time, so that released pages
@@ -310,11 +311,14 @@ async def run_releaser(mf: MemoryFile) -> None:
         plans: list[ReleasePlan] = []
         punched = [0]
         try:
-            # Planned PLAN_SLICE ranges per loop turn, punched in one hop.
+            # Planned PLAN_SLICE ranges at a time, in slices of the loop's time,
+            # punched in one hop.
             pending: dict[int, int] = {}
-            for turn in range(MAX_RELEASING_RANGES // PLAN_SLICE):
-                if turn:
+            deadline = time.monotonic() + SLICE_SECONDS
+            while len(plans) < MAX_RELEASING_RANGES:
+                if time.monotonic() > deadline:
                     await asyncio.sleep(0)
+                    deadline = time.monotonic() + SLICE_SECONDS
                 new = begin_release(mf, PLAN_SLICE, pending)
                 plans += new
                 if len(new) < PLAN_SLICE and not (mf._dead_small or mf._dead_huge):
