@@ -675,8 +675,11 @@ class MemoryFile:
     def dec_ref(self, fr: FileRange) -> None:
         """Drop one reference from every page of ``fr``; pages left with none become waste.
 
-        Synchronous; O(k log n). Waste is reclassified as SYSTEM memory until it is
-        recycled or released, and wakes the releaser task. Raises as :meth:`inc_ref`
+        Synchronous. A whole allocation costs two dict hits and, for its last
+        reference, a list append: the waste transition is queued for the releaser
+        (see the module docstring). Any other range is O(k log n). Waste is
+        reclassified as SYSTEM memory until it is recycled or released, and wakes
+        the releaser task. Raises as :meth:`inc_ref`
         (a reference-count underflow is a :class:`~asyncpgalloc.ReferenceCountError`)
         before changing anything.
         """
