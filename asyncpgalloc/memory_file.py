@@ -1034,7 +1034,7 @@ class MemoryFile:
         so scanning never takes more than 1/8 of a CPU. A call during a scan joins
         it. A scan runs ``mincore`` over the used pages not yet known committed (of
         ``memcg_ids`` only, if given) in the executor, one hop per chunk (~11 ms per
-        GiB), then marks what it found in slices of ~0.5 ms that yield to the loop;
+        GiB), then marks what it found in slices of ~0.25 ms that yield to the loop;
         pages that a decommit, release or allocation touched since the scan began
         are not marked. Pages committed by ``fallocate`` but never touched are
         invisible to ``mincore`` and stay unknown. Raises ``OSError`` if mincore
