@@ -7,12 +7,16 @@ from .accounting import MemoryKind as MemoryKind
 from .errors import AllocatorError as AllocatorError
 from .errors import CheckpointError as CheckpointError
 from .errors import ClosedError as ClosedError
+from .errors import ExecutorDroppedError as ExecutorDroppedError
+from .errors import ForkedError as ForkedError
 from .errors import InvalidLengthError as InvalidLengthError
 from .errors import InvalidRangeError as InvalidRangeError
 from .errors import InvariantError as InvariantError
 from .errors import OutOfMemoryError as OutOfMemoryError
 from .errors import PartialFillError as PartialFillError
+from .errors import PoisonedError as PoisonedError
 from .errors import ReferenceCountError as ReferenceCountError
+from .errors import WrongLoopError as WrongLoopError
 from .errors import WrongThreadError as WrongThreadError
 from .eviction import EvictableMemoryUser as EvictableMemoryUser
 from .memory_file import MemoryFile as MemoryFile
@@ -48,7 +52,9 @@ __all__ = (
     "Direction",
     "EvictableMemoryUser",
     "EvictableRange",
+    "ExecutorDroppedError",
     "FileRange",
+    "ForkedError",
     "InvalidLengthError",
     "InvalidRangeError",
     "InvariantError",
@@ -61,7 +67,9 @@ __all__ = (
     "MemoryKind",
     "OutOfMemoryError",
     "PartialFillError",
+    "PoisonedError",
     "PressureWatcherError",
     "ReferenceCountError",
+    "WrongLoopError",
     "WrongThreadError",
 )

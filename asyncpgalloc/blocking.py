@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from .errors import ExecutorDroppedError
+
 __all__ = [
     "IDLE_TURN_SECONDS",
     "LEND_SECONDS",
@@ -44,8 +46,11 @@ def run_signalling(done: threading.Event, fn: Callable[..., T], *args: object) -
         done.set()
 
 
-async def lend_gil_until(done: threading.Event) -> None:
-    """Let an executor thread make progress while the loop is busy, until ``done``.
+async def lend_gil_until(done: threading.Event, fut: asyncio.Future[Any] | None = None) -> None:
+    """Let an executor thread make progress while the loop is busy, until ``done``
+    (or until ``fut``, the job's future, is done without it: an executor shut down
+    with ``cancel_futures=True`` cancels queued jobs that never run, so ``done``
+    would never be set).
 
     A loop that keeps running callbacks releases the GIL only for an instant (its
     zero-timeout poll) and takes it straight back, so a thread waiting for the GIL
@@ -57,10 +62,18 @@ async def lend_gil_until(done: threading.Event) -> None:
     thread gets the GIL anyway. Costs the loop at most LEND_SECONDS per turn.
     """
     while not done.wait(LEND_SECONDS):
+        if fut is not None and fut.done():
+            return
         turn = time.perf_counter()
         await asyncio.sleep(0)
         if time.perf_counter() - turn < IDLE_TURN_SECONDS:
             return
+
+
+def _cancelling() -> int:
+    """Cancellation requests pending on the current task (0 outside a task)."""
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
 
 
 async def finish_uncancelled(aw: Awaitable[T]) -> T:
@@ -93,31 +106,63 @@ class BlockingRunner:
     this runner first.
     """
 
-    __slots__ = ("_executor", "_inflight")
+    __slots__ = ("_executor", "_inflight", "_running")
 
     def __init__(self, executor: concurrent.futures.Executor | None) -> None:
         self._executor = executor
         self._inflight: set[asyncio.Future[Any]] = set()
+        # The done events of jobs submitted and not yet finished, for a teardown
+        # that can no longer await (its loop is gone): see wait_idle_blocking().
+        self._running: set[threading.Event] = set()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in the executor, shielded: see :func:`finish_uncancelled`.
 
         Costs one executor round trip (130-220 µs of latency here) plus ``fn`` itself;
         while the loop is busy, up to LEND_SECONDS of each loop turn go to the job
-        (see :func:`lend_gil_until`).
+        (see :func:`lend_gil_until`). Raises :class:`ExecutorDroppedError` if the
+        executor cancelled the job before running it (a shutdown with
+        ``cancel_futures=True``): that is not a cancellation of the caller.
         """
         done = threading.Event()
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, run_signalling, done, fn, *args
-        )
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        if executor is None:
+            fut = loop.run_in_executor(None, run_signalling, done, fn, *args)
+        else:
+            self._running.add(done)
+            try:
+                cf = executor.submit(run_signalling, done, fn, *args)
+            except BaseException:
+                self._running.discard(done)
+                raise
+            # Runs in whichever thread ends the job, or cancels it unrun.
+            cf.add_done_callback(lambda _: self._running.discard(done))
+            fut = asyncio.wrap_future(cf, loop=loop)
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
         try:
-            await lend_gil_until(done)
+            await lend_gil_until(done, fut)
+            return await finish_uncancelled(fut)
         except asyncio.CancelledError:
-            await finish_uncancelled(fut)
+            if fut.cancelled() and not _cancelling():
+                raise ExecutorDroppedError(
+                    f"the executor dropped {getattr(fn, '__name__', fn)!s} before running it "
+                    "(was it shut down with cancel_futures=True?)"
+                ) from None
+            if not fut.done():
+                await finish_uncancelled(fut)
             raise
-        return await finish_uncancelled(fut)
+
+    def wait_idle_blocking(self, timeout: float) -> bool:
+        """Block until no job of this runner runs in a thread, for at most ``timeout``
+        seconds; True if none does. For teardown without a loop to await on (the
+        loop closed, or a finalizer): the fd and mappings must outlive every job.
+        Jobs on the loop's default executor (``executor=None``) are not tracked."""
+        deadline = time.monotonic() + timeout
+        return all(
+            done.wait(max(0.0, deadline - time.monotonic())) for done in list(self._running)
+        )
 
     async def drain(self) -> None:
         """Wait (uncancellably) until nothing runs in the executor on our behalf."""

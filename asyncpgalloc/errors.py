@@ -14,12 +14,16 @@ __all__ = [
     "AllocatorError",
     "CheckpointError",
     "ClosedError",
+    "ExecutorDroppedError",
+    "ForkedError",
     "InvalidLengthError",
     "InvalidRangeError",
     "InvariantError",
     "OutOfMemoryError",
     "PartialFillError",
+    "PoisonedError",
     "ReferenceCountError",
+    "WrongLoopError",
     "WrongThreadError",
 ]
 
@@ -50,6 +54,35 @@ class ClosedError(AllocatorError):
 
 class WrongThreadError(AllocatorError, RuntimeError):
     """A MemoryFile was called from a thread other than its event loop's."""
+
+
+class WrongLoopError(AllocatorError, RuntimeError):
+    """A MemoryFile was called from an event loop other than the one that opened it
+    (in the same thread: a second ``asyncio.run``, say). Once the opening loop is
+    closed, ``aclose()`` still works from anywhere in that thread."""
+
+
+class ForkedError(AllocatorError, RuntimeError):
+    """A MemoryFile was used in a child process forked after it was opened.
+
+    The child shares the parent's file (the same open file description): any
+    allocation, release or write there would corrupt the parent's memory. In the
+    child only ``aclose()`` works, and it closes just the child's own copies of the
+    descriptor and mappings.
+    """
+
+
+class PoisonedError(AllocatorError, RuntimeError):
+    """A state transition of the MemoryFile was interrupted part-way (a
+    ``KeyboardInterrupt`` or ``SystemExit`` raised inside it, or an internal
+    invariant failing), so its page sets can no longer be trusted. Every later call
+    raises this; ``aclose()`` still gives everything back to the host."""
+
+
+class ExecutorDroppedError(AllocatorError, RuntimeError):
+    """The executor cancelled work of this file before running it (it was shut down
+    with ``cancel_futures=True``). The operation that needed the work failed; its
+    pages went back as if a syscall had failed."""
 
 
 class PartialFillError(AllocatorError):

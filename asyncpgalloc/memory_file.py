@@ -30,6 +30,8 @@ import concurrent.futures
 import logging
 import os
 import threading
+import warnings
+import weakref
 from collections.abc import Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -39,12 +41,16 @@ from .accounting import MemoryAccounting, MemoryKind
 from .blocking import BlockingRunner, finish_uncancelled
 from .errors import (
     ClosedError,
+    ExecutorDroppedError,
+    ForkedError,
     InvalidLengthError,
     InvalidRangeError,
     InvariantError,
     OutOfMemoryError,
     PartialFillError,
+    PoisonedError,
     ReferenceCountError,
+    WrongLoopError,
     WrongThreadError,
 )
 from .eviction import EvictableMemoryUser, Evictions
@@ -89,6 +95,14 @@ _WRITE_POPULATE = AllocationMode.WRITE_POPULATE
 _BOTTOM_UP = Direction.BOTTOM_UP
 _PAGE_MASK = PAGE_SIZE - 1
 _get_ident = threading.get_ident
+_get_running_loop = asyncio.events._get_running_loop
+# What MemoryFile._gate holds once the file may no longer be used (closed, forked,
+# poisoned): no running loop is ever this object, so every entry takes the slow check.
+_SHUT = object()
+# How long a teardown with no loop left to await on (a finalizer, a closed loop)
+# waits for syscalls still running in executor threads before it gives up and
+# leaks the fd and mappings rather than unmapping under them.
+_BLOCKING_CLOSE_WAIT = 10.0
 _new_tuple = tuple.__new__
 
 
@@ -130,6 +144,9 @@ class MemoryFile:
     # Populated by _open(); declared here for mypy and for readers.
     _fd: int
     _releaser_task: asyncio.Task[None]
+    # Until __init__ has run (a failed construction), __del__ has nothing to close.
+    _gate: object = _SHUT
+    _chunks: list[Chunk]
     # True unless the file is a memfd this MemoryFile created (set by _open()): a file
     # from the caller may be on a filesystem that runs out of space, where writing an
     # unbacked page through the mapping is a SIGBUS, so writes are committed first.
@@ -142,6 +159,11 @@ class MemoryFile:
         self._loop = loop
         self._thread_id = threading.get_ident()
         self._closed = False
+        self._pid = os.getpid()
+        self._forked = False
+        self._poisoned: str | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        _live_files.add(self)
         self._accounting = opts.accounting if opts.accounting is not None else MemoryAccounting()
         self._account = not opts.disable_memory_accounting
         self._max_chunks = MAX_CHUNKS if opts.max_chunks is None else opts.max_chunks
@@ -191,7 +213,7 @@ class MemoryFile:
         self._release_steps = 0
         self._released_bytes = 0
         self._usage_scans = 0
-        self._chunks: list[Chunk] = []
+        self._chunks = []
 
         # The releaser sleeps on _release_wakeup; _released is set exactly while
         # no waste or releasing pages exist (wait_released() waits on it).
@@ -209,6 +231,10 @@ class MemoryFile:
         )
         self._pressure: MemcgPressureWatcher | None = None
         self._refresher: asyncio.Task[None] | None = None
+        # The entry check of every call: the loop while the file is usable from it,
+        # _SHUT once it is not (see _check). One identity test on the hot paths.
+        # Set last: until then __del__ leaves the fd to _open.
+        self._gate = loop
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -245,6 +271,7 @@ class MemoryFile:
             fd = file
         else:
             fd = host.open_backing_file(file)
+        mf: MemoryFile | None = None
         try:
             host.set_file_size(fd, 0)
             mf = cls(fd, opts, loop)
@@ -252,6 +279,9 @@ class MemoryFile:
             if not opts.disable_ima_workaround:
                 host.ima_workaround(fd)
         except BaseException:
+            if mf is not None:
+                mf._gate = _SHUT  # its fd is closed here, not by __del__
+                _live_files.discard(mf)
             os.close(fd)
             raise
         mf._releaser_task = loop.create_task(run_releaser(mf), name="asyncpgalloc-releaser")
@@ -280,39 +310,159 @@ class MemoryFile:
     async def aclose(self) -> None:
         """Close the file: the seed's ``Destroy``.
 
-        Stops the releaser (a release step in progress finishes first), punches the
-        whole file if ``decommit_on_destroy`` (in the executor), closes the fd and
-        drops the mappings (a mapping stays alive while a view from
-        :meth:`map_internal` still references it). Succeeds with pages still
-        referenced: everything goes back to the host. Idempotent; every other call
-        afterwards raises :class:`~asyncpgalloc.ClosedError`.
+        Stops the releaser (a release step in progress finishes first), cancels the
+        eviction tasks and waits up to ``close_timeout`` for them, waits for every
+        syscall still running in the executor, punches the whole file if
+        ``decommit_on_destroy`` (in the executor), then closes the fd and drops the
+        mappings (a mapping stays alive while a view from :meth:`map_internal` still
+        references it). Succeeds with pages still referenced: everything goes back
+        to the host. Idempotent; every other call afterwards raises
+        :class:`~asyncpgalloc.ClosedError`.
+
+        The teardown is a task of its own, shielded and ordered as asyncpg's
+        ``close()``: cancelling ``aclose()`` stops the wait for eviction tasks (its
+        ``terminate()``), but the fd and mappings are still released only after
+        every executor job has finished; then ``CancelledError`` propagates. A
+        second ``aclose()`` waits for the same teardown. Once the file's event loop
+        is closed, ``aclose()`` from any loop of that thread closes at once. In a
+        child process forked after ``open()``, it closes only the child's copies of
+        the fd and mappings, at once (see :class:`~asyncpgalloc.ForkedError`).
         """
-        if self._closed:
+        if self._forked:
+            self._close_in_child()
             return
+        if self._close_task is not None:
+            await asyncio.wait([self._close_task])
+            return
+        if self._closed:
+            return  # closed without a loop (see _abandon)
         self._check_thread()
+        if self._loop.is_closed():
+            self._abandon("aclose() after its event loop closed", warn=False)
+            return
+        if _get_running_loop() is not self._loop:
+            raise WrongLoopError(
+                "aclose(): this MemoryFile belongs to another event loop, still open"
+            )
+        self._begin_close()
+        task = self._close_task = self._loop.create_task(
+            self._teardown(), name="asyncpgalloc-close"
+        )
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                # asyncpg's terminate(): stop waiting for eviction tasks; the drain
+                # and the release of the fd and mappings still run in order.
+                task.cancel()
+                await asyncio.wait([task])
+            raise
+        releaser = self._releaser_task
+        if not releaser.cancelled() and releaser.exception() is not None:
+            raise InvariantError("the releaser task failed") from releaser.exception()
+
+    def _begin_close(self) -> None:
+        """Refuse every later call and stop the background work (synchronous)."""
         self._closed = True
+        self._gate = _SHUT
         if self._pressure is not None:
             self._pressure.stop()
+        for t in self._background_tasks():
+            t.cancel()
+
+    def _background_tasks(self) -> list[asyncio.Task[None]]:
         tasks = [self._releaser_task]
         if self._refresher is not None:
             tasks.append(self._refresher)
-        for t in tasks:
-            t.cancel()
-        task = self._releaser_task
+        return tasks
+
+    async def _teardown(self) -> None:
+        """The body of aclose(), run as its own task (see aclose)."""
         try:
             await self._evictions.aclose(self._opts.close_timeout)
-            # Even if aclose() is cancelled, the fd and the mappings must outlive
-            # every syscall in flight (a punch, a commit, a scan of any caller).
-            await finish_uncancelled(asyncio.wait(tasks))
+        finally:
+            await finish_uncancelled(self._drain_and_release())
+
+    async def _drain_and_release(self) -> None:
+        """Wait for everything that may still use the fd or the mappings, then release them."""
+        try:
+            # A release step in progress finishes its punch and its bookkeeping.
+            await asyncio.wait(self._background_tasks())
             await self._blocking.drain()
             if self._opts.decommit_on_destroy and self._chunks:
-                await self._blocking.run(host.decommit, self._fd, 0, self.total_size())
+                try:
+                    await self._blocking.run(host.decommit, self._fd, 0, self.total_size())
+                except (OSError, ExecutorDroppedError, RuntimeError) as e:
+                    logger.warning("decommit_on_destroy failed: %s", e)
         finally:
-            self._release_resources()
-        if not task.cancelled() and task.exception() is not None:
-            raise InvariantError("the releaser task failed") from task.exception()
+            if self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
+                self._release_resources()
+            else:
+                logger.error(
+                    "%r: a syscall is still running after %.0f s; leaving the fd and "
+                    "mappings open rather than unmapping under it",
+                    self,
+                    _BLOCKING_CLOSE_WAIT,
+                )
+
+    def _abandon(self, why: str, *, warn: bool = True) -> None:
+        """Close at once, without awaiting: the file's loop is gone or going.
+
+        Waits (blocking, bounded) for executor jobs still running, then releases the
+        fd and mappings. With ``warn``, a ``ResourceWarning`` says that the file was
+        never closed, as an unclosed socket or transport does.
+        """
+        if self._forked:
+            self._close_in_child()
+            return
+        if self._fd < 0:
+            return
+        if warn:
+            warnings.warn(
+                f"unclosed MemoryFile (fd {self._fd}, {self.total_size() >> 20} MiB): {why}",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+        self._closed = True
+        self._gate = _SHUT
+        if self._pressure is not None:
+            self._pressure.stop()
+        if not self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
+            logger.error("%r: a syscall is still running; leaking the fd and mappings", self)
+            return
+        self._release_resources()
+
+    def _close_in_child(self) -> None:
+        """In a forked child: close our copies of the fd and the mappings, nothing else."""
+        self._closed = True
+        self._gate = _SHUT
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for chunk in self._chunks:
+            chunk.mapping.release()
+        self._chunks = []
+
+    def _after_fork_in_child(self) -> None:
+        """os.register_at_fork hook: this process is not the one that opened the file."""
+        self._forked = True
+        self._gate = _SHUT
+
+    def __del__(self) -> None:
+        # A file never closed: give its memory back to the host rather than keep
+        # every committed page until the process exits (socket and subprocess do
+        # the same). No loop call: the loop may be closed, or this may be another
+        # thread's garbage collection.
+        if self._forked:
+            self._close_in_child()
+        elif self._gate is not _SHUT:
+            # (_SHUT: closed, or never fully opened: _open closes that fd itself.)
+            self._abandon("it was garbage-collected without aclose()")
 
     def _release_resources(self) -> None:
+        if self._fd < 0:
+            return
         if self._account:
             # The host gets everything back: so does a MemoryAccounting shared with
             # other files.
@@ -323,6 +473,7 @@ class MemoryFile:
         self._fd = -1
         for chunk in self._chunks:
             chunk.mapping.release()
+        _live_files.discard(self)
         if self._own_executor is not None:
             # Nothing is queued any more: the releaser is done and calls are refused.
             self._own_executor.shutdown(wait=False)
@@ -339,15 +490,37 @@ class MemoryFile:
         await self.aclose()
 
     def _check_thread(self) -> None:
-        if threading.get_ident() != self._thread_id:
+        """Raise unless called from the thread that opened the file, in this process."""
+        if self._forked:
+            raise ForkedError(
+                f"this MemoryFile was opened by process {self._pid}; a forked child may "
+                "only aclose() it"
+            )
+        if _get_ident() != self._thread_id:
             raise WrongThreadError(
                 "a MemoryFile may only be used from the thread of the event loop that opened it"
             )
 
     def _check(self) -> None:
+        """The slow half of every entry check (the fast half: ``_gate`` is the running loop).
+
+        Passes for a call from the file's thread while its loop runs, or while no
+        loop runs there and its loop is not closed (synchronous use between runs);
+        raises ForkedError, PoisonedError, ClosedError, WrongThreadError or
+        WrongLoopError otherwise.
+        """
+        self._check_thread()
+        if self._poisoned is not None:
+            raise PoisonedError(f"the MemoryFile is unusable: {self._poisoned}")
         if self._closed:
             raise ClosedError("the MemoryFile is closed")
-        self._check_thread()
+        running = _get_running_loop()
+        if running is self._loop or (running is None and not self._loop.is_closed()):
+            return
+        raise WrongLoopError(
+            "this MemoryFile belongs to the event loop that opened it"
+            + (", which is closed: aclose() it" if self._loop.is_closed() else "")
+        )
 
     # ----------------------------------------------------------------- allocation
 
@@ -369,7 +542,7 @@ class MemoryFile:
         if opts.mode is _UNCOMMITTED:
             # The fast path: uncommitted pages never recycle waste, so this is the
             # seed's findAllocatableAndMarkUsed from its retryFree label, inlined.
-            if self._closed or _get_ident() != self._thread_id:
+            if self._gate is not _get_running_loop():
                 self._check()
             if length <= 0 or length & _PAGE_MASK or (opts.huge and length % HUGE_PAGE_SIZE):
                 raise InvalidLengthError(f"invalid allocation length: {length:#x}")
@@ -660,7 +833,7 @@ class MemoryFile:
         either way nothing changes. ``memcg_id`` is accepted for the seed's
         signature; accounting stays with the allocation's memcg.
         """
-        if self._closed or _get_ident() != self._thread_id:
+        if self._gate is not _get_running_loop():
             self._check()
         start, end = fr
         hit = self._whole_allocation(start, end)
@@ -683,7 +856,7 @@ class MemoryFile:
         (a reference-count underflow is a :class:`~asyncpgalloc.ReferenceCountError`)
         before changing anything.
         """
-        if self._closed or _get_ident() != self._thread_id:
+        if self._gate is not _get_running_loop():
             self._check()
         start, end = fr
         # Inlined _whole_allocation(start, end): this is the hottest path there is.
@@ -1259,6 +1432,18 @@ class MemoryFile:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd} size={self.total_size():#x}"
         return f"<MemoryFile {state}>"
+
+
+#: Every MemoryFile still open in this process, for the fork hook.
+_live_files: weakref.WeakSet[MemoryFile] = weakref.WeakSet()
+
+
+def _mark_forked_files() -> None:
+    for mf in list(_live_files):
+        mf._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_mark_forked_files)
 
 
 class _Opener:

@@ -303,7 +303,21 @@ async def run_releaser(mf: MemoryFile) -> None:
     Sleeps on the file's wake-up event; each step punches its ranges in one
     executor hop while they are *releasing*, and the step's bookkeeping runs even
     if the task is cancelled during the punch.
+
+    Cancelled by anyone but ``aclose()`` (``asyncio.run`` cancels every task when
+    its main coroutine returns) or closed with its loop gone, it closes the file
+    at once (with a ``ResourceWarning``: the file was never closed) rather than
+    leave the fd and every committed page behind until the process exits.
     """
+    try:
+        await _release_forever(mf)
+    except (asyncio.CancelledError, GeneratorExit):
+        if not mf.closed:
+            mf._abandon("its releaser task was cancelled (did the event loop shut down?)")
+        raise
+
+
+async def _release_forever(mf: MemoryFile) -> None:
     while True:
         await mf._release_wakeup.wait()
         for _ in range(GATHER_TURNS):
@@ -331,6 +345,10 @@ async def run_releaser(mf: MemoryFile) -> None:
                 continue
             mf._release_steps += 1
             await mf._blocking.run(punch_all, mf, plans, punched)
+        except GeneratorExit:
+            # The coroutine is being closed with its loop gone: nothing may await.
+            plans = []
+            raise
         finally:
             if plans:
                 # Unpunched plans (cancelled while planning) go back to waste.
