@@ -1161,7 +1161,8 @@ class MemoryFile:
                     [waiter, self._releaser_task], return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
-                waiter.cancel()
+                if not self._loop.is_closed():  # closed: this coroutine is being discarded
+                    waiter.cancel()
             if self._releaser_task.done():
                 if self._closed:
                     raise ClosedError("the MemoryFile was closed while waiting for release")
