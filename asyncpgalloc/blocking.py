@@ -84,17 +84,25 @@ async def finish_uncancelled(aw: Awaitable[T]) -> T:
     is what the caller must undo for).
     """
     fut = asyncio.ensure_future(aw)
-    cancelled = False
+    pending: BaseException | None = None
     while not fut.done():
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
             if fut.cancelled():
                 raise
-            cancelled = True
+            pending = pending or asyncio.CancelledError()
+        except GeneratorExit:
+            raise  # the coroutine is being closed: nothing may await any more
+        except BaseException as e:
+            if fut.done():
+                raise  # aw's own error
+            # An interrupt (KeyboardInterrupt, SystemExit) while waiting: aw still
+            # runs and still uses what it was given, so wait for it, then re-raise.
+            pending = pending or e
     result = fut.result()
-    if cancelled:
-        raise asyncio.CancelledError
+    if pending is not None:
+        raise pending
     return result
 
 
@@ -150,6 +158,14 @@ class BlockingRunner:
                     f"the executor dropped {getattr(fn, '__name__', fn)!s} before running it "
                     "(was it shut down with cancel_futures=True?)"
                 ) from None
+            if not fut.done():
+                await finish_uncancelled(fut)
+            raise
+        except GeneratorExit:
+            raise  # closed with its loop gone: the owner waits for the thread (blocking)
+        except BaseException:
+            # An interrupt landed while the job runs: it still uses its arguments
+            # (ranges, mappings), so the caller may not undo anything before it ends.
             if not fut.done():
                 await finish_uncancelled(fut)
             raise

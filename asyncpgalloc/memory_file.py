@@ -77,6 +77,7 @@ from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
 from .segments import SegmentSet
 from .stats import MemoryFileCounters, MemoryFileStats, compute_stats
+from .transitions import guarded, guarded_async
 from .usage import run_usage_refresher, update_usage
 
 if TYPE_CHECKING:
@@ -444,6 +445,24 @@ class MemoryFile:
             chunk.mapping.release()
         self._chunks = []
 
+    def _poison(self, cause: BaseException) -> None:
+        """A transition was cut short by ``cause`` (see :mod:`asyncpgalloc.transitions`):
+        refuse every later call but ``aclose()``."""
+        if self._poisoned is None:
+            self._poisoned = (
+                f"a state transition was interrupted by {type(cause).__name__}"
+                f"{': ' + str(cause) if str(cause) else ''}; its page sets may be "
+                "inconsistent (aclose() still gives everything back)"
+            )
+            logger.error("MemoryFile poisoned: %s", self._poisoned)
+        self._gate = _SHUT
+
+    @property
+    def poisoned(self) -> bool:
+        """True once a state transition was interrupted part-way (see
+        :class:`~asyncpgalloc.PoisonedError`); only ``aclose()`` works then."""
+        return self._poisoned is not None
+
     def _after_fork_in_child(self) -> None:
         """os.register_at_fork hook: this process is not the one that opened the file."""
         self._forked = True
@@ -466,9 +485,13 @@ class MemoryFile:
         if self._account:
             # The host gets everything back: so does a MemoryAccounting shared with
             # other files.
-            for s, e, ma in self._mem_acct:
-                if ma.known_committed:
-                    self._accounting.dec(e - s, ma.kind, ma.memcg_id)
+            try:
+                for s, e, ma in self._mem_acct:
+                    if ma.known_committed:
+                        self._accounting.dec(e - s, ma.kind, ma.memcg_id)
+            except Exception as e:
+                # Only a poisoned file's sets can fail here; closing must not.
+                logger.error("%r: its accounting could not be returned: %r", self, e)
         os.close(self._fd)
         self._fd = -1
         for chunk in self._chunks:
@@ -595,6 +618,7 @@ class MemoryFile:
             w = cache[ma] = MemAcct(_SYSTEM, ma.memcg_id, ma.known_committed, True, ma.commit_seq)
         return w
 
+    @guarded_async
     async def allocate_async(self, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS) -> FileRange:
         """Allocate as :meth:`allocate`, with the blocking work off the loop.
 
@@ -622,6 +646,7 @@ class MemoryFile:
             raise
         return fr
 
+    @guarded_async
     async def allocate_from(
         self, source: AsyncByteSource, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS
     ) -> FileRange:
@@ -1164,6 +1189,8 @@ class MemoryFile:
                 if not self._loop.is_closed():  # closed: this coroutine is being discarded
                     waiter.cancel()
             if self._releaser_task.done():
+                if self._poisoned is not None:
+                    raise PoisonedError(f"the MemoryFile is unusable: {self._poisoned}")
                 if self._closed:
                     raise ClosedError("the MemoryFile was closed while waiting for release")
                 raise InvariantError("the releaser task stopped") from (
@@ -1172,6 +1199,7 @@ class MemoryFile:
 
     # ---------------------------------------------------------- commitment and usage
 
+    @guarded_async
     async def decommit(self, fr: FileRange) -> None:
         """Give the pages of ``fr`` back to the host; they read as zeros afterwards.
 
@@ -1199,6 +1227,7 @@ class MemoryFile:
         # Invalidate what a concurrent scan saw before the punch.
         return ma._replace(known_committed=False, commit_seq=self._commit_seq)
 
+    @guarded_async
     async def update_usage(self, memcg_ids: Iterable[int] | None = None) -> None:
         """Bring :attr:`accounting` up to date with the pages the host really holds.
 
@@ -1219,6 +1248,7 @@ class MemoryFile:
 
     # ------------------------------------------------------------------ checkpoint
 
+    @guarded_async
     async def save(
         self, dst: CheckpointDestination, *, exclude_committed_zero_pages: bool = False
     ) -> None:
@@ -1274,6 +1304,7 @@ class MemoryFile:
 
     # -------------------------------------------------------------------- eviction
 
+    @guarded
     def mark_evictable(self, user: EvictableMemoryUser, er: EvictableRange) -> None:
         """Allow the file to ask ``user`` to evict ``er`` (its own offsets) later.
 
@@ -1285,17 +1316,20 @@ class MemoryFile:
         self._check()
         self._evictions.mark_evictable(user, er, self._opts.use_host_memcg_pressure)
 
+    @guarded
     def mark_unevictable(self, user: EvictableMemoryUser, er: EvictableRange) -> None:
         """Stop asking ``user`` to evict ``er``; an eviction already under way may still
         call ``evict`` for it (users must tolerate that, as in the seed)."""
         self._check()
         self._evictions.mark_unevictable(user, er)
 
+    @guarded
     def mark_all_unevictable(self, user: EvictableMemoryUser) -> None:
         """As :meth:`mark_unevictable` for every range of ``user``."""
         self._check()
         self._evictions.mark_all_unevictable(user)
 
+    @guarded
     def start_evictions(self) -> bool:
         """Start evicting every evictable user (one task each, last range first).
 
@@ -1367,6 +1401,7 @@ class MemoryFile:
         self._check()
         return host.file_usage(self._fd)
 
+    @guarded
     def stats(self) -> MemoryFileStats:
         """Bytes by page state, right now. O(segments); no syscall."""
         self._check()
@@ -1388,12 +1423,16 @@ class MemoryFile:
             usage_scans=self._usage_scans,
         )
 
+    @guarded
     def check_invariants(self) -> None:
         """Check every invariant of DESIGN.md §2; raise :class:`InvariantError` if one fails.
 
-        O(segments + chunks); meant for tests and debugging.
+        O(segments + chunks); meant for tests and debugging. Raises
+        :class:`~asyncpgalloc.PoisonedError` for a poisoned file instead.
         """
         self._check_thread()
+        if self._poisoned is not None:
+            raise PoisonedError(f"the MemoryFile is unusable: {self._poisoned}")
         from .invariants import check_invariants
 
         check_invariants(self)

@@ -315,6 +315,17 @@ async def run_releaser(mf: MemoryFile) -> None:
         if not mf.closed:
             mf._abandon("its releaser task was cancelled (did the event loop shut down?)")
         raise
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Delivered while this task ran, possibly inside a transition: the file
+        # cannot trust its sets any more, so it refuses every call but aclose(). The
+        # interrupt is the program's, not ours: it is raised again from the loop,
+        # and this task ends normally rather than die of it.
+        mf._poison(e)
+        asyncio.get_running_loop().call_soon(_raise, e)
+
+
+def _raise(e: BaseException) -> None:
+    raise e
 
 
 async def _release_forever(mf: MemoryFile) -> None:

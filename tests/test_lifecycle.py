@@ -30,10 +30,7 @@ from asyncpgalloc import (
     AllocationMode,
     AllocOpts,
     ClosedError,
-    DelayedEviction,
-    EvictableRange,
     ExecutorDroppedError,
-    ForkedError,
     InvariantError,
     MemoryFile,
     MemoryFileOpts,
@@ -199,7 +196,7 @@ async def test_an_executor_shut_down_with_cancel_futures_fails_its_waiters() -> 
         scan = asyncio.ensure_future(mf.update_usage())
         await asyncio.sleep(0.001)
         ex.shutdown(wait=False, cancel_futures=True)
-        done, pending = await asyncio.wait([running, queued, scan], timeout=30)
+        _, pending = await asyncio.wait([running, queued, scan], timeout=30)
         assert not pending
         assert isinstance(queued.exception(), ExecutorDroppedError)
         assert not queued.cancelled()
@@ -305,12 +302,12 @@ def test_a_loop_stopped_and_closed_under_the_file_never_awaits_in_cleanup(loop: 
         mf = lp.run_until_complete(MemoryFile.open())
         fd = mf.fd
 
-        async def churn() -> None:
+        async def churn(f: MemoryFile) -> None:
             for _ in range(200):
-                mf.dec_ref(mf.allocate(MiB, COMMIT))
+                f.dec_ref(f.allocate(MiB, COMMIT))
                 await asyncio.sleep(0)
 
-        lp.create_task(churn())
+        lp.create_task(churn(mf))
         lp.create_task(mf.wait_released())
         lp.call_later(0.02, lp.stop)
         lp.run_forever()
