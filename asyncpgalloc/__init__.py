@@ -8,10 +8,13 @@ from .errors import AllocatorError as AllocatorError
 from .errors import CheckpointError as CheckpointError
 from .errors import ClosedError as ClosedError
 from .errors import InvalidLengthError as InvalidLengthError
+from .errors import InvalidOptionError as InvalidOptionError
 from .errors import InvalidRangeError as InvalidRangeError
 from .errors import InvariantError as InvariantError
+from .errors import OptionTypeError as OptionTypeError
 from .errors import OutOfMemoryError as OutOfMemoryError
 from .errors import PartialFillError as PartialFillError
+from .errors import RangeTypeError as RangeTypeError
 from .errors import ReferenceCountError as ReferenceCountError
 from .errors import WrongThreadError as WrongThreadError
 from .eviction import EvictableMemoryUser as EvictableMemoryUser
@@ -50,6 +53,7 @@ __all__ = (
     "EvictableRange",
     "FileRange",
     "InvalidLengthError",
+    "InvalidOptionError",
     "InvalidRangeError",
     "InvariantError",
     "MemcgPressureWatcher",
@@ -59,9 +63,11 @@ __all__ = (
     "MemoryFileOpts",
     "MemoryFileStats",
     "MemoryKind",
+    "OptionTypeError",
     "OutOfMemoryError",
     "PartialFillError",
     "PressureWatcherError",
+    "RangeTypeError",
     "ReferenceCountError",
     "WrongThreadError",
 )
