@@ -87,8 +87,7 @@ class AllocOpts:
         if type(kind) is not MemoryKind:
             if type(kind) is not int:
                 raise OptionTypeError(
-                    f"AllocOpts.kind must be a MemoryKind (e.g. MemoryKind.ANONYMOUS), "
-                    f"got {kind!r}"
+                    f"AllocOpts.kind must be a MemoryKind (e.g. MemoryKind.ANONYMOUS), got {kind!r}"
                 )
             try:
                 kind = MemoryKind(kind)

@@ -157,9 +157,7 @@ async def test_reference_errors_name_the_pages_without_references(mf: MemoryFile
     mf.dec_ref(FileRange(5 * P, 7 * P))
     with pytest.raises(ReferenceCountError) as exc:
         mf.inc_ref(FileRange(0, MiB + P))
-    assert "[0x2000, 0x3000), [0x5000, 0x7000), [0x100000, 0x101000) (4 pages)" in str(
-        exc.value
-    )
+    assert "[0x2000, 0x3000), [0x5000, 0x7000), [0x100000, 0x101000) (4 pages)" in str(exc.value)
 
 
 # ------------------------------------------------------------- evictions
