@@ -1051,21 +1051,20 @@ class MemoryFile:
     ) -> bool:
         """Bring :attr:`accounting` up to date with the pages the host really holds.
 
-        Returns False if the call was throttled and did not scan (the accounting
-        may be stale), True otherwise (a scan ran, or ``fstat`` showed nothing to
-        find). The seed's ``UpdateUsage``: returns at once when ``fstat`` shows every
-        committed byte is already known, or when throttled: full scans run at most
-        100 times a second, and after any scan the next waits seven times its cost,
-        so scanning never takes more than 1/8 of a CPU. ``force=True`` skips the
-        throttle (and, if a scan is running, waits for it and runs a new one), for
-        a caller that must see pages committed just now; don't call it in a loop.
-        A call during a scan joins it. A scan runs ``mincore`` over the used pages not yet known committed (of
-        ``memcg_ids`` only, if given) in the executor, one hop per chunk (~11 ms per
-        GiB), then marks what it found in slices of ~0.25 ms that yield to the loop;
-        pages that a decommit, release or allocation touched since the scan began
-        are not marked. Pages committed by ``fallocate`` but never touched are
-        invisible to ``mincore`` and stay unknown. Raises ``OSError`` if mincore
-        fails, leaving the accounting as it was for the pages not yet marked.
+        Returns False if the call was throttled and did not scan (the accounting may be
+        stale), True otherwise (a scan ran, or ``fstat`` showed nothing to find). The seed's
+        ``UpdateUsage``: returns at once when ``fstat`` shows every committed byte is
+        already known, or when throttled: full scans run at most 100 times a second, and
+        after any scan the next waits seven times its cost, so scanning never takes more
+        than 1/8 of a CPU. ``force=True`` skips the throttle (and, if a scan is running,
+        waits for it and runs a new one), for a caller that must see pages committed just
+        now; don't call it in a loop. A call during a scan joins it. A scan runs ``mincore``
+        over the used pages not yet known committed (of ``memcg_ids`` only, if given) in the
+        executor, one hop per chunk (~11 ms per GiB), then marks what it found in slices of
+        ~0.25 ms that yield to the loop; pages that a decommit, release or allocation
+        touched since the scan began are not marked. Pages committed by ``fallocate`` but
+        never touched are invisible to ``mincore`` and stay unknown. Raises ``OSError`` if
+        mincore fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
         return await update_usage(self, memcg_ids, force)
