@@ -186,7 +186,7 @@ def _map(args: argparse.Namespace, extra: list[str]) -> int:
 def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from .checkpoint import inspect_main
 
-    return inspect_main([args.checkpoint])
+    return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else [])])
 
 
 # ---------------------------------------------------------------------- main
@@ -267,13 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect",
         help="print a checkpoint's header and a summary of its contents",
-        description="Print a checkpoint's header and a summary of its contents (checks the "
-        "header and metadata checksums, not the page data's).",
+        description="Print a checkpoint's header and a summary of its contents. Checks the "
+        "header and metadata checksums and, unless --no-data, every page data block's "
+        "(a sequential read of the whole file).",
         epilog=_EPILOG,
         formatter_class=formatter,
         allow_abbrev=False,
     )
     inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file")
+    inspect.add_argument(
+        "--no-data",
+        action="store_true",
+        help="check only the header and metadata, not the page data's checksums",
+    )
     inspect.set_defaults(parser=inspect, run=_inspect, passes_args=False)
     return parser
 

@@ -23,6 +23,7 @@ from asyncpgalloc import (
     PAGE_SIZE,
     AllocationMode,
     AllocOpts,
+    CheckpointError,
     DelayedEviction,
     EvictableRange,
     FileRange,
@@ -35,8 +36,10 @@ from asyncpgalloc import (
     OutOfMemoryError,
     RangeTypeError,
     ReferenceCountError,
+    checkpoint,
     usage,
 )
+from asyncpgalloc.checkpoint_format import HEADER_SIZE, Header
 
 P = PAGE_SIZE
 MiB = 1 << 20
@@ -352,3 +355,73 @@ async def test_cancelling_open_in_a_task_propagates() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+async def _saved(tmp_path: Path) -> tuple[Path, int]:
+    """A checkpoint with three data blocks; returns it and its data offset."""
+    async with MemoryFile.open() as mf:
+        fr = mf.allocate(3 * MiB)
+        fill(mf, fr, 0xAB)
+        path = tmp_path / "ck"
+        await mf.save(path)
+    header = Header.unpack(path.read_bytes()[:HEADER_SIZE])
+    assert header.blocks == 3
+    return path, header.data_offset
+
+
+async def test_inspect_checks_the_page_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, data_offset = await _saved(tmp_path)
+    assert "3 blocks of 1.00 MiB (checksums OK)" in checkpoint.describe_checkpoint(str(path))
+    data = bytearray(path.read_bytes())
+    data[data_offset + MiB + 4 + 100] ^= 0x01  # one bit of block 1's pages
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="data block 1 checksum mismatch"):
+        checkpoint.describe_checkpoint(str(bad))
+    assert checkpoint.inspect_main([str(bad)]) == 1
+    assert "data block 1 checksum mismatch" in capsys.readouterr().err
+    # Asked not to read the data, it says that it did not.
+    assert checkpoint.inspect_main([str(bad), "--no-data"]) == 0
+    assert "(checksums not read)" in capsys.readouterr().out
+    # A truncated file: the blocks present are checked, the rest reported missing.
+    short = tmp_path / "short"
+    short.write_bytes(bytes(data[: data_offset + MiB + 4 + 10]))
+    text = checkpoint.describe_checkpoint(str(short))
+    assert "TRUNCATED" in text and "checksums of the 1 blocks present OK, 2 missing" in text
+
+
+def test_python_m_asyncpgalloc_inspect_exits_1_on_damaged_pages(tmp_path: Path) -> None:
+    path, data_offset = asyncio.run(_saved(tmp_path))
+    data = bytearray(path.read_bytes())
+    data[data_offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    for extra, status in (([], 1), (["--no-data"], 0)):
+        result = subprocess.run(
+            [sys.executable, "-m", "asyncpgalloc", "inspect", str(path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == status, (result.stdout, result.stderr)
+    assert "checksums not read" in result.stdout
+
+
+async def test_saving_into_a_missing_directory_names_the_destination(
+    mf: MemoryFile, tmp_path: Path
+) -> None:
+    mf.dec_ref(mf.allocate(P))
+    dest = tmp_path / "missing" / "ck"
+    with pytest.raises(FileNotFoundError) as exc:
+        await mf.save(dest)
+    assert exc.value.filename == str(dest)
+    assert "no directory" in str(exc.value) and ".tmp" not in str(exc.value)
+    readonly = tmp_path / "file"
+    readonly.write_bytes(b"")
+    with pytest.raises(NotADirectoryError) as exc2:
+        await mf.save(readonly / "ck")
+    assert exc2.value.filename == str(readonly / "ck") and ".tmp" not in str(exc2.value)
