@@ -887,7 +887,7 @@ class MemoryFile:
     def has_unique_ref(self, fr: FileRange) -> bool:
         """True if every page of ``fr`` has exactly one reference.
 
-        Synchronous; O(k log n). Unlike the seed (DESIGN.md §6), it looks at each
+        Synchronous; O(k log n). Unlike the seed (docs/design.md §5), it looks at each
         chunk's own part of ``fr`` in that chunk's page-size set. Raises as
         :meth:`inc_ref` if a page holds no reference.
         """
@@ -1246,7 +1246,7 @@ class MemoryFile:
         )
 
     def check_invariants(self) -> None:
-        """Check every invariant of DESIGN.md §2; raise :class:`InvariantError` if one fails.
+        """Check every invariant of docs/design.md §3; raise :class:`InvariantError` if one fails.
 
         O(segments + chunks); meant for tests and debugging.
         """

@@ -232,7 +232,7 @@ async def _mark_committed(mf: MemoryFile, lo: int, resident: bytes, last_seq: in
         s, stop, ma = item
         i = (s - lo) // PAGE_SIZE
         istop = (stop - lo) // PAGE_SIZE
-        # DESIGN.md §6: judge the race by the segment as it is now, not as it was
+        # docs/design.md §5: judge the race by the segment as it is now, not as it was
         # before the scan (the seed reads a stale segment here).
         if ma.waste_or_releasing or ma.known_committed or ma.commit_seq > last_seq:
             pos = stop
