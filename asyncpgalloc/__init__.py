@@ -10,11 +10,14 @@ from .errors import ClosedError as ClosedError
 from .errors import ExecutorDroppedError as ExecutorDroppedError
 from .errors import ForkedError as ForkedError
 from .errors import InvalidLengthError as InvalidLengthError
+from .errors import InvalidOptionError as InvalidOptionError
 from .errors import InvalidRangeError as InvalidRangeError
 from .errors import InvariantError as InvariantError
+from .errors import OptionTypeError as OptionTypeError
 from .errors import OutOfMemoryError as OutOfMemoryError
 from .errors import PartialFillError as PartialFillError
 from .errors import PoisonedError as PoisonedError
+from .errors import RangeTypeError as RangeTypeError
 from .errors import ReferenceCountError as ReferenceCountError
 from .errors import WrongLoopError as WrongLoopError
 from .errors import WrongThreadError as WrongThreadError
@@ -56,6 +59,7 @@ __all__ = (
     "FileRange",
     "ForkedError",
     "InvalidLengthError",
+    "InvalidOptionError",
     "InvalidRangeError",
     "InvariantError",
     "MemcgPressureWatcher",
@@ -65,10 +69,12 @@ __all__ = (
     "MemoryFileOpts",
     "MemoryFileStats",
     "MemoryKind",
+    "OptionTypeError",
     "OutOfMemoryError",
     "PartialFillError",
     "PoisonedError",
     "PressureWatcherError",
+    "RangeTypeError",
     "ReferenceCountError",
     "WrongLoopError",
     "WrongThreadError",

@@ -5,7 +5,10 @@ Subcommands (``python -m asyncpgalloc COMMAND --help`` for each):
 - ``demo [ARGS...]``: ``examples/sandbox_supervisor.py`` with ARGS;
 - ``bench [--script NAME] [ARGS...]``: the scripts in ``benchmarks/`` with ARGS;
 - ``map CHECKPOINT -o OUT.svg``: an SVG map of a checkpoint's pages;
-- ``inspect CHECKPOINT``: a checkpoint's header and a summary of its contents.
+- ``inspect CHECKPOINT [--no-data]``: a checkpoint's header and a summary of its
+  contents, after checking every checksum (page data too, unless ``--no-data``).
+
+``python -m asyncpgalloc --version`` prints the version.
 
 ``examples/`` and ``benchmarks/`` are not installed with the package: ``demo`` and
 ``bench`` find them next to it, in a clone (or an editable install).
@@ -23,6 +26,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+
+from . import __version__
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -186,7 +191,7 @@ def _map(args: argparse.Namespace, extra: list[str]) -> int:
 def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from .checkpoint import inspect_main
 
-    return inspect_main([args.checkpoint])
+    return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else [])])
 
 
 # ---------------------------------------------------------------------- main
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"asyncpgalloc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -267,13 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect",
         help="print a checkpoint's header and a summary of its contents",
-        description="Print a checkpoint's header and a summary of its contents (checks the "
-        "header and metadata checksums, not the page data's).",
+        description="Print a checkpoint's header and a summary of its contents. Checks the "
+        "header and metadata checksums and, unless --no-data, every page data block's "
+        "(a sequential read of the whole file).",
         epilog=_EPILOG,
         formatter_class=formatter,
         allow_abbrev=False,
     )
     inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file")
+    inspect.add_argument(
+        "--no-data",
+        action="store_true",
+        help="check only the header and metadata, not the page data's checksums",
+    )
     inspect.set_defaults(parser=inspect, run=_inspect, passes_args=False)
     return parser
 

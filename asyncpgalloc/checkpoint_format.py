@@ -35,7 +35,7 @@ from crc32c import crc32c
 
 from .accounting import MemoryKind
 from .errors import CheckpointError
-from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, MAX_MAPPABLE_CHUNKS, PAGE_SIZE
 
 if TYPE_CHECKING:
     pass
@@ -77,8 +77,8 @@ _KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED
 #: Metadata is read whole into memory: about 40 bytes per segment, so this allows
 #: tens of millions of segments while bounding what a forged length can make us read.
 MAX_METADATA_BYTES = 1 << 30
-#: x86-64 gives a process 128 TiB of address space: no more 1 GiB chunks can be mapped.
-MAX_CHUNKS_LOADABLE = 1 << 17
+#: No more 1 GiB chunks can be mapped (128 TiB of address space on x86-64).
+MAX_CHUNKS_LOADABLE = MAX_MAPPABLE_CHUNKS
 
 _HEADER = struct.Struct("<8sIIIIIIQQQQI")
 _CRC = struct.Struct("<I")

@@ -222,7 +222,8 @@ class PathSink(Sink):
     The temporary (``.NAME.RANDOM.tmp`` in the same directory, mode 0600, ``O_EXCL``)
     is fsynced, renamed over ``path`` and the directory fsynced. Until the rename
     nothing exists under ``path``; on failure or cancellation the temporary is
-    removed. Creating it is one ``open`` on the loop.
+    removed. Creating it is one ``open`` on the loop; if that fails (a missing
+    directory, no permission) the ``OSError`` names ``path``, not the temporary.
     """
 
     def __init__(self, path: str | os.PathLike[str], runner: BlockingRunner) -> None:
@@ -233,7 +234,18 @@ class PathSink(Sink):
             raise IsADirectoryError(errno.EISDIR, "not a file name", self._path)
         self._dir = directory
         self._tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._fd = os.open(
+                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            # Name what the caller asked for, not our private temporary.
+            reason = (
+                f"no directory {directory!r}"
+                if isinstance(e, FileNotFoundError)
+                else f"cannot create a file in {directory!r}: {e.strerror}"
+            )
+            raise type(e)(e.errno, f"cannot save the checkpoint: {reason}", self._path) from e
         try:
             os.fchmod(self._fd, 0o600)  # whatever the umask
         except BaseException:

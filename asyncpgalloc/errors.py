@@ -17,11 +17,14 @@ __all__ = [
     "ExecutorDroppedError",
     "ForkedError",
     "InvalidLengthError",
+    "InvalidOptionError",
     "InvalidRangeError",
     "InvariantError",
+    "OptionTypeError",
     "OutOfMemoryError",
     "PartialFillError",
     "PoisonedError",
+    "RangeTypeError",
     "ReferenceCountError",
     "WrongLoopError",
     "WrongThreadError",
@@ -38,6 +41,21 @@ class InvalidLengthError(AllocatorError, ValueError):
 
 class InvalidRangeError(AllocatorError, ValueError):
     """A file range is empty, unaligned, malformed or reaches beyond the file."""
+
+
+class RangeTypeError(InvalidRangeError, TypeError):
+    """A file range's bounds are not ``int`` (a float, ``None``, ...): also a ``TypeError``."""
+
+
+class InvalidOptionError(AllocatorError, ValueError):
+    """An :class:`~asyncpgalloc.AllocOpts` or :class:`~asyncpgalloc.MemoryFileOpts` field
+    (or a combination of them) has a value the option does not accept. Raised when the
+    options object is constructed, so nothing else has happened yet."""
+
+
+class OptionTypeError(InvalidOptionError, TypeError):
+    """An option (or the options argument itself) has the wrong type, e.g. the string
+    ``"commit"`` for an :class:`~asyncpgalloc.AllocationMode`: also a ``TypeError``."""
 
 
 class ReferenceCountError(AllocatorError):

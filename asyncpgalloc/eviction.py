@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from .errors import InvalidRangeError
 from .options import DelayedEviction
-from .ranges import KEY_MAX, EvictableRange
+from .ranges import KEY_MAX, EvictableRange, check_int_bounds
 from .segments import SegmentSet
 
 __all__ = ["EvictableMemoryUser", "Evictions"]
@@ -31,6 +31,14 @@ class EvictableMemoryUser(Protocol):
     unevictable, and must then do nothing to it. After ``evict(er)`` the file
     considers ``er`` unevictable until it is marked evictable again. The object
     must be hashable (identity is fine): it is the key of its evictable ranges.
+
+    **Ranges are merged.** A user's evictable ranges form one set, and adjacent or
+    overlapping ranges merge (as in gVisor, whose per-user set merges too): after
+    marking ``[0, 1M)``, ``[1M, 2M)`` and ``[2M, 3M)``, ``evict`` is called once,
+    with ``[0, 3M)``. So ``er`` need not be a range that was marked: a user that
+    keeps entries keyed by the range it marked must evict every entry that
+    *overlaps* ``er`` (and only the part inside it, if entries can be split), not
+    look ``er.start`` up. ``examples/sandbox_supervisor.py`` shows one way.
     """
 
     async def evict(self, er: EvictableRange) -> None:
@@ -168,6 +176,7 @@ class Evictions:
 
 def _check(er: EvictableRange) -> tuple[int, int]:
     start, end = er
+    check_int_bounds("evictable range", start, end)
     if not 0 <= start < end <= KEY_MAX:
         raise InvalidRangeError(f"invalid evictable range [{start:#x}, {end:#x})")
     return start, end

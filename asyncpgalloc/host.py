@@ -24,7 +24,14 @@ import stat
 import weakref
 from typing import NoReturn
 
-from .ranges import HUGE_PAGE_SIZE, PAGE_SIZE, huge_round_down, huge_round_up
+from .ranges import (
+    CHUNK_SIZE,
+    HUGE_PAGE_SIZE,
+    MAX_MAPPABLE_CHUNKS,
+    PAGE_SIZE,
+    huge_round_down,
+    huge_round_up,
+)
 
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
@@ -40,8 +47,10 @@ __all__ = [
     "decommit",
     "fallocate",
     "file_usage",
+    "fs_type",
     "ima_workaround",
     "madvise",
+    "mappable_chunks",
     "mincore",
     "open_backing_file",
     "populate_state",
@@ -137,9 +146,11 @@ def open_backing_file(path: str | os.PathLike[str]) -> int:
     """Open (creating with mode 0o600 if needed) a regular file to back memory.
 
     An existing file keeps its mode: changing a file someone else made is not ours to do.
-    Anything but a regular file (a directory, a FIFO, a device) is rejected with
-    :class:`ValueError`, since fallocate and shared mappings mean something else there.
-    One cheap open plus fstat; may block on a slow filesystem.
+    Anything but a regular file (a directory, a FIFO, a device, or a file of a
+    pseudo file system such as ``/proc/version``, which ``fstat`` calls regular) is
+    rejected with :class:`ValueError`, since fallocate and shared mappings mean
+    something else there. One cheap open plus fstat and fstatfs; may block on a slow
+    filesystem.
     """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -149,10 +160,60 @@ def open_backing_file(path: str | os.PathLike[str]) -> int:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise ValueError(f"backing file {os.fspath(path)!r} is not a regular file")
+        fs = _PSEUDO_FILESYSTEMS.get(fs_type(fd))
+        if fs is not None:
+            # procfs and sysfs files look regular to fstat, but hold no pages:
+            # ftruncate does nothing and mapping them fails (EIO) or worse.
+            raise ValueError(
+                f"backing file {os.fspath(path)!r} is on {fs}, not a file system that "
+                "stores data: it is not a regular file"
+            )
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def mappable_chunks() -> int:
+    """How many 1 GiB chunks this process could map at most: the address space
+    (:data:`~asyncpgalloc.ranges.MAX_MAPPABLE_CHUNKS`), or ``RLIMIT_AS`` if lower.
+    One getrlimit; an upper bound (other mappings share the space)."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return MAX_MAPPABLE_CHUNKS
+    return min(MAX_MAPPABLE_CHUNKS, limit // CHUNK_SIZE)
+
+
+# struct statfs: f_type is its first field, a long (__fsword_t) on 64-bit Linux;
+# 120 bytes on x86-64 and arm64 (the buffer leaves room).
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+#: statfs f_type of pseudo file systems whose "regular" files hold no pages (linux/magic.h).
+_PSEUDO_FILESYSTEMS = {
+    0x9FA0: "procfs",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroupfs",
+    0x63677270: "cgroup2fs",
+    0xCAFE4A11: "bpffs",
+    0x62656570: "configfs",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0x42494E4D: "binfmt_misc",
+    0xF97CFF8C: "selinuxfs",
+}
+
+
+def fs_type(fd: int) -> int:
+    """The ``f_type`` (file system magic) of the file system holding ``fd``. One fstatfs."""
+    buf = (ctypes.c_long * 32)()
+    if _fstatfs(fd, buf) != 0:
+        _raise_errno()
+    return int(buf[0]) & 0xFFFFFFFF
 
 
 def set_file_size(fd: int, size: int) -> None:

@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md §2, checked over a MemoryFile's whole state (for tests)."""
+"""The invariants of docs/design.md §3, checked over a MemoryFile's whole state (for tests)."""
 
 from __future__ import annotations
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
 import warnings
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -46,6 +47,7 @@ from .errors import (
     InvalidLengthError,
     InvalidRangeError,
     InvariantError,
+    OptionTypeError,
     OutOfMemoryError,
     PartialFillError,
     PoisonedError,
@@ -61,6 +63,7 @@ from .options import (
     DelayedEviction,
     Direction,
     MemoryFileOpts,
+    check_file_opts,
 )
 from .pressure import MemcgPressureWatcher
 from .ranges import (
@@ -72,6 +75,7 @@ from .ranges import (
     PAGE_SIZE,
     EvictableRange,
     FileRange,
+    check_int_bounds,
 )
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
@@ -247,10 +251,18 @@ class MemoryFile:
 
         ``file`` is ``None`` for a new private memfd (close-on-exec), a path to a
         regular file (created 0600 if missing), or an open fd whose ownership passes
-        to the MemoryFile. The file is truncated to zero, as in the seed. Cost: a few
-        syscalls (memfd_create, ftruncate, the IMA work-around's map/unmap) on the loop.
+        to the MemoryFile. **An existing file is truncated to zero: its contents are
+        lost** (as in gVisor; :meth:`load` refills one from a checkpoint). A path
+        that is not a regular file that stores data (a directory, a FIFO, a device,
+        ``/proc/...``) raises ``ValueError``. Cost: a few syscalls (memfd_create or
+        open, ftruncate, the IMA work-around's map/unmap) on the loop.
+
+        What it returns is also a coroutine, so ``asyncio.run(MemoryFile.open())``
+        and ``asyncio.create_task(MemoryFile.open())`` work too. ``opts`` that is not
+        a :class:`~asyncpgalloc.MemoryFileOpts` raises
+        :class:`~asyncpgalloc.OptionTypeError` here, before anything is opened.
         """
-        return _Opener(cls, file, opts)
+        return _Opener(cls, _check_file(file), check_file_opts(opts))
 
     @classmethod
     async def _open(cls, file: FileLike | None, opts: MemoryFileOpts) -> MemoryFile:
@@ -259,12 +271,6 @@ class MemoryFile:
             opts = _replace(opts, delayed_eviction=DelayedEviction.ENABLED)
         elif opts.delayed_eviction in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
             opts = _replace(opts, use_host_memcg_pressure=False)
-        if opts.usage_refresh_interval is not None and not opts.usage_refresh_interval > 0:
-            raise ValueError(
-                f"usage_refresh_interval must be > 0, got {opts.usage_refresh_interval}"
-            )
-        if opts.max_chunks is not None and not 0 <= opts.max_chunks <= MAX_CHUNKS:
-            raise ValueError(f"max_chunks must be in [0, {MAX_CHUNKS}], got {opts.max_chunks}")
         loop = asyncio.get_running_loop()
         if file is None:
             fd = host.create_memfd("asyncpgalloc")
@@ -776,6 +782,14 @@ class MemoryFile:
             raise OutOfMemoryError(
                 f"cannot grow the file to {new_count} chunks of 1 GiB (limit {self._max_chunks})"
             )
+        mappable = host.mappable_chunks()
+        if new_count > mappable:
+            # Before mapping anything: the mmaps would fail (ENOMEM) only after
+            # seconds of mapping chunk after chunk.
+            raise OutOfMemoryError(
+                f"cannot grow the file to {new_count} chunks of 1 GiB: the address space "
+                f"holds at most {mappable}"
+            )
         new_size = new_count * CHUNK_SIZE
         host.set_file_size(self._fd, new_size)
         mappings: list[host.ChunkMapping] = []
@@ -784,10 +798,14 @@ class MemoryFile:
                 mapping = host.ChunkMapping(self._fd, i * CHUNK_SIZE, CHUNK_SIZE)
                 mappings.append(mapping)
                 self._advise_chunk(mapping, huge)
-        except BaseException:
+        except BaseException as e:
             for mapping in mappings:
                 mapping.release()
             host.set_file_size(self._fd, old_size)
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+                raise OutOfMemoryError(
+                    f"cannot map {new_count - len(old)} more chunks of 1 GiB: {e}"
+                ) from e
             raise
         # Readers (executor threads) see either the old list or the new one.
         self._chunks = old + [Chunk(m, huge) for m in mappings]
@@ -1067,7 +1085,7 @@ class MemoryFile:
     def has_unique_ref(self, fr: FileRange) -> bool:
         """True if every page of ``fr`` has exactly one reference.
 
-        Synchronous; O(k log n). Unlike the seed (DESIGN.md §6), it looks at each
+        Synchronous; O(k log n). Unlike the seed (docs/design.md §5), it looks at each
         chunk's own part of ``fr`` in that chunk's page-size set. Raises as
         :meth:`inc_ref` if a page holds no reference.
         """
@@ -1085,6 +1103,7 @@ class MemoryFile:
 
     def _check_range(self, fr: FileRange, op: str) -> tuple[int, int]:
         start, end = fr
+        check_int_bounds(op, start, end)
         if not (0 <= start < end <= len(self._chunks) * CHUNK_SIZE) or (start | end) % PAGE_SIZE:
             raise InvalidRangeError(
                 f"{op}: invalid range [{start:#x}, {end:#x}): it must be non-empty, "
@@ -1102,7 +1121,8 @@ class MemoryFile:
                 refs <= 0 for _, _, refs in unfree.visit_range(s, e)
             ):
                 raise ReferenceCountError(
-                    f"{op}({FileRange(start, end)}): pages in [{s:#x}, {e:#x}) hold no reference"
+                    f"{op}({FileRange(start, end)}): pages that hold no reference: "
+                    + _describe_ranges(_unreferenced(unfree, s, e))
                 )
         return pieces
 
@@ -1140,6 +1160,7 @@ class MemoryFile:
         if AccessType.EXECUTE in access:
             raise PermissionError("map_internal: EXECUTE access is never granted")
         start, end = fr
+        check_int_bounds("map_internal", start, end)
         if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
         return self._views(start, end)
@@ -1228,23 +1249,28 @@ class MemoryFile:
         return ma._replace(known_committed=False, commit_seq=self._commit_seq)
 
     @guarded_async
-    async def update_usage(self, memcg_ids: Iterable[int] | None = None) -> None:
+    async def update_usage(
+        self, memcg_ids: Iterable[int] | None = None, *, force: bool = False
+    ) -> bool:
         """Bring :attr:`accounting` up to date with the pages the host really holds.
 
-        The seed's ``UpdateUsage``: returns at once when ``fstat`` shows every
-        committed byte is already known, or when throttled: full scans run at most
-        100 times a second, and after any scan the next waits seven times its cost,
-        so scanning never takes more than 1/8 of a CPU. A call during a scan joins
-        it. A scan runs ``mincore`` over the used pages not yet known committed (of
-        ``memcg_ids`` only, if given) in the executor, one hop per chunk (~11 ms per
-        GiB), then marks what it found in slices of ~0.25 ms that yield to the loop;
-        pages that a decommit, release or allocation touched since the scan began
-        are not marked. Pages committed by ``fallocate`` but never touched are
-        invisible to ``mincore`` and stay unknown. Raises ``OSError`` if mincore
-        fails, leaving the accounting as it was for the pages not yet marked.
+        Returns False if the call was throttled and did not scan (the accounting may be
+        stale), True otherwise (a scan ran, or ``fstat`` showed nothing to find). The seed's
+        ``UpdateUsage``: returns at once when ``fstat`` shows every committed byte is
+        already known, or when throttled: full scans run at most 100 times a second, and
+        after any scan the next waits seven times its cost, so scanning never takes more
+        than 1/8 of a CPU. ``force=True`` skips the throttle (and, if a scan is running,
+        waits for it and runs a new one), for a caller that must see pages committed just
+        now; don't call it in a loop. A call during a scan joins it. A scan runs ``mincore``
+        over the used pages not yet known committed (of ``memcg_ids`` only, if given) in the
+        executor, one hop per chunk (~11 ms per GiB), then marks what it found in slices of
+        ~0.25 ms that yield to the loop; pages that a decommit, release or allocation
+        touched since the scan began are not marked. Pages committed by ``fallocate`` but
+        never touched are invisible to ``mincore`` and stay unknown. Raises ``OSError`` if
+        mincore fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
-        await update_usage(self, memcg_ids)
+        return await update_usage(self, memcg_ids, force)
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -1300,7 +1326,7 @@ class MemoryFile:
         """
         from .checkpoint import load_checkpoint
 
-        return await load_checkpoint(cls, src, opts, file)
+        return await load_checkpoint(cls, src, check_file_opts(opts), _check_file(file))
 
     # -------------------------------------------------------------------- eviction
 
@@ -1312,6 +1338,11 @@ class MemoryFile:
         once; with ENABLED and no pressure notifications, once the releaser runs out
         of work; with pressure notifications, on pressure; with MANUAL, only on
         :meth:`start_evictions`. Marking an evictable range again has no effect.
+
+        Adjacent and overlapping ranges of one user merge, as in gVisor: marking
+        ``[0, 1M)``, ``[1M, 2M)`` and ``[2M, 3M)`` leads to one ``evict([0, 3M))``,
+        so ``evict`` must handle every range it marked that overlaps the one it
+        gets (see :class:`~asyncpgalloc.EvictableMemoryUser`).
         """
         self._check()
         self._evictions.mark_evictable(user, er, self._opts.use_host_memcg_pressure)
@@ -1425,7 +1456,7 @@ class MemoryFile:
 
     @guarded
     def check_invariants(self) -> None:
-        """Check every invariant of DESIGN.md §2; raise :class:`InvariantError` if one fails.
+        """Check every invariant of docs/design.md §3; raise :class:`InvariantError` if one fails.
 
         O(segments + chunks); meant for tests and debugging. Raises
         :class:`~asyncpgalloc.PoisonedError` for a poisoned file instead.
@@ -1486,19 +1517,45 @@ def _mark_forked_files() -> None:
 os.register_at_fork(after_in_child=_mark_forked_files)
 
 
-class _Opener:
-    """What ``MemoryFile.open()`` returns: awaitable, or an async context manager."""
+class _Opener(Coroutine[Any, Any, MemoryFile]):
+    """What ``MemoryFile.open()`` returns: a coroutine (so ``await``, ``asyncio.run`` and
+    ``create_task`` take it), or an async context manager.
 
-    __slots__ = ("_cls", "_file", "_mf", "_opts")
+    The coroutine of ``_open`` is made only when first driven, so that one used with
+    ``async with`` (or never used) leaves no "never awaited" coroutine behind.
+    """
+
+    __slots__ = ("_cls", "_coro", "_file", "_mf", "_opts")
 
     def __init__(self, cls: type[MemoryFile], file: FileLike | None, opts: MemoryFileOpts) -> None:
         self._cls = cls
         self._file = file
         self._opts = opts
         self._mf: MemoryFile | None = None
+        self._coro: Coroutine[Any, Any, MemoryFile] | None = None
+
+    def _coroutine(self) -> Coroutine[Any, Any, MemoryFile]:
+        if self._coro is None:
+            self._coro = self._cls._open(self._file, self._opts)
+        return self._coro
 
     def __await__(self) -> Generator[Any, None, MemoryFile]:
-        return self._cls._open(self._file, self._opts).__await__()
+        return self._coroutine().__await__()
+
+    def send(self, value: Any) -> Any:
+        """Drive the opening coroutine (as a task does)."""
+        return self._coroutine().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """Raise in the opening coroutine (as a task's cancellation does)."""
+        if val is None and tb is None:
+            return self._coroutine().throw(typ)
+        return self._coroutine().throw(typ, val, tb)
+
+    def close(self) -> None:
+        """Close the opening coroutine, if it was ever made."""
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> MemoryFile:
         self._mf = await self._cls._open(self._file, self._opts)
@@ -1520,6 +1577,16 @@ class _Opener:
 #: pages 26-55 µs; so below 256 KiB inline is both faster and short on the loop.
 ASYNC_PREPARE_MIN_BYTES = 256 << 10
 
+def _check_file(file: Any) -> FileLike | None:
+    """``file`` if it is something :meth:`MemoryFile.open` takes; else ``TypeError``."""
+    if file is None or isinstance(file, str | os.PathLike) or type(file) is int:
+        return file
+    hint = " (pass options as opts=...)" if isinstance(file, MemoryFileOpts) else ""
+    raise OptionTypeError(
+        f"file must be None, a path or an fd (int), got {type(file).__name__}{hint}"
+    )
+
+
 def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
     """Split ``[start, end)`` at chunk boundaries."""
     if start >> CHUNK_SHIFT == (end - 1) >> CHUNK_SHIFT:
@@ -1530,6 +1597,31 @@ def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
         pieces.append((start, stop))
         start = stop
     return pieces
+
+
+def _unreferenced(unfree: SegmentSet[int], start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of pages in ``[start, end)`` with no reference (free, void or dead),
+    merged, ascending. O(k log n) for k segments and gaps: the error path only."""
+    runs = sorted(
+        [(s, e) for s, e, refs in unfree.visit_range(start, end) if refs <= 0]
+        + list(unfree.gaps(start, end))
+    )
+    merged: list[tuple[int, int]] = []
+    for s, e in runs:
+        if merged and merged[-1][1] == s:
+            merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def _describe_ranges(runs: list[tuple[int, int]], most: int = 4) -> str:
+    """``[a, b), [c, d)`` (the first ``most``, then how many more), with the total."""
+    text = ", ".join(str(FileRange(s, e)) for s, e in runs[:most])
+    if len(runs) > most:
+        text += f" and {len(runs) - most} more runs"
+    pages = sum(e - s for s, e in runs) // PAGE_SIZE
+    return f"{text} ({pages} page{'s' if pages != 1 else ''})"
 
 
 def new_unfree_set() -> SegmentSet[int]:

@@ -12,10 +12,12 @@ __all__ = [
     "HUGE_PAGE_SIZE",
     "KEY_MAX",
     "MAX_CHUNKS",
+    "MAX_MAPPABLE_CHUNKS",
     "PAGES_PER_HUGE_PAGE",
     "PAGE_SIZE",
     "EvictableRange",
     "FileRange",
+    "check_int_bounds",
     "huge_round_down",
     "huge_round_up",
     "is_huge_aligned",
@@ -34,6 +36,9 @@ CHUNK_SIZE: int = 1 << CHUNK_SHIFT
 CHUNK_MASK: int = CHUNK_SIZE - 1
 # The file size is an off_t (int64), as in the seed.
 MAX_CHUNKS: int = (2**63 - 1) // CHUNK_SIZE
+#: x86-64 gives a process 128 TiB of address space (47 bits): no more 1 GiB chunks
+#: can ever be mapped at once, whatever ``max_chunks`` says.
+MAX_MAPPABLE_CHUNKS: int = 1 << 17
 # Segment sets span the whole uint64 key space, as the seed's do.
 KEY_MAX: int = 2**64
 
@@ -60,6 +65,19 @@ def huge_round_down(x: int) -> int:
 
 def huge_round_up(x: int) -> int:
     return -(-x // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+
+
+def check_int_bounds(op: str, start: object, end: object) -> None:
+    """Raise :class:`~asyncpgalloc.RangeTypeError` unless both bounds are ``int``
+    (not ``bool``). O(1); for the slow paths: the hot paths test ``type(x) is int``
+    inline and come here only when that fails."""
+    if type(start) is not int or type(end) is not int:
+        from .errors import RangeTypeError
+
+        raise RangeTypeError(
+            f"{op}: a range's start and end must be ints (byte offsets), got "
+            f"({type(start).__name__} {start!r}, {type(end).__name__} {end!r})"
+        )
 
 
 class FileRange(NamedTuple):

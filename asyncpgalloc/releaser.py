@@ -113,7 +113,7 @@ def _subrelease(
 def plan_release(fr: FileRange, huge: bool, subreleased: Mapping[int, int]) -> ReleasePlan:
     """Plan the release of waste ``fr`` (the seed's ``releaseLocked``), changing nothing.
 
-    Differs from the seed where DESIGN.md §6 says it slips: when ``fr`` spans two or
+    Differs from the seed where docs/design.md §5 says it slips: when ``fr`` spans two or
     more huge pages and the first or last is still not wholly released, its new
     sub-release count is kept (the seed computes it and drops it, losing those
     small pages for good).

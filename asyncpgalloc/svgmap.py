@@ -1,7 +1,12 @@
 """A picture of a MemoryFile: an SVG map of its chunks and the state of every page.
 
-Each 1 GiB chunk is a row ``width`` pixels wide (1 MiB per pixel column at the
-default 1024), labelled small or huge. Used, waste, releasing, sub-released and
+Each 1 GiB chunk is a row ``width`` pixels wide, labelled small or huge. A row shows
+the first ``span`` bytes of its chunk: by default the smallest power of two that
+holds every page that is not free in any chunk (at least 2 MiB, and one page per
+column), so a small file's activity fills the row instead of its first few pixels,
+and fragmentation shows; past ``span`` every chunk is free (the legend's totals and
+each row's figures still count the whole chunk). ``span=CHUNK_SIZE`` draws whole
+chunks (1 MiB per column at the default width of 1024). Used, waste, releasing, sub-released and
 free pages each have a colour; a column holding several states is drawn as a
 stacked bar in proportion to their bytes, and every state present in a column
 gets at least one pixel, so a single stray page still shows: fragmentation reads
@@ -46,6 +51,7 @@ __all__ = [
     "DEFAULT_WIDTH",
     "MapSnapshot",
     "PageState",
+    "auto_span",
     "format_bytes",
     "render_map",
     "render_map_async",
@@ -289,32 +295,73 @@ class _Row:
     uniform: bool  # every column holds a single state
 
 
-def render_svg(snap: MapSnapshot, *, width: int = DEFAULT_WIDTH, title: str | None = None) -> str:
+def auto_span(snap: MapSnapshot, width: int = DEFAULT_WIDTH) -> int:
+    """The default ``span`` of :func:`render_svg`: the smallest power of two, from
+    ``max(width * PAGE_SIZE, HUGE_PAGE_SIZE)`` to 1 GiB, that reaches the last page
+    that is not free in any chunk. O(ranges)."""
+    need = 0
+    for state in _STATES:
+        if state is PageState.FREE:
+            continue
+        for s, e in snap.ranges.get(state, ()):
+            if e <= s:
+                continue
+            if s >> CHUNK_SHIFT != (e - 1) >> CHUNK_SHIFT:
+                return CHUNK_SIZE
+            need = max(need, e - ((e - 1) >> CHUNK_SHIFT << CHUNK_SHIFT))
+    span = max(width * PAGE_SIZE, HUGE_PAGE_SIZE)
+    while span < need:
+        span *= 2
+    return min(span, CHUNK_SIZE)
+
+
+def render_svg(
+    snap: MapSnapshot,
+    *,
+    width: int = DEFAULT_WIDTH,
+    title: str | None = None,
+    span: int | None = None,
+) -> str:
     """Draw ``snap`` as a standalone SVG document and return its text.
 
-    ``width`` is the number of pixel columns per 1 GiB chunk (a power of two from
-    64 to 8192). Pure and thread-safe. Cost: O(segments + chunks * width) time;
+    ``width`` is the number of pixel columns per row (a power of two from 64 to
+    8192); ``span`` the bytes of each chunk a row shows, from its start (a power of
+    two from ``width`` pages to 1 GiB; ``None``: :func:`auto_span`, the part any
+    chunk uses). Pages past ``span`` are left out of the drawing but not of the
+    totals. Pure and thread-safe. Cost: O(segments + chunks * width) time;
     the output is O(chunks * width) bytes at worst, whatever the number of
     segments: columns are aggregated per pixel and runs of identical columns
     (and of identical chunks whose columns each hold one state) are drawn once.
-    Raises ``ValueError`` for a bad width or a range outside the file.
+    Raises ``ValueError`` for a bad width or span, or a range outside the file.
     """
     if width & (width - 1) or not 64 <= width <= 8192:
         raise ValueError(f"width must be a power of two in [64, 8192], got {width}")
+    if span is None:
+        span = auto_span(snap, width)
+    elif span & (span - 1) or not width * PAGE_SIZE <= span <= CHUNK_SIZE:
+        raise ValueError(
+            f"span must be a power of two in [{width * PAGE_SIZE:#x}, {CHUNK_SIZE:#x}] "
+            f"for width {width}, got {span:#x}"
+        )
     n_chunks = len(snap.chunk_huge)
-    px_bytes = CHUNK_SIZE // width
-    # Per chunk, per state, bytes per pixel column: O(chunks * width) memory.
+    px_bytes = span // width
+    # Per chunk, per state, bytes per pixel column: O(chunks * width) memory; and the
+    # bytes past the span, which count in the row's figures but are not drawn.
     cols = [[[0] * width for _ in _STATES] for _ in range(n_chunks)]
+    beyond = [[0] * len(_STATES) for _ in range(n_chunks)]
     pieces = [[0] * len(_STATES) for _ in range(n_chunks)]
     for k, state in enumerate(_STATES):
         for fr in snap.ranges.get(state, ()):
             for ci, ls, le in _chunk_local(fr, n_chunks):
-                _add_bytes(cols[ci][k], ls, le, px_bytes)
+                if ls < span:
+                    _add_bytes(cols[ci][k], ls, min(le, span), px_bytes)
+                beyond[ci][k] += max(0, le - max(ls, span))
                 pieces[ci][k] += 1
     committed = [[0] * width for _ in range(n_chunks)]
     for fr in snap.known_committed:
         for ci, ls, le in _chunk_local(fr, n_chunks):
-            _add_bytes(committed[ci], ls, le, px_bytes)
+            if ls < span:
+                _add_bytes(committed[ci], ls, min(le, span), px_bytes)
 
     free_k = _STATES.index(PageState.FREE)
     rows: list[_Row] = []
@@ -323,7 +370,7 @@ def render_svg(snap: MapSnapshot, *, width: int = DEFAULT_WIDTH, title: str | No
             _per_huge_page(cols[ci], HUGE_PAGE_SIZE // px_bytes)
         runs, uniform = _column_runs(cols[ci], px_bytes)
         strip = _strip_runs(committed[ci], px_bytes)
-        row_bytes = [sum(c) for c in cols[ci]]
+        row_bytes = [sum(c) + b for c, b in zip(cols[ci], beyond[ci], strict=True)]
         prev = rows[-1] if rows else None
         if (
             prev is not None
@@ -342,7 +389,7 @@ def render_svg(snap: MapSnapshot, *, width: int = DEFAULT_WIDTH, title: str | No
         rows.append(
             _Row(snap.chunk_huge[ci], ci, ci, runs, strip, row_bytes, pieces[ci][free_k], uniform)
         )
-    return _document(snap, rows, width, title)
+    return _document(snap, rows, width, title, span)
 
 
 def _chunk_local(fr: tuple[int, int], n_chunks: int) -> Iterable[tuple[int, int, int]]:
@@ -474,7 +521,7 @@ def _text(x: float, y: float, s: str, size: int = 12, **attrs: str) -> str:
     return f'<text x="{x:g}" y="{y:g}" font-size="{size}"{extra}>{escape(s)}</text>'
 
 
-def _document(snap: MapSnapshot, rows: list[_Row], width: int, title: str | None) -> str:
+def _document(snap: MapSnapshot, rows: list[_Row], width: int, title: str | None, span: int) -> str:
     n_chunks = len(snap.chunk_huge)
     huge_chunks = sum(snap.chunk_huge)
     x0 = _MARGIN + _LABEL_W
@@ -499,7 +546,12 @@ def _document(snap: MapSnapshot, rows: list[_Row], width: int, title: str | None
             46,
             f"{format_bytes(snap.total_size)} in {n_chunks} chunk{'s' * (n_chunks != 1)} of 1 GiB "
             f"({n_chunks - huge_chunks} of small pages, {huge_chunks} of huge pages) · "
-            f"one pixel column = {format_bytes(CHUNK_SIZE // width)}",
+            f"one pixel column = {format_bytes(span // width)}"
+            + (
+                ""
+                if span == CHUNK_SIZE
+                else f" · rows show the first {format_bytes(span)} of each chunk (the rest is free)"
+            ),
             12,
             fill=_MUTED,
         ),
@@ -525,7 +577,7 @@ def _document(snap: MapSnapshot, rows: list[_Row], width: int, title: str | None
     rows_bottom = rows_top + len(rows) * _ROW_PITCH - 13
     for i in range(5):
         x = x0 + i * width // 4
-        label = format_bytes(i * CHUNK_SIZE // 4) if i else "0"
+        label = format_bytes(i * span // 4) if i else "0"
         anchor = "end" if i == 4 else "start" if i == 0 else "middle"
         out.append(_text(x, rows_top - 8, label, 11, fill=_MUTED, text_anchor=anchor))
         out.append(
@@ -632,7 +684,13 @@ def write_svg(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def render_map(mf: MemoryFile, path: str | os.PathLike[str], *, width: int = DEFAULT_WIDTH) -> None:
+def render_map(
+    mf: MemoryFile,
+    path: str | os.PathLike[str],
+    *,
+    width: int = DEFAULT_WIDTH,
+    span: int | None = None,
+) -> None:
     """Write an SVG map of ``mf`` to ``path``, all on the calling (loop) thread.
 
     Cost: :func:`snapshot` plus :func:`render_svg` plus a small write (tens to a
@@ -641,11 +699,15 @@ def render_map(mf: MemoryFile, path: str | os.PathLike[str], *, width: int = DEF
     with holes between them; use :func:`render_map_async` for big files on a busy
     loop (it keeps only the snapshot, about half of that, on the loop).
     """
-    write_svg(path, render_svg(snapshot(mf), width=width))
+    write_svg(path, render_svg(snapshot(mf), width=width, span=span))
 
 
 async def render_map_async(
-    mf: MemoryFile, path: str | os.PathLike[str], *, width: int = DEFAULT_WIDTH
+    mf: MemoryFile,
+    path: str | os.PathLike[str],
+    *,
+    width: int = DEFAULT_WIDTH,
+    span: int | None = None,
 ) -> None:
     """As :func:`render_map`, with only the snapshot (O(segments)) on the loop.
 
@@ -654,4 +716,6 @@ async def render_map_async(
     """
     snap = snapshot(mf)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, lambda: write_svg(path, render_svg(snap, width=width)))
+    await loop.run_in_executor(
+        None, lambda: write_svg(path, render_svg(snap, width=width, span=span))
+    )

@@ -43,18 +43,27 @@ MAX_SCAN_CPU_SHARE = 1 / 8
 _LOW_BIT = bytes(b & 1 for b in range(256))
 
 
-async def update_usage(mf: MemoryFile, memcg_ids: Iterable[int] | None) -> None:
+async def update_usage(
+    mf: MemoryFile, memcg_ids: Iterable[int] | None, force: bool = False
+) -> bool:
     """See :meth:`MemoryFile.update_usage`."""
     if mf._scan is not None:
         # One scan at a time: join the one in progress rather than repeat it.
         await asyncio.shield(mf._scan)
-        return
+        if not force:
+            return True
+        # Forced: that scan may have begun before the caller's pages were
+        # committed; run one that begins now (unless another caller beat us to it).
+        while mf._scan is not None:
+            await asyncio.shield(mf._scan)
+        if mf._closed:
+            raise ClosedError("the MemoryFile was closed during a usage scan")
     if host.file_usage(mf._fd) == mf._known_committed_bytes:
-        return
+        return True
     loop = mf._loop
     now = loop.time()
-    if now < mf._next_commit_scan:
-        return
+    if now < mf._next_commit_scan and not force:
+        return False
     ids = None if memcg_ids is None else frozenset(memcg_ids)
     if ids is None:
         mf._next_commit_scan = now + MIN_SCAN_INTERVAL
@@ -68,6 +77,7 @@ async def update_usage(mf: MemoryFile, memcg_ids: Iterable[int] | None) -> None:
         scan.set_result(None)
         wait = cost * (1 - MAX_SCAN_CPU_SHARE) / MAX_SCAN_CPU_SHARE
         mf._next_commit_scan = max(mf._next_commit_scan, loop.time() + wait)
+    return True
 
 
 async def _scan(mf: MemoryFile, ids: frozenset[int] | None) -> float:
@@ -222,7 +232,7 @@ async def _mark_committed(mf: MemoryFile, lo: int, resident: bytes, last_seq: in
         s, stop, ma = item
         i = (s - lo) // PAGE_SIZE
         istop = (stop - lo) // PAGE_SIZE
-        # DESIGN.md §6: judge the race by the segment as it is now, not as it was
+        # docs/design.md §5: judge the race by the segment as it is now, not as it was
         # before the scan (the seed reads a stale segment here).
         if ma.waste_or_releasing or ma.known_committed or ma.commit_seq > last_seq:
             pos = stop

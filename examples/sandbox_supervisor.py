@@ -31,6 +31,7 @@ import asyncio
 import importlib
 import inspect
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -157,11 +158,13 @@ class PageCache:
             mf.mark_evictable(self, EvictableRange(fr.start, fr.end))
 
     async def evict(self, er: EvictableRange) -> None:
-        """Drop the unpinned entries in ``er`` (the file's offsets are our keys).
+        """Drop the unpinned entries that overlap ``er`` (the file's offsets are our keys).
 
-        Adjacent evictable ranges may arrive merged, so ``er`` can cover several
-        entries; entries already dropped (the sandbox exited, or an earlier evict
-        got them) are simply not found.
+        The file merges a user's adjacent evictable ranges (as gVisor does): after
+        marking three neighbouring entries, one ``evict`` covers all three. So look
+        for every entry overlapping ``er``; looking up ``er.start`` alone would drop
+        the first and leak the others. Entries already dropped (the sandbox exited,
+        or an earlier evict got them) are simply not found.
         """
         for path, fr in list(self.entries.items()):
             if fr.start < er.end and er.start < fr.end and path not in self.pinned:
@@ -417,9 +420,10 @@ class Supervisor:
             try:
                 while True:
                     await asyncio.sleep(VIEW_REFRESH)
-                    view.update(self.table(), refresh=True)
+                    view.update(self.live_view(view.console.width), refresh=True)
             finally:
-                view.update(self.table(), refresh=True)  # leave the last state on screen
+                # Leave the last state on screen.
+                view.update(self.live_view(view.console.width), refresh=True)
 
     # -- what the view shows -------------------------------------------------
 
@@ -428,7 +432,7 @@ class Supervisor:
     #: references). "commit": what the file's accounting holds for the sandbox's
     #: memcg (mf.accounting.by_memcg), kept fresh by the usage refresher. "freed":
     #: its pages that became waste (accounted as SYSTEM) and wait for the releaser.
-    #: "h/m/evict": page-cache hits, misses and entries evicted.
+    #: "hits", "misses", "evicted": the page cache's reads and entries evicted.
     COLUMNS = (
         ("sandbox", ""),
         ("age", "s"),
@@ -437,7 +441,9 @@ class Supervisor:
         ("anon", "commit"),
         ("cache", "commit"),
         ("freed", "pending"),
-        ("cache", "h/m/evict"),
+        ("cache", "hits"),
+        ("cache", "misses"),
+        ("cache", "evicted"),
     )
 
     def rows(self) -> list[list[str]]:
@@ -457,39 +463,58 @@ class Supervisor:
                     mib(committed.get(MemoryKind.ANONYMOUS, 0)),
                     mib(committed.get(MemoryKind.PAGE_CACHE, 0)),
                     mib(committed.get(MemoryKind.SYSTEM, 0)),
-                    f"{c.hits}/{c.misses}/{c.evictions}",
+                    str(c.hits),
+                    str(c.misses),
+                    str(c.evictions),
                 ]
             )
         return rows
 
-    def file_lines(self) -> str:
-        """The file as a whole: stats(), counters(), host usage, budget, loop lag."""
+    def status(self) -> list[str]:
+        """The file as a whole, as phrases: stats(), counters(), host usage, budget, lag."""
         s, c, t = self.mf.stats(), self.mf.counters(), self.totals
-        return (
-            f"t={time.monotonic() - self.t0:.1f}s  file {fmt(s.total_size)}: "
-            f"used {fmt(s.used_bytes)}, waste {fmt(s.waste_bytes)}, "
-            f"releasing {fmt(s.releasing_bytes)}, sub-released {fmt(s.subreleased_bytes)}\n"
+        return [
+            f"t={time.monotonic() - self.t0:.1f}s",
+            f"file {fmt(s.total_size)}: used {fmt(s.used_bytes)}, waste {fmt(s.waste_bytes)}, "
+            f"releasing {fmt(s.releasing_bytes)}, sub-released {fmt(s.subreleased_bytes)}",
             f"host holds {fmt(self.mf.total_usage())} (budget {self.args.budget} MiB, "
-            f"exceeded {t.pressure}x); released {fmt(c.released_bytes)} "
-            f"in {c.release_steps} steps; {c.evictions_started} evictions, "
-            f"{c.evict_calls} evict calls\n"
-            f"event-loop lag {t.lag_now * 1e3:.1f} ms (max {t.lag_max * 1e3:.1f} ms)"
-        )
+            f"gone over {times(t.pressure)})",
+            f"released {fmt(c.released_bytes)} in {c.release_steps} steps",
+            f"{c.evictions_started} evictions, {c.evict_calls} evict calls",
+            f"event-loop lag {t.lag_now * 1e3:.1f} ms (max {t.lag_max * 1e3:.1f} ms)",
+        ]
+
+    def file_lines(self, width: int | None = None) -> str:
+        """:meth:`status` in lines of at most ``width`` columns (default: the terminal's),
+        broken between phrases, never inside one."""
+        if width is None:
+            width = shutil.get_terminal_size().columns
+        lines: list[str] = []
+        for item in self.status():
+            if lines and len(lines[-1]) + 2 + len(item) <= width:
+                lines[-1] += "; " + item
+            else:
+                lines.append(item)
+        return "\n".join(lines)
 
     def table(self) -> Any:
         """The rich table (typed Any: rich is an optional dependency)."""
         from rich.table import Table
 
-        table = Table(
-            title="asyncpgalloc sandbox supervisor (MiB)",
-            caption=self.file_lines(),
-            caption_justify="left",
-        )
+        table = Table(title="asyncpgalloc sandbox supervisor (MiB)")
         for i, (top, bottom) in enumerate(self.COLUMNS):
             table.add_column(f"{top}\n{bottom}", justify="left" if i == 0 else "right")
         for row in self.rows():
             table.add_row(*row)
         return table
+
+    def live_view(self, width: int) -> Any:
+        """The table, then the file's lines at the console's full ``width`` (a table
+        caption would wrap them at the table's width)."""
+        from rich.console import Group
+        from rich.text import Text
+
+        return Group(self.table(), Text(self.file_lines(width)))
 
     def lines(self) -> str:
         """The plain view: the file's lines, then the table as aligned text (MiB)."""
@@ -504,6 +529,11 @@ class Supervisor:
             ]
             out.append("  " + "  ".join(cells))
         return "\n".join(out)
+
+
+def times(n: int) -> str:
+    """"once", "twice", "3 times": how often an event happened, not a ratio."""
+    return {0: "0 times", 1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def mib(n: int) -> str:
@@ -593,7 +623,7 @@ async def supervise(args: argparse.Namespace) -> int:
                 f"{counters.usage_scans} usage scans",
                 f"  page cache: {t.cache_hits} hits, {t.cache_misses} misses, "
                 f"{t.cache_evictions} entries evicted",
-                f"  budget {args.budget} MiB exceeded {t.pressure}x: "
+                f"  budget {args.budget} MiB gone over {times(t.pressure)}: "
                 f"{counters.evictions_started} evictions, {counters.evict_calls} evict calls, "
                 f"{counters.evict_failures} failures",
                 f"  event-loop lag: median {t.lag_percentile(0.5) * 1e3:.1f} ms, "
@@ -610,7 +640,7 @@ async def supervise(args: argparse.Namespace) -> int:
 def have_rich() -> bool:
     """True if rich is installed; imports what the live view needs (before the loop runs)."""
     try:
-        for module in ("rich.live", "rich.table"):
+        for module in ("rich.console", "rich.live", "rich.table", "rich.text"):
             importlib.import_module(module)
     except ImportError:
         return False

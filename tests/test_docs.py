@@ -41,3 +41,15 @@ def test_quickstart_example_runs() -> None:
     result = _run(["examples/quickstart.py"])
     assert result.returncode == 0, result.stderr
     assert "all pages returned: True" in result.stdout
+
+
+def test_the_design_document_exists_and_the_readme_links_it() -> None:
+    design = ROOT / "docs" / "design.md"
+    text = design.read_text()
+    for heading in ("Page states", "Invariants", "Concurrency model", "deviations from gVisor"):
+        assert heading in text, heading
+    assert "(docs/design.md)" in README
+    # Nothing cites the design card that is not in the repository.
+    for path in [ROOT / "README.md", *ROOT.glob("asyncpgalloc/*.py"), *ROOT.glob("tests/*.py")]:
+        if path.name != "test_docs.py":
+            assert "DESIGN.md" not in path.read_text(), path

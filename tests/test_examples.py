@@ -44,7 +44,7 @@ def test_supervisor_main_in_process_on_asyncio(capsys: pytest.CaptureFixture[str
     assert supervisor.main([*argv, "--view", "plain"]) == 0
     out = capsys.readouterr().out
     assert "all pages returned: True" in out
-    assert "budget 1 MiB exceeded" in out
+    assert "budget 1 MiB gone over " in out  # a count of events, not a ratio
     summary = out[out.index("summary:") :]
     assert " 0 evictions" not in summary  # the budget was exceeded: caches were evicted
 
@@ -72,3 +72,34 @@ def test_supervisor_rejects_bad_options(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         supervisor.main(argv)
     assert exc.value.code == 2
+
+
+async def test_supervisor_status_uses_the_whole_width_and_says_what_it_counts() -> None:
+    import argparse
+    import random
+
+    from rich.console import Console
+
+    from asyncpgalloc import MemoryFile
+
+    async with MemoryFile.open() as mf:
+        sup = supervisor.Supervisor(mf, argparse.Namespace(budget=96), [], random.Random(1))
+        sup.totals.pressure = 11
+        items = sup.status()
+        assert any("gone over 11 times" in item for item in items)
+        assert not any("11x" in item for item in items)
+        # A wide terminal: every phrase on one line; a narrow one: broken between them.
+        assert sup.file_lines(width=400) == "; ".join(items)
+        narrow = sup.file_lines(width=60).splitlines()
+        assert "; ".join(narrow) == "; ".join(items) and len(narrow) > 2
+        assert all(len(line) <= 60 or line in items for line in narrow)
+        # The rich view prints the lines below the table at the console's width (a
+        # table caption wrapped them at the table's ~72 columns).
+        console = Console(width=300, record=True, color_system=None)
+        console.print(sup.live_view(console.width))
+        text = console.export_text()
+        assert "; ".join(items[:4]) in text
+        headers = [f"{top} {bottom}" for top, bottom in sup.COLUMNS]
+        assert "cache hits" in headers and "cache evicted" in headers
+        assert not any("/" in h for h in headers)
+    assert supervisor.times(1) == "once" and supervisor.times(3) == "3 times"

@@ -145,12 +145,13 @@ def test_enospc_on_a_full_tmpfs_fails_cleanly(mode: AllocationMode, how: str) ->
 _RECYCLE_BODY = textwrap.dedent(
     """
     import asyncio, os, sys
-    from asyncpgalloc import AllocOpts, AllocationMode, MemoryFile, MemoryFileOpts
+    from asyncpgalloc import AllocOpts, AllocationMode, DelayedEviction, MemoryFile
+    from asyncpgalloc import MemoryFileOpts
 
     MiB = 1 << 20
 
     async def main() -> None:
-        opts = MemoryFileOpts(disk_backed_file=True, delayed_eviction=%r)
+        opts = MemoryFileOpts(disk_backed_file=True, delayed_eviction=DelayedEviction.%s)
         async with MemoryFile.open(os.path.join(sys.argv[1], "backing"), opts) as mf:
             # Uncommitted pages become waste without ever being backed ...
             fr = mf.allocate(16 * MiB)

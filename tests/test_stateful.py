@@ -374,7 +374,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         """Optionally start with a small and a huge chunk whose common edge is referenced.
 
         Reference ranges across such an edge exercise the per-page-size pieces of
-        inc_ref/dec_ref/has_unique_ref (DESIGN.md §6: the seed's HasUniqueRef slip).
+        inc_ref/dec_ref/has_unique_ref (docs/design.md §5: the seed's HasUniqueRef slip).
         """
         small_top = AllocOpts(direction=Direction.TOP_DOWN)
         huge_top = AllocOpts(huge=True, direction=Direction.TOP_DOWN)

@@ -21,6 +21,7 @@ from asyncpgalloc import (
     AllocationMode,
     AllocOpts,
     ClosedError,
+    Direction,
     FileRange,
     MemoryFile,
     MemoryFileOpts,
@@ -31,6 +32,7 @@ from asyncpgalloc.svgmap import (
     MapSnapshot,
     PageState,
     _stack,
+    auto_span,
     render_svg,
     snapshot,
 )
@@ -274,3 +276,48 @@ def test_column_stacks_fill_the_row_and_show_every_state(weights: list[int]) -> 
     assert sum(heights) == _ROW_H
     for b, h in zip(composition, heights, strict=True):
         assert (h > 0) == (b > 0)
+
+
+def used_columns(row: ET.Element) -> set[int]:
+    """The pixel columns (x offsets) holding used pages in one row."""
+    out: set[int] = set()
+    for r in row.iter(f"{NS}rect"):
+        if r.attrib.get("class") == "state-used":
+            x, w = int(r.attrib["x"]), int(r.attrib["width"])
+            out.update(range(x, x + w))
+    return out
+
+
+async def test_a_small_file_fills_the_row_so_fragmentation_shows(mf: MemoryFile) -> None:
+    # 1 MiB of single pages, every other one freed: to scale, one 1 MiB column.
+    frs = [mf.allocate(P) for _ in range(256)]
+    for fr in frs[::2]:
+        mf.dec_ref(fr)
+    await mf.wait_released()
+    snap = snapshot(mf)
+    svg = render_svg(snap)
+    (row,) = rows(svg)
+    cols = used_columns(row)
+    # The row shows the first 4 MiB (one page per column): each used page is a column.
+    assert len(cols) == 128 and max(cols) - min(cols) == 2 * 127
+    assert "rows show the first 4 MiB of each chunk" in svg
+    # The figures still count the whole chunk.
+    assert legend(svg)["free"] == CHUNK_SIZE - 128 * P
+    texts = [t.text or "" for t in row.iter(f"{NS}text")]
+    assert "0.0% used" in texts  # 512 KiB of 1 GiB
+    # Whole chunks on request: all of it in one column, as before.
+    full = render_svg(snap, span=CHUNK_SIZE)
+    (full_row,) = rows(full)
+    assert len(used_columns(full_row)) == 1
+    assert "rows show the first" not in full
+    with pytest.raises(ValueError, match="span must be a power of two"):
+        render_svg(snap, span=3 << 20)
+
+
+async def test_the_span_grows_to_the_last_page_in_use(mf: MemoryFile) -> None:
+    mf.allocate(P)
+    assert auto_span(snapshot(mf)) == 4 << 20  # at least one page per column
+    mf.allocate(100 << 20)
+    assert auto_span(snapshot(mf)) == 128 << 20
+    mf.allocate(P, AllocOpts(direction=Direction.TOP_DOWN))  # the chunk's last page
+    assert auto_span(snapshot(mf)) == CHUNK_SIZE
