@@ -83,7 +83,14 @@ async def finish_uncancelled(aw: Awaitable[T]) -> T:
     waiting, raises ``CancelledError`` afterwards (``aw``'s own error first, as it
     is what the caller must undo for).
     """
-    fut = asyncio.ensure_future(aw)
+    if asyncio.iscoroutine(aw):
+        # Named, so that code cancelling "every task but the library's" (shutdown
+        # handlers, this project's interrupt test) can tell it is ours.
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_task(
+            aw, name=f"asyncpgalloc-{getattr(aw, '__qualname__', 'work')}"
+        )
+    else:
+        fut = asyncio.ensure_future(aw)
     pending: BaseException | None = None
     while not fut.done():
         try:

@@ -78,8 +78,8 @@ _BODY = textwrap.dedent(
 
     for _ in range(20):
         t = threading.Thread(target=shoot, args=(rng.uniform(0, 0.02),))
-        t.start()
         try:
+            t.start()
             loop.run_until_complete(work())
         except exc_type:
             interrupts += 1
