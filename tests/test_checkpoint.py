@@ -859,7 +859,7 @@ async def test_allocations_and_frees_during_save_are_safe(
     write(mf, other, 8)
     await mf.update_usage()
     before = {r: os.pread(mf.fd, r.length, r.start) for r in (fr, other)}
-    sets_before = str(mf).split("mem_acct")[0]
+    sets_before = mf.dump_segments().split("mem_acct")[0]
     gate = Gate(cio._fill_block, nth=2)
     monkeypatch.setattr(cio, "_fill_block", gate)
     task = asyncio.ensure_future(mf.save(tmp_path / "ck"))
