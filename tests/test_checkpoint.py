@@ -877,7 +877,7 @@ async def test_allocations_and_frees_during_save_are_safe(
     loaded = await MemoryFile.load(tmp_path / "ck")
     try:
         # The checkpoint holds the allocations as they were at the snapshot.
-        assert str(loaded).split("mem_acct")[0] == sets_before
+        assert loaded.dump_segments().split("mem_acct")[0] == sets_before
         assert os.pread(loaded.fd, fr.length, fr.start) == before[fr]
         # The freed range was copied before or after its punch: old bytes or zeros,
         # page by page, never anything else.
