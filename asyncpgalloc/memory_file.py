@@ -371,7 +371,9 @@ class MemoryFile:
         mmap). Committing modes then block inline, as the seed does: COMMIT runs
         ``fallocate``; WRITE_POPULATE (and any recycled waste, which must be zeroed)
         prefaults and zeroes through the mapping. Prefer ``allocate_async`` for
-        large committing allocations.
+        large committing allocations. Pages committed that way are known-committed
+        and accounted to ``opts.kind`` and ``opts.memcg_id`` at once (unlike gVisor:
+        see :meth:`_mark_allocation_committed`).
 
         Raises :class:`~asyncpgalloc.InvalidLengthError` for a zero, unaligned or
         (huge) non-huge-aligned length and :class:`~asyncpgalloc.OutOfMemoryError`
@@ -443,10 +445,11 @@ class MemoryFile:
         The bookkeeping is the same synchronous step; the commit, populate,
         huge-touch and zeroing of recycled pages then run in the executor when the
         range is at least ``ASYNC_PREPARE_MIN_BYTES`` (below that an executor round
-        trip costs more than the work, so it runs inline). Cancellation-safe: if the
+        trip costs more than the work, so it runs inline). What it committed is then
+        accounted on the loop, as by :meth:`allocate`. Cancellation-safe: if the
         awaiting task is cancelled or the syscall fails, the executor work finishes,
-        the pages go back (the seed's ``DecRef`` on failure) and the exception
-        propagates.
+        the pages go back unaccounted (the seed's ``DecRef`` on failure) and the
+        exception propagates.
         """
         fr, huge, recycled = self._take_pages(length, opts)
         if opts.mode is _UNCOMMITTED:

@@ -17,6 +17,9 @@ __all__ = ["MemoryFileCounters", "MemoryFileStats", "compute_stats"]
 class MemoryFileStats:
     """A snapshot of a MemoryFile's pages; every page is counted in exactly one state.
 
+    ``MemoryFile.stats()`` reads it from running totals in O(1); :func:`compute_stats`
+    recounts it from the page sets.
+
     Attributes:
         total_size: bytes in the file (whole 1 GiB chunks).
         used_bytes: allocated pages (reference count >= 1).
@@ -25,7 +28,8 @@ class MemoryFileStats:
         free_bytes: pages ready to allocate (uncommitted and zero).
         subreleased_bytes: released small pages inside huge pages not yet wholly free.
         known_committed_bytes: bytes known to be committed (a subset of used, waste
-            and releasing; grows through ``update_usage`` and committing work).
+            and releasing; grows through ``update_usage``, ``save`` and allocations
+            that commit their pages).
         huge_chunks: chunks backed by huge pages.
         small_chunks: chunks backed by small pages.
     """
