@@ -1444,6 +1444,7 @@ class _Opener:
 #: pages 26-55 µs; so below 256 KiB inline is both faster and short on the loop.
 ASYNC_PREPARE_MIN_BYTES = 256 << 10
 
+
 def _short_bytes(n: int) -> str:
     """``n`` bytes in binary units without a space ("1.5MiB"), for :meth:`MemoryFile.__repr__`."""
     from .svgmap import format_bytes

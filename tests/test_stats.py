@@ -363,7 +363,7 @@ async def test_check_invariants_catches_running_totals_that_drift(mf: MemoryFile
     mf._used_bytes -= P
     mf._waste_bytes -= P
     mf._releasing_bytes += P
-    with pytest.raises(InvariantError, match="waste_bytes.*releasing_bytes"):
+    with pytest.raises(InvariantError, match=r"waste_bytes.*releasing_bytes"):
         mf.check_invariants()
     mf._waste_bytes += P
     mf._releasing_bytes -= P
