@@ -185,9 +185,12 @@ class MemoryFile:
         # Running totals of the page states, kept at every transition so that stats()
         # is O(1); compute_stats() is the O(segments) recount that check_invariants()
         # compares them to. Free bytes are the rest of the file. A dead allocation
-        # (see the module docstring) counts as waste from its last dec_ref on.
+        # (see the module docstring) counts as waste from its last dec_ref on: its
+        # bytes are in _dead_bytes (one add on dec_ref's fast path) and stay in
+        # _used_bytes until _take_dead moves them to _waste_bytes.
         self._used_bytes = 0
         self._waste_bytes = 0
+        self._dead_bytes = 0
         self._releasing_bytes = 0
         self._subreleased_pages = 0
         self._huge_chunks = 0
@@ -774,15 +777,14 @@ class MemoryFile:
             # Validating it was one dict hit; the update cannot fail halfway.
             unfree.replace_value(start, refs - 1)
             if refs == 1:
-                n = end - start
-                self._used_bytes -= n
-                self._waste_bytes += n
                 if self._known_committed_bytes and self._settle_now(start, end):
                     # Known-committed pages move to SYSTEM in the accounting now:
                     # callers may read a shared MemoryAccounting at any time.
                     self._settle((start, end), dead is self._dead_huge)
+                    self._count_waste(end - start)
                 else:
                     dead.append(start)
+                    self._dead_bytes += end - start
                 if not self._have_waste:
                     self._made_waste()
             return
@@ -812,6 +814,11 @@ class MemoryFile:
         self._released.clear()
         self._release_wakeup.set()
 
+    def _count_waste(self, n: int) -> None:
+        """``n`` used bytes became waste (settled: not in a dead queue)."""
+        self._used_bytes -= n
+        self._waste_bytes += n
+
     # The release transitions of the running totals (releaser.py calls these).
 
     def _count_release_begun(self, n: int) -> None:
@@ -834,7 +841,8 @@ class MemoryFile:
     def _recount_stats(self) -> None:
         """Set the running totals from a recount of the page sets (``compute_stats``),
         for code that replaces the sets wholesale (checkpoint load). O(segments)."""
-        st = compute_stats(self)
+        st = compute_stats(self)  # settles the dead queues first
+        self._dead_bytes = 0
         self._used_bytes = st.used_bytes
         self._waste_bytes = st.waste_bytes
         self._releasing_bytes = st.releasing_bytes
@@ -884,6 +892,7 @@ class MemoryFile:
         runs: list[tuple[int, int]] = []
         run_start = run_end = -1
         nruns = 0
+        taken = 0
         i = len(dead)
         while i and max_entries:
             s = dead[i - 1]
@@ -899,6 +908,7 @@ class MemoryFile:
             run_start = s
             i -= 1
             max_entries -= 1
+            taken += e - s
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)
@@ -910,6 +920,8 @@ class MemoryFile:
         if run_end >= 0:
             runs.append((run_start, run_end))
         del dead[i:]
+        self._dead_bytes -= taken
+        self._count_waste(taken)
         return runs
 
     def _settle_dead(self) -> None:
@@ -964,9 +976,7 @@ class MemoryFile:
             (self._unfree_huge if huge else self._unfree_small).mutate_range(start, end, dec)
             for piece in dead:
                 self._settle(piece, huge)
-                n = piece[1] - piece[0]
-                self._used_bytes -= n
-                self._waste_bytes += n
+                self._count_waste(piece[1] - piece[0])
             made_waste = made_waste or bool(dead)
             dead.clear()
         if made_waste and not self._have_waste:
@@ -1313,7 +1323,9 @@ class MemoryFile:
     def _stats_now(self) -> MemoryFileStats:
         n_chunks = len(self._chunks)
         total = n_chunks * CHUNK_SIZE
-        used, waste, releasing = self._used_bytes, self._waste_bytes, self._releasing_bytes
+        dead = self._dead_bytes
+        used, waste = self._used_bytes - dead, self._waste_bytes + dead
+        releasing = self._releasing_bytes
         subreleased = self._subreleased_pages * PAGE_SIZE
         return MemoryFileStats(
             total_size=total,
