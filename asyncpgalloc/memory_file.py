@@ -1158,7 +1158,8 @@ class MemoryFile:
         GiB), then marks what it found in slices of ~0.25 ms that yield to the loop;
         pages that a decommit, release or allocation touched since the scan began
         are not marked. Pages committed by ``fallocate`` but never touched are
-        invisible to ``mincore`` and stay unknown. Raises ``OSError`` if mincore
+        invisible to ``mincore`` and stay unknown (those of a ``COMMIT`` allocation
+        are known from the start). Raises ``OSError`` if mincore
         fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
