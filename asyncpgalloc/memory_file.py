@@ -30,7 +30,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -831,12 +831,23 @@ class MemoryFile:
         self._releasing_bytes -= n
         self._waste_bytes += n
 
-    def _count_release_finished(self, n: int, subreleased_pages: int) -> None:
-        """``n`` releasing bytes are done: the sub-released small pages changed by
-        ``subreleased_pages`` (negative when huge pages became wholly free), and the
-        rest became free."""
+    def _count_release_finished(self, n: int) -> None:
+        """``n`` releasing bytes are done: free, or sub-released (``_set_subreleased``
+        counted those)."""
         self._releasing_bytes -= n
-        self._subreleased_pages += subreleased_pages
+
+    def _set_subreleased(self, counts: Mapping[int, int]) -> None:
+        """Store a release's new sub-release counts by huge page offset (0: the entry
+        goes, the huge page being wholly free) and count the change. O(len(counts))."""
+        subreleased = self._subreleased
+        change = 0
+        for offset, count in counts.items():
+            change += count - subreleased.get(offset, 0)
+            if count:
+                subreleased[offset] = count
+            else:
+                subreleased.pop(offset, None)
+        self._subreleased_pages += change
 
     def _recount_stats(self) -> None:
         """Set the running totals from a recount of the page sets (``compute_stats``),

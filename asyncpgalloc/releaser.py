@@ -241,20 +241,14 @@ def finish_release(mf: MemoryFile, plan: ReleasePlan, start: int, end: int) -> N
     become free or sub-released. A huge plan is finished whole; a small one may be
     finished in consecutive parts, the last ending at ``plan.released.end``."""
     fr = plan.released
-    subreleased = 0  # the change in sub-released small pages
     if plan.huge:
         start, end = fr
-        for offset, count in plan.subreleased.items():
-            subreleased += count - mf._subreleased.get(offset, 0)
-            if count:
-                mf._subreleased[offset] = count
-            else:
-                mf._subreleased.pop(offset, None)
+        mf._set_subreleased(plan.subreleased)
         if plan.free.length:
             mf._unfree_huge.remove_range(plan.free.start, plan.free.end)
     else:
         mf._unfree_small.remove_range(start, end)
-    mf._count_release_finished(end - start, subreleased)
+    mf._count_release_finished(end - start)
     account = mf._account
     # One pass: remove the accounting segments, then settle what they held.
     for s, e, ma in mf._raw_mem_acct.pop_range(start, end):
