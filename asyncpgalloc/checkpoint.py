@@ -357,6 +357,7 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
     mf._subreleased = state.subreleased
     mf._commit_seq = state.commit_seq
     mf._known_committed_bytes = state.known_committed_bytes
+    mf._recount_stats()
     # With the sets, so that aclose() after a failed load gives exactly this back.
     if mf._account:
         for kind, memcg_id, n in state.committed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from .accounting import MemoryKind
@@ -18,7 +19,7 @@ __all__ = ["check_invariants"]
 
 
 def _fail(mf: MemoryFile, what: str) -> InvariantError:
-    return InvariantError(f"{what}\n{mf}")
+    return InvariantError(f"{what}\n{mf.dump_segments()}")
 
 
 def _covered_with(s: SegmentSet[int], start: int, end: int, refs: int) -> bool:
@@ -67,6 +68,15 @@ def check_invariants(mf: MemoryFile) -> None:
             raise _fail(mf, f"chunk {i} has a negative reference count")
 
     st = compute_stats(mf)
+    # The running totals behind mf.stats() must agree with the recount, field by field.
+    running = mf.stats()
+    if running != st:
+        diffs = ", ".join(
+            f"{f.name}: running {getattr(running, f.name)}, recount {getattr(st, f.name)}"
+            for f in fields(st)
+            if getattr(running, f.name) != getattr(st, f.name)
+        )
+        raise _fail(mf, f"stats() running totals differ from a recount ({diffs})")
     if zero_ref_own != st.waste_bytes + st.releasing_bytes + st.subreleased_bytes:
         raise _fail(
             mf,

@@ -33,7 +33,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -209,6 +209,21 @@ class MemoryFile:
         self._last_acct: tuple[AllocOpts | None, int, MemAcct | None] = (None, -1, None)
         self._waste_accts: dict[MemAcct, MemAcct] = {}
         self._known_committed_bytes = 0
+        # Running totals of the page states, kept at every transition so that stats()
+        # is O(1); compute_stats() is the O(segments) recount that check_invariants()
+        # compares them to. Free bytes are the rest of the file. A dead allocation
+        # (see the module docstring) counts as waste from its last dec_ref on: its
+        # bytes are in _dead_bytes (one add on dec_ref's fast path) and stay in
+        # _used_bytes until _take_dead moves them to _waste_bytes.
+        self._used_bytes = 0
+        self._waste_bytes = 0
+        self._dead_bytes = 0
+        self._releasing_bytes = 0
+        self._subreleased_pages = 0
+        self._huge_chunks = 0
+        # Known-committed accounting values of new allocations (see
+        # _mark_allocation_committed), shared between equal values.
+        self._committed_accts: dict[MemAcct, MemAcct] = {}
         self._commit_seq = 0
         self._next_commit_scan = 0.0
         self._scan: asyncio.Future[None] | None = None
@@ -561,7 +576,9 @@ class MemoryFile:
         mmap). Committing modes then block inline, as the seed does: COMMIT runs
         ``fallocate``; WRITE_POPULATE (and any recycled waste, which must be zeroed)
         prefaults and zeroes through the mapping. Prefer ``allocate_async`` for
-        large committing allocations.
+        large committing allocations. Pages committed that way are known-committed
+        and accounted to ``opts.kind`` and ``opts.memcg_id`` at once (unlike gVisor:
+        see :meth:`_mark_allocation_committed`).
 
         Raises :class:`~asyncpgalloc.InvalidLengthError` for a zero, unaligned or
         (huge) non-huge-aligned length and :class:`~asyncpgalloc.OutOfMemoryError`
@@ -593,14 +610,17 @@ class MemoryFile:
             self._raw_mem_acct.insert_range(start, end, ma)
             self._allocations += 1
             self._allocated_bytes += length
+            self._used_bytes += length
             # FileRange(start, end) without NamedTuple's Python-level __new__.
             return _new_tuple(FileRange, (start, end))
         fr, huge, recycled = self._take_pages(length, opts)
         try:
-            self._prepare_pages(fr, opts.mode, huge, recycled)
+            committed = self._prepare_pages(fr, opts.mode, huge, recycled)
         except BaseException:
             self.dec_ref(fr)
             raise
+        if committed:
+            self._mark_allocation_committed(fr)
         return fr
 
     def _used_acct(self, opts: AllocOpts) -> MemAcct:
@@ -631,25 +651,30 @@ class MemoryFile:
         The bookkeeping is the same synchronous step; the commit, populate,
         huge-touch and zeroing of recycled pages then run in the executor when the
         range is at least ``ASYNC_PREPARE_MIN_BYTES`` (below that an executor round
-        trip costs more than the work, so it runs inline). Cancellation-safe: if the
+        trip costs more than the work, so it runs inline). What it committed is then
+        accounted on the loop, as by :meth:`allocate`. Cancellation-safe: if the
         awaiting task is cancelled or the syscall fails, the executor work finishes,
-        the pages go back (the seed's ``DecRef`` on failure) and the exception
-        propagates.
+        the pages go back unaccounted (the seed's ``DecRef`` on failure) and the
+        exception propagates.
         """
         fr, huge, recycled = self._take_pages(length, opts)
         if opts.mode is _UNCOMMITTED:
             return fr
         try:
             if length < ASYNC_PREPARE_MIN_BYTES:
-                self._prepare_pages(fr, opts.mode, huge, recycled)
+                committed = self._prepare_pages(fr, opts.mode, huge, recycled)
             else:
-                await self._blocking.run(
+                committed = await self._blocking.run(
                     self._prepare_pages, fr, opts.mode, huge, recycled
                 )
         except BaseException:
             if not self._closed:
                 self.dec_ref(fr)
             raise
+        # Back on the loop: the bookkeeping of what the executor committed. (Once
+        # closed, the accounting has been given back: there is nothing to mark.)
+        if committed and not self._closed:
+            self._mark_allocation_committed(fr)
         return fr
 
     @guarded_async
@@ -706,6 +731,7 @@ class MemoryFile:
         fr, recycled = self._find_allocatable_and_mark_used(length, opts, huge)
         self._allocations += 1
         self._allocated_bytes += length
+        self._used_bytes += length
         return fr, huge, recycled
 
     def _find_allocatable_and_mark_used(
@@ -727,6 +753,7 @@ class MemoryFile:
                 end = start + length
                 unwaste.insert_range(start, end, None)
                 unfree.mutate_range(start, end, _ref_recycled)
+                self._waste_bytes -= length
                 if not unfree.merges and unfree.get_exact(start, end, None) is None:
                     # One segment per allocation keeps dec_ref on its fast path.
                     unfree.remove_range(start, end)
@@ -809,6 +836,8 @@ class MemoryFile:
             raise
         # Readers (executor threads) see either the old list or the new one.
         self._chunks = old + [Chunk(m, huge) for m in mappings]
+        if huge:
+            self._huge_chunks += inc
         unfree.remove_range(old_size, new_size)
 
     def _advise_chunk(self, mapping: host.ChunkMapping, huge: bool) -> None:
@@ -826,12 +855,16 @@ class MemoryFile:
 
     def _prepare_pages(
         self, fr: FileRange, mode: AllocationMode, huge: bool, recycled: bool
-    ) -> None:
+    ) -> bool:
         """Commit, populate, huge-touch or zero a new allocation as the seed's Allocate does.
 
         Blocking (fallocate, madvise/mlock, memset): run inline by ``allocate``, in
-        the executor by ``allocate_async``; it touches no bookkeeping.
+        the executor by ``allocate_async``; it touches no bookkeeping. Returns True
+        if every page of ``fr`` is now committed (fallocated, populated or zeroed):
+        the caller then marks them known-committed, on the loop
+        (:meth:`_mark_allocation_committed`).
         """
+        committed = False
         need_huge_touch = False
         if recycled:
             # Zeroing needs writable page table entries in our address space.
@@ -845,25 +878,71 @@ class MemoryFile:
             need_huge_touch = True
         if mode is _COMMIT:
             host.commit(self._fd, fr.start, fr.length)
+            committed = True
         elif mode is _WRITE_POPULATE:
             if self._commit_before_write:
                 # ENOSPC surfaces here as an OSError, not as a SIGBUS on the next write.
                 host.commit(self._fd, fr.start, fr.length)
+                committed = True
             pieces = self._address_pieces(fr)
             if host.can_populate():
                 for addr, n in pieces:
                     if not host.try_populate(addr, n):
                         break
+                    if n == PAGE_SIZE:
+                        # try_populate leaves a single page to fault in on first use:
+                        # fault it in now (a zero page stays zero), so that it is as
+                        # committed as the rest.
+                        host.zero(addr, 1)
                 else:
                     need_huge_touch = False
+                    committed = True
             if recycled:
                 # Recycled waste holds a previous user's data.
                 for addr, n in pieces:
                     host.zero(addr, n)
+                committed = True
             elif need_huge_touch:
                 for view in self._views(fr.start, fr.end):
                     for i in range(0, len(view), HUGE_PAGE_SIZE):
                         view[i] = 0
+        return committed
+
+    def _mark_allocation_committed(self, fr: FileRange) -> None:
+        """Mark the pages of a new allocation that :meth:`_prepare_pages` committed
+        known-committed, with the allocation's kind and memcg. On the loop, after
+        the I/O; O(log n) (O(k log n) for k accounting segments of recycled pages).
+
+        A deliberate difference from gVisor: its ``Allocate`` leaves committed pages
+        of unknown commitment until a usage scan finds them, but a scan cannot see
+        pages committed by ``fallocate`` and never touched (COMMIT), so a budget
+        enforced from the accounting would under-count them for good. Pages a usage
+        scan marked while the I/O ran are already known and are skipped; the
+        allocation is still the caller's alone (not yet returned), so no decommit or
+        release can have raced with the commit.
+        """
+        start, end = fr
+        mem_acct = self._raw_mem_acct
+        ma = mem_acct.get_exact(start, end, None)
+        if ma is None:
+            mem_acct.mutate_range(start, end, self._commit_known)
+        elif not ma.known_committed:
+            mem_acct.replace_value(start, self._commit_known(start, end, ma))
+
+    def _commit_known(self, s: int, e: int, ma: MemAcct) -> MemAcct:
+        """``ma`` of used pages ``[s, e)`` made known-committed, counted and accounted."""
+        if ma.known_committed:
+            return ma
+        self._known_committed_bytes += e - s
+        if self._account:
+            self._accounting.inc(e - s, ma.kind, ma.memcg_id)
+        cache = self._committed_accts
+        c = cache.get(ma)
+        if c is None:
+            if len(cache) >= 256:
+                cache.clear()
+            c = cache[ma] = MemAcct(ma.kind, ma.memcg_id, True, False, 0)
+        return c
 
     # ------------------------------------------------------------------ references
 
@@ -918,8 +997,10 @@ class MemoryFile:
                     # Known-committed pages move to SYSTEM in the accounting now:
                     # callers may read a shared MemoryAccounting at any time.
                     self._settle((start, end), dead is self._dead_huge)
+                    self._count_waste(end - start)
                 else:
                     dead.append(start)
+                    self._dead_bytes += end - start
                 if not self._have_waste:
                     self._made_waste()
             return
@@ -948,6 +1029,52 @@ class MemoryFile:
         self._have_waste = True
         self._released.clear()
         self._release_wakeup.set()
+
+    def _count_waste(self, n: int) -> None:
+        """``n`` used bytes became waste (settled: not in a dead queue)."""
+        self._used_bytes -= n
+        self._waste_bytes += n
+
+    # The release transitions of the running totals (releaser.py calls these).
+
+    def _count_release_begun(self, n: int) -> None:
+        """``n`` bytes of waste (dead allocations included) became releasing."""
+        self._waste_bytes -= n
+        self._releasing_bytes += n
+
+    def _count_release_aborted(self, n: int) -> None:
+        """``n`` releasing bytes went back to waste, unpunched."""
+        self._releasing_bytes -= n
+        self._waste_bytes += n
+
+    def _count_release_finished(self, n: int) -> None:
+        """``n`` releasing bytes are done: free, or sub-released (``_set_subreleased``
+        counted those)."""
+        self._releasing_bytes -= n
+
+    def _set_subreleased(self, counts: Mapping[int, int]) -> None:
+        """Store a release's new sub-release counts by huge page offset (0: the entry
+        goes, the huge page being wholly free) and count the change. O(len(counts))."""
+        subreleased = self._subreleased
+        change = 0
+        for offset, count in counts.items():
+            change += count - subreleased.get(offset, 0)
+            if count:
+                subreleased[offset] = count
+            else:
+                subreleased.pop(offset, None)
+        self._subreleased_pages += change
+
+    def _recount_stats(self) -> None:
+        """Set the running totals from a recount of the page sets (``compute_stats``),
+        for code that replaces the sets wholesale (checkpoint load). O(segments)."""
+        st = compute_stats(self)  # settles the dead queues first
+        self._dead_bytes = 0
+        self._used_bytes = st.used_bytes
+        self._waste_bytes = st.waste_bytes
+        self._releasing_bytes = st.releasing_bytes
+        self._subreleased_pages = st.subreleased_bytes // PAGE_SIZE
+        self._huge_chunks = st.huge_chunks
 
     def _settle_now(self, start: int, end: int) -> bool:
         """True if any page of the dead allocation ``[start, end)`` is known committed."""
@@ -992,6 +1119,7 @@ class MemoryFile:
         runs: list[tuple[int, int]] = []
         run_start = run_end = -1
         nruns = 0
+        taken = 0
         i = len(dead)
         while i and max_entries:
             s = dead[i - 1]
@@ -1007,6 +1135,7 @@ class MemoryFile:
             run_start = s
             i -= 1
             max_entries -= 1
+            taken += e - s
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)
@@ -1018,6 +1147,8 @@ class MemoryFile:
         if run_end >= 0:
             runs.append((run_start, run_end))
         del dead[i:]
+        self._dead_bytes -= taken
+        self._count_waste(taken)
         return runs
 
     def _settle_dead(self) -> None:
@@ -1072,6 +1203,7 @@ class MemoryFile:
             (self._unfree_huge if huge else self._unfree_small).mutate_range(start, end, dec)
             for piece in dead:
                 self._settle(piece, huge)
+                self._count_waste(piece[1] - piece[0])
             made_waste = made_waste or bool(dead)
             dead.clear()
         if made_waste and not self._have_waste:
@@ -1266,7 +1398,8 @@ class MemoryFile:
         executor, one hop per chunk (~11 ms per GiB), then marks what it found in slices of
         ~0.25 ms that yield to the loop; pages that a decommit, release or allocation
         touched since the scan began are not marked. Pages committed by ``fallocate`` but
-        never touched are invisible to ``mincore`` and stay unknown. Raises ``OSError`` if
+        never touched are invisible to ``mincore`` and stay unknown (those of a ``COMMIT``
+        allocation are known from the start). Raises ``OSError`` if
         mincore fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
@@ -1434,9 +1567,29 @@ class MemoryFile:
 
     @guarded
     def stats(self) -> MemoryFileStats:
-        """Bytes by page state, right now. O(segments); no syscall."""
+        """Bytes by page state, right now. O(1): running totals kept at every
+        transition (``check_invariants`` compares them to a recount); no syscall."""
         self._check()
-        return compute_stats(self)
+        return self._stats_now()
+
+    def _stats_now(self) -> MemoryFileStats:
+        n_chunks = len(self._chunks)
+        total = n_chunks * CHUNK_SIZE
+        dead = self._dead_bytes
+        used, waste = self._used_bytes - dead, self._waste_bytes + dead
+        releasing = self._releasing_bytes
+        subreleased = self._subreleased_pages * PAGE_SIZE
+        return MemoryFileStats(
+            total_size=total,
+            used_bytes=used,
+            waste_bytes=waste,
+            releasing_bytes=releasing,
+            free_bytes=total - used - waste - releasing - subreleased,
+            subreleased_bytes=subreleased,
+            known_committed_bytes=self._known_committed_bytes,
+            huge_chunks=self._huge_chunks,
+            small_chunks=n_chunks - self._huge_chunks,
+        )
 
     def counters(self) -> MemoryFileCounters:
         """What the file has done since it opened (monotonic counts). O(1); works after
@@ -1485,8 +1638,13 @@ class MemoryFile:
 
         await render_map_async(self, path, width=width)
 
-    def __str__(self) -> str:
-        """A dump of the page sets, like the seed's ``String()``."""
+    def dump_segments(self) -> str:
+        """A dump of every segment of the page sets, like gVisor's ``String()``.
+
+        O(segments) on the loop, and as long: about 180 bytes per live allocation
+        (18 MB and seconds for 100k). For debugging; ``str``/``repr`` give a one-line
+        summary instead. Works after close.
+        """
         parts = [f"unwaste_small:\n{self._unwaste_small}"]
         if self._opts.expect_hugepages:
             parts.append(f"unwaste_huge:\n{self._unwaste_huge}")
@@ -1501,8 +1659,23 @@ class MemoryFile:
         return "".join(parts)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._fd} size={self.total_size():#x}"
-        return f"<MemoryFile {state}>"
+        """One line with the page-state totals, e.g. ``<MemoryFile fd=5 size=1GiB
+        used=8MiB waste=0B releasing=0B free=1016MiB subreleased=0B committed=8MiB
+        chunks=1 small/0 huge>``. O(1) (the running totals of :meth:`stats`); safe
+        to log. The segments themselves: :meth:`dump_segments`."""
+        if self._closed:
+            return "<MemoryFile closed>"
+        st = self._stats_now()
+        b = _short_bytes
+        return (
+            f"<MemoryFile fd={self._fd} size={b(st.total_size)} used={b(st.used_bytes)} "
+            f"waste={b(st.waste_bytes)} releasing={b(st.releasing_bytes)} "
+            f"free={b(st.free_bytes)} subreleased={b(st.subreleased_bytes)} "
+            f"committed={b(st.known_committed_bytes)} "
+            f"chunks={st.small_chunks} small/{st.huge_chunks} huge>"
+        )
+
+    __str__ = __repr__
 
 
 #: Every MemoryFile still open in this process, for the fork hook.
@@ -1585,6 +1758,12 @@ def _check_file(file: Any) -> FileLike | None:
     raise OptionTypeError(
         f"file must be None, a path or an fd (int), got {type(file).__name__}{hint}"
     )
+
+def _short_bytes(n: int) -> str:
+    """``n`` bytes in binary units without a space ("1.5MiB"), for :meth:`MemoryFile.__repr__`."""
+    from .svgmap import format_bytes
+
+    return format_bytes(n).replace(" ", "")
 
 
 def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:

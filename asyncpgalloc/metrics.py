@@ -113,8 +113,8 @@ class MemoryFileCollector:
     """A ``prometheus_client`` collector of one :class:`~asyncpgalloc.MemoryFile`'s figures.
 
     Register it in a ``CollectorRegistry``; each ``collect()`` (each scrape) takes a
-    fresh snapshot, O(segments + memcgs x kinds) on the loop (the cost of
-    ``mf.stats()``). ``collect()`` may be called from any thread: off the loop's
+    fresh snapshot, O(memcgs x kinds) on the loop plus one ``fstat``
+    (``mf.stats()`` is O(1)). ``collect()`` may be called from any thread: off the loop's
     thread it waits up to ``timeout`` seconds for the loop to take the snapshot and
     raises ``TimeoutError`` if the loop does not answer (it is blocked or stopped).
     """

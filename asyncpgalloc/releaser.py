@@ -175,6 +175,7 @@ def begin_release(
             start = max(gap_start, end - MAX_RELEASING_BYTES)
             fr = FileRange(start, end)
             mf._releasing[fr] = None
+            mf._count_release_begun(end - start)
             p = plan_release(fr, huge, counts)
             pending.update(p.subreleased)
             plans.append(p)
@@ -229,6 +230,7 @@ def abort_release(mf: MemoryFile, plan: ReleasePlan) -> None:
     fr = plan.released
     (mf._raw_unwaste_huge if plan.huge else mf._raw_unwaste_small).remove_range(fr.start, fr.end)
     del mf._releasing[fr]
+    mf._count_release_aborted(fr.length)
     if not mf._have_waste:
         # A later begin_release of this step may have found no waste left.
         mf._made_waste()
@@ -241,15 +243,12 @@ def finish_release(mf: MemoryFile, plan: ReleasePlan, start: int, end: int) -> N
     fr = plan.released
     if plan.huge:
         start, end = fr
-        for offset, count in plan.subreleased.items():
-            if count:
-                mf._subreleased[offset] = count
-            else:
-                mf._subreleased.pop(offset, None)
+        mf._set_subreleased(plan.subreleased)
         if plan.free.length:
             mf._unfree_huge.remove_range(plan.free.start, plan.free.end)
     else:
         mf._unfree_small.remove_range(start, end)
+    mf._count_release_finished(end - start)
     account = mf._account
     # One pass: remove the accounting segments, then settle what they held.
     for s, e, ma in mf._raw_mem_acct.pop_range(start, end):

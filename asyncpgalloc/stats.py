@@ -17,6 +17,9 @@ __all__ = ["MemoryFileCounters", "MemoryFileStats", "compute_stats"]
 class MemoryFileStats:
     """A snapshot of a MemoryFile's pages; every page is counted in exactly one state.
 
+    ``MemoryFile.stats()`` reads it from running totals in O(1); :func:`compute_stats`
+    recounts it from the page sets.
+
     Attributes:
         total_size: bytes in the file (whole 1 GiB chunks).
         used_bytes: allocated pages (reference count >= 1).
@@ -25,7 +28,8 @@ class MemoryFileStats:
         free_bytes: pages ready to allocate (uncommitted and zero).
         subreleased_bytes: released small pages inside huge pages not yet wholly free.
         known_committed_bytes: bytes known to be committed (a subset of used, waste
-            and releasing; grows through ``update_usage`` and committing work).
+            and releasing; grows through ``update_usage``, ``save`` and allocations
+            that commit their pages).
         huge_chunks: chunks backed by huge pages.
         small_chunks: chunks backed by small pages.
     """
@@ -72,18 +76,29 @@ class MemoryFileCounters:
 
 
 def compute_stats(mf: MemoryFile) -> MemoryFileStats:
-    """Count ``mf``'s pages by state. O(segments) on the loop; no syscall."""
+    """Count ``mf``'s pages by state from the page sets. O(segments) on the loop; no syscall.
+
+    The reference that ``check_invariants`` compares ``mf.stats()`` (running totals)
+    to: it reads only the sets, never the totals (``known_committed_bytes`` aside,
+    which the invariants check against the accounting set separately).
+    """
     total = mf.total_size()
     unfree_sets = (mf._unfree_small, mf._unfree_huge)
     used = sum(e - s for u in unfree_sets for s, e, refs in u.visit_range(0, total) if refs > 0)
     free = sum(e - s for u in unfree_sets for s, e in u.gaps(0, total))
     waste = sum(e - s for u in (mf._unwaste_small, mf._unwaste_huge) for s, e in u.gaps(0, total))
     huge_chunks = sum(1 for c in mf._chunks if c.huge)
+    # A small release is finished in parts, yielding in between: its finished part
+    # is free already (a gap), the rest still releasing.
+    releasing = sum(
+        fr.length - sum(e - s for u in unfree_sets for s, e in u.gaps(fr.start, fr.end))
+        for fr in mf._releasing
+    )
     return MemoryFileStats(
         total_size=total,
         used_bytes=used,
         waste_bytes=waste,
-        releasing_bytes=sum(fr.length for fr in mf._releasing),
+        releasing_bytes=releasing,
         free_bytes=free,
         subreleased_bytes=sum(mf._subreleased.values()) * PAGE_SIZE,
         known_committed_bytes=mf._known_committed_bytes,

@@ -13,6 +13,9 @@ Scenarios (the names are stable; ``--only`` takes their letters or full names):
 - ``e``  ``update_usage`` over 1 GiB, first half touched / every other page touched,
   against a raw ``mincore`` of the same mapping;
 - ``lag`` event-loop lag (a 1 ms ticker) while the file releases, commits and scans;
+- ``scrape`` event-loop lag while the Prometheus metrics are rendered at 10 Hz
+  (``render_metrics``) with 100k allocations live, against the idle loop's lag measured
+  in the same repetition (also run by ``lag``);
 - ``heap`` Python heap bytes per live allocation (``tracemalloc``) at 100k and 1M live.
 
 Rules every timed loop follows: the event loop gets a turn at least every 64 operations,
@@ -519,6 +522,55 @@ async def scenario_lag(name: str, fn: LagScenario, reps: int) -> list[Result]:
     return [r99, rmax]
 
 
+async def scenario_scrape_lag(live: int, seconds: float, reps: int) -> list[Result]:
+    """Loop lag while ``render_metrics`` runs at 10 Hz with ``live`` allocations of 1-16
+    pages live, and the idle loop's lag with the same file, measured just before."""
+    from asyncpgalloc.metrics import render_metrics
+
+    figures: dict[str, list[float]] = {k: [] for k in ("p99", "max", "idle_p99", "idle_max")}
+    scrape_ms: list[float] = []
+    scrapes = max(1, round(seconds * 10))
+    for rep in range(reps):
+        rng = random.Random(rep)
+        async with MemoryFile.open() as mf:
+            frs = [mf.allocate(rng.randint(1, 16) * P) for _ in range(live)]
+            # Some waste released and some free gaps, as a live file has.
+            for j in rng.sample(range(live), live // 10):
+                mf.dec_ref(frs[j])
+            await mf.wait_released()
+            _hygiene()
+            idle = Ticker()
+            async with idle:
+                await asyncio.sleep(seconds)
+            ticker = Ticker()
+            async with ticker:
+                for _ in range(scrapes):
+                    t0 = time.perf_counter()
+                    body = render_metrics(mf)
+                    scrape_ms.append((time.perf_counter() - t0) * 1e3)
+                    await asyncio.sleep(0.1)
+            assert b"asyncpgalloc_bytes" in body
+        for key, t in (("", ticker), ("idle_", idle)):
+            p99, mx = t.p99_max_ms()
+            figures[f"{key}p99"].append(p99)
+            figures[f"{key}max"].append(mx)
+    name = f"lag_scrape_10hz_{_k(live)}_live"
+    params = {"live": live, "scrapes_per_rep": scrapes}
+    extra = {
+        "scrape_ms_median": _r(statistics.median(scrape_ms)),
+        "scrape_ms_max": _r(max(scrape_ms)),
+        "idle_p99_ms_median": _r(statistics.median(figures["idle_p99"])),
+        "idle_max_ms_median": _r(statistics.median(figures["idle_max"])),
+    }
+    r99 = Result(f"{name}_p99", "ms", figures["p99"], params, target="< 1 ms", extra=extra)
+    r99.target_met = r99.median < 1.0
+    rmax = Result(f"{name}_max", "ms", figures["max"], params, target="< 5 ms", extra=extra)
+    rmax.target_met = rmax.median < 5.0
+    idle99 = Result(f"{name}_idle_baseline_p99", "ms", figures["idle_p99"], params)
+    idlemax = Result(f"{name}_idle_baseline_max", "ms", figures["idle_max"], params)
+    return [r99, rmax, idle99, idlemax]
+
+
 # ------------------------------------------------------------------------ heap use
 
 
@@ -672,6 +724,9 @@ async def run_lag(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
         for name, fn in lags:
             for r in await scenario_lag(name, fn, reps):
                 add(r)
+    if plan.wants("lag", "scrape"):
+        for r in await scenario_scrape_lag(100_000, 1.0 if quick else 3.0, reps):
+            add(r)
     return results
 
 
@@ -702,7 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument(
-        "--only", metavar="LIST", help="comma-separated: a,b,c,d,e,lag,heap (default: all)"
+        "--only",
+        metavar="LIST",
+        help="comma-separated: a,b,c,d,e,lag,scrape,heap (default: all)",
     )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args(argv)

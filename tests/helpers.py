@@ -82,7 +82,7 @@ def load_example(name: str) -> ModuleType:
 
 def snapshot(mf: MemoryFile) -> tuple[str, object, int]:
     """Everything a failed call must leave unchanged."""
-    return (str(mf), mf.stats(), mf.total_size())
+    return (mf.dump_segments(), mf.stats(), mf.total_size())
 
 
 def fill(mf: MemoryFile, fr: FileRange, byte: int) -> None:

@@ -103,7 +103,7 @@ def acct(mf: MemoryFile) -> dict[int, dict[MemoryKind, int]]:
 
 
 def same_state(a: MemoryFile, b: MemoryFile) -> None:
-    assert str(a) == str(b)
+    assert a.dump_segments() == b.dump_segments()
     assert a.stats() == b.stats()
     assert a._commit_seq == b._commit_seq
     assert acct(a) == acct(b)
@@ -238,8 +238,12 @@ async def test_accounting_is_added_to_a_shared_accounting(mf: MemoryFile, tmp_pa
 
 
 async def test_fallocated_untouched_pages_are_not_saved(mf: MemoryFile, tmp_path: Path) -> None:
-    fr = await mf.allocate_async(8 << 20, AllocOpts(mode=AllocationMode.COMMIT))
+    # Committed by the caller, never touched, so never known committed. (COMMIT pages
+    # are known-committed at once, and saved as such.)
+    fr = mf.allocate(8 << 20, AllocOpts(mode=AllocationMode.CALLER_INDIRECT_COMMIT))
+    os.posix_fallocate(mf.fd, fr.start, fr.length)
     assert mf.total_usage() >= 8 << 20
+    assert mf.known_committed_bytes == 0
     await mf.save(tmp_path / "ck")
     assert fsize(tmp_path / "ck") < 64 * 1024
     loaded = await MemoryFile.load(tmp_path / "ck")
@@ -859,7 +863,7 @@ async def test_allocations_and_frees_during_save_are_safe(
     write(mf, other, 8)
     await mf.update_usage()
     before = {r: os.pread(mf.fd, r.length, r.start) for r in (fr, other)}
-    sets_before = str(mf).split("mem_acct")[0]
+    sets_before = mf.dump_segments().split("mem_acct")[0]
     gate = Gate(cio._fill_block, nth=2)
     monkeypatch.setattr(cio, "_fill_block", gate)
     task = asyncio.ensure_future(mf.save(tmp_path / "ck"))
@@ -877,7 +881,7 @@ async def test_allocations_and_frees_during_save_are_safe(
     loaded = await MemoryFile.load(tmp_path / "ck")
     try:
         # The checkpoint holds the allocations as they were at the snapshot.
-        assert str(loaded).split("mem_acct")[0] == sets_before
+        assert loaded.dump_segments().split("mem_acct")[0] == sets_before
         assert os.pread(loaded.fd, fr.length, fr.start) == before[fr]
         # The freed range was copied before or after its punch: old bytes or zeros,
         # page by page, never anything else.

@@ -590,9 +590,9 @@ async def test_disk_backed_file(tmp_path: Path, decommit_on_destroy: bool) -> No
     assert (blocks == 0) == decommit_on_destroy
 
 
-async def test_str_dumps_the_sets(huge_mf: MemoryFile) -> None:
+async def test_dump_segments_dumps_the_sets(huge_mf: MemoryFile) -> None:
     huge_mf.allocate(P)
-    text = str(huge_mf)
+    text = huge_mf.dump_segments()
     for name in ("unwaste_small:", "unwaste_huge:", "unfree_small:", "unfree_huge:", "mem_acct:"):
         assert name in text
     assert "[0x0, 0x1000)" in text

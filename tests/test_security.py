@@ -83,7 +83,7 @@ async def test_every_sync_method_refuses_other_threads(tmp_path: Path) -> None:
             "total_usage": lambda: mf.total_usage(),
             "check_invariants": lambda: mf.check_invariants(),
         }
-        before = (str(mf), mf.stats())
+        before = (mf.dump_segments(), mf.stats())
         results: dict[str, BaseException | None] = {}
 
         def other() -> None:
@@ -100,7 +100,7 @@ async def test_every_sync_method_refuses_other_threads(tmp_path: Path) -> None:
         t.join()
         bad = {n: r for n, r in results.items() if not isinstance(r, WrongThreadError)}
         assert bad == {}, bad
-        assert (str(mf), mf.stats()) == before
+        assert (mf.dump_segments(), mf.stats()) == before
         mf.check_invariants()
 
 

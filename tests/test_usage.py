@@ -88,11 +88,12 @@ async def test_recycled_committed_waste_leaves_system_accounting(mf: MemoryFile)
     mf.dec_ref(a)
     assert mf.accounting.by_memcg(9) == {SYSTEM: 4 * P}
     b = mf.allocate(4 * P, AllocOpts(mode=AllocationMode.COMMIT, kind=CACHE, memcg_id=3))
-    assert b == a  # recycled: unknown commitment again, no longer SYSTEM
-    assert mf.accounting.total() == 0 and mf.known_committed_bytes == 0
+    assert b == a  # recycled: no longer SYSTEM; zeroed, so committed, to its new owner
+    assert mf.accounting.by_memcg(9) == {}
+    assert mf.accounting.by_memcg(3) == {CACHE: 4 * P} and mf.known_committed_bytes == 4 * P
     await asyncio.sleep(0.02)
     await mf.update_usage()
-    assert mf.accounting.by_memcg(3) == {CACHE: 4 * P}
+    assert mf.accounting.by_memcg(3) == {CACHE: 4 * P} and mf.known_committed_bytes == 4 * P
 
 
 async def test_decommit_drops_accounting_and_memory(mf: MemoryFile) -> None:
