@@ -81,7 +81,7 @@ from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
 from .segments import SegmentSet
 from .stats import MemoryFileCounters, MemoryFileStats, compute_stats
-from .transitions import guarded, guarded_async
+from .transitions import guarded, guarded_async, splits_state
 from .usage import run_usage_refresher, update_usage
 
 if TYPE_CHECKING:
@@ -585,43 +585,50 @@ class MemoryFile:
         when the file cannot grow; an ``OSError`` from a syscall returns the pages
         and propagates.
         """
-        if opts.mode is _UNCOMMITTED:
-            # The fast path: uncommitted pages never recycle waste, so this is the
-            # seed's findAllocatableAndMarkUsed from its retryFree label, inlined.
-            if self._gate is not _get_running_loop():
-                self._check()
-            if length <= 0 or length & _PAGE_MASK or (opts.huge and length % HUGE_PAGE_SIZE):
-                raise InvalidLengthError(f"invalid allocation length: {length:#x}")
-            huge = opts.huge and self._opts.expect_hugepages
-            unfree = self._unfree_huge if huge else self._unfree_small
-            if opts.direction is _BOTTOM_UP:
-                start_ = unfree.take_first_gap(length, 1)
-            else:
-                start_ = unfree.take_last_gap(length, 1)
-            if start_ is None:
-                # No free gap is long enough: grow the file (the slow path).
-                return self._take_pages(length, opts)[0]
-            start = start_
-            end = start + length
-            last = self._last_acct
-            ma = last[2]
-            if last[0] is not opts or last[1] != self._commit_seq or ma is None:
-                ma = self._used_acct(opts)
-            self._raw_mem_acct.insert_range(start, end, ma)
-            self._allocations += 1
-            self._allocated_bytes += length
-            self._used_bytes += length
-            # FileRange(start, end) without NamedTuple's Python-level __new__.
-            return _new_tuple(FileRange, (start, end))
-        fr, huge, recycled = self._take_pages(length, opts)
         try:
-            committed = self._prepare_pages(fr, opts.mode, huge, recycled)
-        except BaseException:
-            self.dec_ref(fr)
+            if opts.mode is _UNCOMMITTED:
+                # The fast path: uncommitted pages never recycle waste, so this is the
+                # seed's findAllocatableAndMarkUsed from its retryFree label, inlined.
+                if self._gate is not _get_running_loop():
+                    self._check()
+                if length <= 0 or length & _PAGE_MASK or (opts.huge and length % HUGE_PAGE_SIZE):
+                    raise InvalidLengthError(f"invalid allocation length: {length:#x}")
+                huge = opts.huge and self._opts.expect_hugepages
+                unfree = self._unfree_huge if huge else self._unfree_small
+                if opts.direction is _BOTTOM_UP:
+                    start_ = unfree.take_first_gap(length, 1)
+                else:
+                    start_ = unfree.take_last_gap(length, 1)
+                if start_ is None:
+                    # No free gap is long enough: grow the file (the slow path).
+                    return self._take_pages(length, opts)[0]
+                start = start_
+                end = start + length
+                last = self._last_acct
+                ma = last[2]
+                if last[0] is not opts or last[1] != self._commit_seq or ma is None:
+                    ma = self._used_acct(opts)
+                self._raw_mem_acct.insert_range(start, end, ma)
+                self._allocations += 1
+                self._allocated_bytes += length
+                self._used_bytes += length
+                # FileRange(start, end) without NamedTuple's Python-level __new__.
+                return _new_tuple(FileRange, (start, end))
+            fr, huge, recycled = self._take_pages(length, opts)
+            try:
+                committed = self._prepare_pages(fr, opts.mode, huge, recycled)
+            except BaseException:
+                self.dec_ref(fr)
+                raise
+            if committed:
+                self._mark_allocation_committed(fr)
+            return fr
+        except BaseException as e:
+            # A transition cut short (see asyncpgalloc.transitions), inlined: a
+            # guard's extra call would cost this hot path 10-20%.
+            if splits_state(e):
+                self._poison(e)
             raise
-        if committed:
-            self._mark_allocation_committed(fr)
-        return fr
 
     def _used_acct(self, opts: AllocOpts) -> MemAcct:
         """The accounting value of newly used pages (unknown commitment), shared while
@@ -955,17 +962,24 @@ class MemoryFile:
         either way nothing changes. ``memcg_id`` is accepted for the seed's
         signature; accounting stays with the allocation's memcg.
         """
-        if self._gate is not _get_running_loop():
-            self._check()
-        start, end = fr
-        hit = self._whole_allocation(start, end)
-        if hit is not None:
-            hit[0].replace_value(start, hit[1] + 1)
-            return
-        pieces = self._referenced_pieces(fr, "inc_ref")
-        for start, end, huge in pieces:
-            unfree = self._unfree_huge if huge else self._unfree_small
-            unfree.mutate_range(start, end, _ref_inc)
+        try:
+            if self._gate is not _get_running_loop():
+                self._check()
+            start, end = fr
+            hit = self._whole_allocation(start, end)
+            if hit is not None:
+                hit[0].replace_value(start, hit[1] + 1)
+                return
+            pieces = self._referenced_pieces(fr, "inc_ref")
+            for start, end, huge in pieces:
+                unfree = self._unfree_huge if huge else self._unfree_small
+                unfree.mutate_range(start, end, _ref_inc)
+        except BaseException as e:
+            # A transition cut short (see asyncpgalloc.transitions), inlined: a
+            # guard's extra call would cost this hot path 10-20%.
+            if splits_state(e):
+                self._poison(e)
+            raise
 
     def dec_ref(self, fr: FileRange) -> None:
         """Drop one reference from every page of ``fr``; pages left with none become waste.
@@ -978,33 +992,40 @@ class MemoryFile:
         (a reference-count underflow is a :class:`~asyncpgalloc.ReferenceCountError`)
         before changing anything.
         """
-        if self._gate is not _get_running_loop():
-            self._check()
-        start, end = fr
-        # Inlined _whole_allocation(start, end): this is the hottest path there is.
-        unfree = self._unfree_small
-        refs = unfree.get_exact(start, end, 0)
-        dead = self._dead_small
-        if not refs:
-            unfree = self._unfree_huge
+        try:
+            if self._gate is not _get_running_loop():
+                self._check()
+            start, end = fr
+            # Inlined _whole_allocation(start, end): this is the hottest path there is.
+            unfree = self._unfree_small
             refs = unfree.get_exact(start, end, 0)
-            dead = self._dead_huge
-        if refs and type(start) is int is type(end):
-            # Validating it was one dict hit; the update cannot fail halfway.
-            unfree.replace_value(start, refs - 1)
-            if refs == 1:
-                if self._known_committed_bytes and self._settle_now(start, end):
-                    # Known-committed pages move to SYSTEM in the accounting now:
-                    # callers may read a shared MemoryAccounting at any time.
-                    self._settle((start, end), dead is self._dead_huge)
-                    self._count_waste(end - start)
-                else:
-                    dead.append(start)
-                    self._dead_bytes += end - start
-                if not self._have_waste:
-                    self._made_waste()
-            return
-        self._dec_ref_slow(fr)
+            dead = self._dead_small
+            if not refs:
+                unfree = self._unfree_huge
+                refs = unfree.get_exact(start, end, 0)
+                dead = self._dead_huge
+            if refs and type(start) is int is type(end):
+                # Validating it was one dict hit; the update cannot fail halfway.
+                unfree.replace_value(start, refs - 1)
+                if refs == 1:
+                    if self._known_committed_bytes and self._settle_now(start, end):
+                        # Known-committed pages move to SYSTEM in the accounting now:
+                        # callers may read a shared MemoryAccounting at any time.
+                        self._settle((start, end), dead is self._dead_huge)
+                        self._count_waste(end - start)
+                    else:
+                        dead.append(start)
+                        self._dead_bytes += end - start
+                    if not self._have_waste:
+                        self._made_waste()
+                return
+            self._dec_ref_slow(fr)
+        except BaseException as e:
+            # A transition cut short (see asyncpgalloc.transitions), inlined: a
+            # guard's extra call would cost this hot path 10-20%.
+            if splits_state(e):
+                self._poison(e)
+            raise
 
     def _whole_allocation(self, start: int, end: int) -> tuple[SegmentSet[int], int] | None:
         """If ``[start, end)`` is exactly one segment with references (a whole
