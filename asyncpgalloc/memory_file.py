@@ -1628,7 +1628,6 @@ class MemoryFile:
             usage_scans=self._usage_scans,
         )
 
-    @guarded
     def check_invariants(self) -> None:
         """Check every invariant of docs/design.md §3; raise :class:`InvariantError` if one fails.
 
