@@ -80,7 +80,7 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
 
     Pure computation, O(segments log segments + chunks): run it off the loop. Raises
     :class:`CheckpointError` if the metadata could not have come from a MemoryFile
-    with no waste (a checkpoint never holds waste: ``save`` waits for release).
+    with no waste (a checkpoint never holds waste: ``save`` records it as released).
     """
     from .memory_file import MemAcct
 

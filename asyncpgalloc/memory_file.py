@@ -1051,9 +1051,9 @@ class MemoryFile:
         """Write a checkpoint of the file to ``dst``: a path, or an ``aiofiles`` file
         opened ``"wb"`` (written at its position, flushed, neither fsynced nor closed).
 
-        Waits for release (``wait_released``), then raises
-        :class:`~asyncpgalloc.CheckpointError` if evictions are pending or running.
-        Finds committed pages with SEEK_DATA/SEEK_HOLE in the executor (marking them
+        Raises :class:`~asyncpgalloc.CheckpointError` if evictions are pending or
+        running. Never waits for the releaser: waste and releasing pages are recorded
+        as released (never read again, not saved). Finds committed pages with SEEK_DATA/SEEK_HOLE in the executor (marking them
         known-committed, with their accounting, as gVisor's save does), snapshots
         the bookkeeping on the loop (O(segments), no ``await``), then writes the
         header, metadata and the contents of known-committed pages only, each 1 MiB
