@@ -52,7 +52,7 @@ async def churn(mf: MemoryFile, stop: asyncio.Event, pause: float) -> None:
         await asyncio.sleep(0)
 
 
-async def one_save(directory: str, mib: int, tasks: int, pause: float, timeout: float) -> float:
+async def one_save(directory: str, mib: int, tasks: int, pause: float, limit: float) -> float:
     async with MemoryFile.open() as mf:
         held = mf.allocate(mib << 20)
         for view in mf.map_internal(held):
@@ -63,9 +63,9 @@ async def one_save(directory: str, mib: int, tasks: int, pause: float, timeout: 
             await asyncio.sleep(0.05)
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(mf.save(os.path.join(directory, "ck")), timeout)
+                await asyncio.wait_for(mf.save(os.path.join(directory, "ck")), limit)
             except TimeoutError:
-                return timeout
+                return limit
             return time.perf_counter() - t0
         finally:
             stop.set()
