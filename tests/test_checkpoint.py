@@ -16,7 +16,7 @@ from typing import Any
 
 import aiofiles
 import pytest
-from helpers import fill, is_zero
+from helpers import checkpoint_bytes, checkpoint_parts, fill, is_zero
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,12 +43,9 @@ from asyncpgalloc.checkpoint_format import (
     TRAILER_SIZE,
     Header,
     Snapshot,
-    block_seed,
     committed_extents,
-    crc,
     decode_metadata,
     encode_metadata,
-    pack_trailer,
 )
 from asyncpgalloc.checkpoint_scan import data_extents
 
@@ -578,18 +575,8 @@ async def good(mf: MemoryFile, tmp_path: Path) -> bytes:
 
 def parse(raw: bytes) -> tuple[Header, Snapshot, bytes]:
     """Header, snapshot and the concatenated page data of a checkpoint."""
-    header = Header.unpack(raw[:HEADER_SIZE])
-    meta = raw[HEADER_SIZE : header.data_offset]
-    snap = decode_metadata(header, meta)
-    data = bytearray()
-    pos = header.data_offset
-    left = header.data_length
-    while left:
-        n = min(left, header.block_size)
-        data += raw[pos : pos + n]
-        pos += n + 4
-        left -= n
-    return header, snap, bytes(data)
+    header, meta, data = checkpoint_parts(raw)
+    return header, decode_metadata(header, meta), data
 
 
 def forge(
@@ -602,13 +589,7 @@ def forge(
     meta = header.pop("metadata", None)
     if meta is None:
         meta = encode_metadata(snap)
-    h = dataclasses.replace(h, metadata_length=len(meta), metadata_crc=crc(meta), crc=0, **header)
-    h = dataclasses.replace(h, crc=crc(h.pack()[: HEADER_SIZE - 4]))
-    out = bytearray(h.pack() + meta)
-    for i in range(0, len(data), h.block_size):
-        block = data[i : i + h.block_size]
-        out += block + struct.pack("<I", crc(block, block_seed(h.crc, i // h.block_size)))
-    return bytes(out + pack_trailer(h))
+    return checkpoint_bytes(h, meta, data, **header)
 
 
 async def load_fails(path: Path, raw: bytes, match: str | None = None) -> None:
