@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LoadedState", "build_state"]
 
+_MAX_COMMIT_SEQ = 2**63
+
 
 @dataclass(slots=True)
 class LoadedState:
@@ -94,6 +96,10 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
     full = [(0, size)] if size else []
     if snap.unwaste_small != full or snap.unwaste_huge != full:
         raise _bad("the checkpoint holds waste pages")
+    if snap.commit_seq >= _MAX_COMMIT_SEQ:
+        # The file advances it by one per scan or decommit: 2**63 is never reached,
+        # and a save of a file loaded near 2**64 would fail to encode it.
+        raise _bad(f"commit sequence {snap.commit_seq} out of range")
     for _, _, refs in chain(snap.unfree_small, snap.unfree_huge):
         if refs >= 2**63:
             raise _bad(f"reference count {refs} out of range")

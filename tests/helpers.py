@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 from asyncpgalloc import FileRange, MemoryFile
 from asyncpgalloc.blocking import run_signalling
-from asyncpgalloc.checkpoint_format import HEADER_SIZE, Header, block_seed, crc, pack_trailer
+from asyncpgalloc.checkpoint_format import (
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    Header,
+    block_seed,
+    crc,
+    pack_trailer,
+)
 from asyncpgalloc.releaser import ReleasePlan
 
 T = TypeVar("T")
@@ -122,4 +129,5 @@ def checkpoint_bytes(header: Header, metadata: bytes, data: bytes, **fields: Any
     for i in range(0, len(data), step):
         block = data[i : i + step]
         out += block + struct.pack("<I", crc(block, block_seed(h.crc, i // step)))
-    return bytes(out + pack_trailer(h))
+    # A forged block size of 0 has no trailer (the loader refuses it before one).
+    return bytes(out + (pack_trailer(h) if h.block_size else bytes(TRAILER_SIZE)))
