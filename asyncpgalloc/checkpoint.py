@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import errno
 import os
 import sys
 import time
@@ -331,7 +332,8 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
 
     On the loop: one ftruncate plus one mmap (and madvise) per chunk, and O(segments)
     to add the known-committed bytes to the file's MemoryAccounting; the sets are
-    handed over as built.
+    handed over as built. Raises :class:`CheckpointError` if the chunks cannot all be
+    mapped (ENOMEM: more than ``vm.max_map_count`` or the address space allows).
     """
     from .memory_file import Chunk
 
@@ -343,9 +345,16 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
                 mapping = host.ChunkMapping(mf._fd, i * CHUNK_SIZE, CHUNK_SIZE)
                 mappings.append(mapping)
                 mf._advise_chunk(mapping, bool(huge))
-        except BaseException:
+        except BaseException as e:
             for mapping in mappings:
                 mapping.release()
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+                # Past vm.max_map_count or the address space: this checkpoint cannot
+                # be loaded here, whatever memory is free.
+                raise CheckpointError(
+                    f"checkpoint's {len(state.chunk_huge)} chunks of 1 GiB cannot all be "
+                    f"mapped in this process ({len(mappings)} were): {e}"
+                ) from e
             raise
         mf._chunks = [Chunk(m, bool(h)) for m, h in zip(mappings, state.chunk_huge, strict=True)]
     mf._unfree_small = state.unfree_small

@@ -80,6 +80,8 @@ _KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED
 #: tens of millions of segments while bounding what a forged length can make us read.
 MAX_METADATA_BYTES = 1 << 30
 #: x86-64 gives a process 128 TiB of address space: no more 1 GiB chunks can be mapped.
+#: ``vm.max_map_count`` (65530 by default) usually binds first: ``load`` turns the
+#: mapping's ENOMEM into a CheckpointError.
 MAX_CHUNKS_LOADABLE = 1 << 17
 
 _HEADER = struct.Struct("<8sIIIIIIQQQQI")

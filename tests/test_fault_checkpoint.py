@@ -29,6 +29,7 @@ from helpers import checkpoint_bytes, checkpoint_parts, fill
 
 import asyncpgalloc.checkpoint as checkpoint
 from asyncpgalloc import (
+    CHUNK_SIZE,
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
     AllocOpts,
@@ -39,6 +40,7 @@ from asyncpgalloc import (
     MemoryKind,
 )
 from asyncpgalloc.checkpoint_format import (
+    MAX_CHUNKS_LOADABLE,
     TRAILER_SIZE,
     Header,
     Snapshot,
@@ -453,3 +455,31 @@ async def test_a_commit_sequence_that_could_not_advance_is_refused(
     (tmp_path / "ck").write_bytes(checkpoint_bytes(header, _pack(words), data))
     with pytest.raises(CheckpointError, match="commit sequence"):
         await MemoryFile.load(tmp_path / "ck")
+
+
+def max_map_count() -> int:
+    return int(Path("/proc/sys/vm/max_map_count").read_text())
+
+
+async def test_more_chunks_than_this_process_can_map_is_a_checkpoint_error(
+    small_checkpoint: bytes, tmp_path: Path
+) -> None:
+    """Found by the fuzz: consistent metadata for more chunks than vm.max_map_count (or
+    the address space) lets this process map made load raise OSError(ENOMEM)."""
+    chunks = min(max_map_count() + 1, MAX_CHUNKS_LOADABLE)
+    header, _, data = checkpoint_parts(small_checkpoint)
+    snap = parse(small_checkpoint)
+    size = chunks * CHUNK_SIZE
+    big = dataclasses.replace(
+        snap,
+        chunk_huge=snap.chunk_huge + bytes(chunks - len(snap.chunk_huge)),
+        unwaste_small=[(0, size)],
+        unwaste_huge=[(0, size)],
+        # The new small chunks are void in the huge set, free in the small one.
+        unfree_huge=[*snap.unfree_huge, (snap.file_size, size, 0)],
+    )
+    forged = checkpoint_bytes(
+        dataclasses.replace(header, file_size=size), encode_metadata(big), data
+    )
+    load = Loads(tmp_path / "big", "path")
+    assert not await load(forged)
