@@ -1223,9 +1223,9 @@ class MemoryFile:
         (punched, not yet free) reads zero. Waste and releasing pages may still hold
         their old bytes, and used pages anything, so they are not read. Blocks the loop:
         ``SEEK_DATA``/``SEEK_HOLE`` skip holes (two ``lseek`` per data extent, ~1 µs
-        each), and only the committed promised pages are read, with ``pread`` (which
-        commits nothing, as reading through the mapping would) into one 1 MiB buffer,
-        at about 5-10 GB/s.
+        each), and only the committed promised pages are read (all of them on a file
+        system without ``SEEK_DATA``), with ``pread`` (which commits nothing, as
+        reading through the mapping would) into one 1 MiB buffer, at about 5-10 GB/s.
         """
         self._check_thread()
         from . import invariants
