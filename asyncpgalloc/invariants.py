@@ -151,4 +151,4 @@ def check_zero_pages(mf: MemoryFile, promised: list[tuple[int, int]]) -> None:
             at += 1
         if pos < e:
             raise _fail(mf, f"page {pos:#x} is free or sub-released but does not read zero")
-    raise _fail(mf, "the zero-page check found promised pages read as zero twice")
+    raise _fail(mf, f"zero-page check: zero ranges {zeros} do not match {promised}")

@@ -1250,7 +1250,7 @@ class MemoryFile:
         for i, chunk in enumerate(self._chunks):
             lo, hi = i * CHUNK_SIZE, (i + 1) * CHUNK_SIZE
             unfree = self._unfree_huge if chunk.huge else self._unfree_small
-            pieces = [(s, e) for s, e in unfree.gaps(lo, hi)]
+            pieces = list(unfree.gaps(lo, hi))
             if chunk.huge:
                 for s, e, refs in unfree.visit_range(lo, hi):
                     if refs:
