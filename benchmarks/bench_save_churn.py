@@ -80,9 +80,7 @@ def run_loop(loop_name: str, args: argparse.Namespace, directory: str) -> list[d
         times = []
         for _ in range(args.reps):
             with asyncio.Runner(loop_factory=new_loop) as runner:
-                times.append(
-                    runner.run(one_save(directory, args.mib, tasks, pause, args.timeout))
-                )
+                times.append(runner.run(one_save(directory, args.mib, tasks, pause, args.timeout)))
         median = statistics.median(times)
         if not tasks:
             baseline = median
