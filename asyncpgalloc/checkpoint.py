@@ -1,14 +1,17 @@
 """Checkpoint and restore: ``MemoryFile.save`` / ``MemoryFile.load`` (gVisor's SaveTo/LoadFrom).
 
-``save`` waits until no waste is left, refuses while evictions are pending, finds the
-committed pages (known-committed ones, plus a SEEK_DATA/SEEK_HOLE scan of the file
-under the commit-sequence protocol, as ``update_usage`` does with ``mincore``), takes
-a snapshot of the bookkeeping with no ``await`` inside, and writes a header, the
+``save`` refuses while evictions are pending, finds the committed pages
+(known-committed ones, plus a SEEK_DATA/SEEK_HOLE scan of the file under the
+commit-sequence protocol, as ``update_usage`` does with ``mincore``), takes a
+snapshot of the bookkeeping with no ``await`` inside, records the waste and
+releasing pages in it as released (their bytes are never read again; see
+:func:`~asyncpgalloc.checkpoint_format.released`), and writes a header, the
 metadata and the contents of the known-committed pages only (see
-:mod:`~asyncpgalloc.checkpoint_format`). ``load`` reads and checks the header and the
-metadata before it creates or maps anything, then builds a MemoryFile through
-``MemoryFile._open`` (so its releaser and options work as for any other) and copies
-the pages in off the loop.
+:mod:`~asyncpgalloc.checkpoint_format`). It never waits for the releaser: under
+allocations and frees that never stop, there is always some waste. ``load`` reads
+and checks the header and the metadata before it creates or maps anything, then
+builds a MemoryFile through ``MemoryFile._open`` (so its releaser and options work
+as for any other) and copies the pages in off the loop.
 
 What a save sees: the snapshot is one instant, after which pages are copied. Pages
 freed, decommitted or reused meanwhile never corrupt the live file nor make the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import errno
 import io
 import os
 import sys
@@ -44,6 +48,7 @@ from .checkpoint_format import (
     mem_acct_info,
     pack_trailer,
     plan_blocks,
+    released,
     unpack_crc,
     unpack_trailer,
 )
@@ -109,13 +114,13 @@ async def save_checkpoint(
         raise
     src_fd = -1
     try:
-        await mf.wait_released()
         src_fd = reopen(mf._fd, os.O_RDWR)
         await _mark_data_committed(mf, src_fd)
         if exclude_committed_zero_pages:
             await _exclude_zero_pages(mf, src_fd)
-        snap = await _quiescent_snapshot(mf)
-        metadata = await runner.run(encode_metadata, snap)
+        _live(mf)
+        _check_evictions(mf)
+        snap, metadata = await runner.run(_encode_released, _snapshot(mf))
         header = Header.make(
             flags=FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0,
             file_size=snap.file_size,
@@ -221,18 +226,15 @@ async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
                 mf.dec_ref(FileRange(s, e))
 
 
-async def _quiescent_snapshot(mf: MemoryFile) -> Snapshot:
-    """The file's bookkeeping once no waste or releasing pages are left (no await inside
-    the snapshot itself: O(segments) on the loop, ~0.3 µs per segment)."""
-    while True:
-        _live(mf)
-        _check_evictions(mf)
-        if mf._released.is_set():
-            return _snapshot(mf)
-        await mf.wait_released()
+def _encode_released(snap: Snapshot) -> tuple[Snapshot, bytes]:
+    """The snapshot with its waste released, and its metadata. Pure; O(segments)."""
+    snap = released(snap)
+    return snap, encode_metadata(snap)
 
 
 def _snapshot(mf: MemoryFile) -> Snapshot:
+    """The file's bookkeeping at this instant, waste included (no await: O(segments)
+    on the loop, ~0.3 µs per segment)."""
     size = mf.total_size()
     return Snapshot(
         commit_seq=mf._commit_seq,
@@ -334,7 +336,8 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
 
     On the loop: one ftruncate plus one mmap (and madvise) per chunk, and O(segments)
     to add the known-committed bytes to the file's MemoryAccounting; the sets are
-    handed over as built.
+    handed over as built. Raises :class:`CheckpointError` if the chunks cannot all be
+    mapped (ENOMEM: more than ``vm.max_map_count`` or the address space allows).
     """
     from .memory_file import Chunk
 
@@ -346,9 +349,16 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
                 mapping = host.ChunkMapping(mf._fd, i * CHUNK_SIZE, CHUNK_SIZE)
                 mappings.append(mapping)
                 mf._advise_chunk(mapping, bool(huge))
-        except BaseException:
+        except BaseException as e:
             for mapping in mappings:
                 mapping.release()
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+                # Past vm.max_map_count or the address space: this checkpoint cannot
+                # be loaded here, whatever memory is free.
+                raise CheckpointError(
+                    f"checkpoint's {len(state.chunk_huge)} chunks of 1 GiB cannot all be "
+                    f"mapped in this process ({len(mappings)} were): {e}"
+                ) from e
             raise
         mf._chunks = [Chunk(m, bool(h)) for m, h in zip(mappings, state.chunk_huge, strict=True)]
     mf._unfree_small = state.unfree_small

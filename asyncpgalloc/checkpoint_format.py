@@ -35,7 +35,8 @@ from crc32c import crc32c
 
 from .accounting import MemoryKind
 from .errors import CheckpointError
-from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, MAX_MAPPABLE_CHUNKS, PAGE_SIZE
+from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, MAX_MAPPABLE_CHUNKS, PAGE_SIZE, FileRange
+from .releaser import plan_release
 
 if TYPE_CHECKING:
     pass
@@ -63,6 +64,7 @@ __all__ = [
     "merged",
     "pack_trailer",
     "plan_blocks",
+    "released",
     "unpack_trailer",
 ]
 
@@ -78,6 +80,8 @@ _KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED
 #: tens of millions of segments while bounding what a forged length can make us read.
 MAX_METADATA_BYTES = 1 << 30
 #: No more 1 GiB chunks can be mapped (128 TiB of address space on x86-64).
+#: ``vm.max_map_count`` (65530 by default) usually binds first: ``load`` turns the
+#: mapping's ENOMEM into a CheckpointError.
 MAX_CHUNKS_LOADABLE = MAX_MAPPABLE_CHUNKS
 
 _HEADER = struct.Struct("<8sIIIIIIQQQQI")
@@ -392,6 +396,84 @@ def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
         at += count * width
         lists.append(list(zip(*[iter(flat)] * width, strict=True)))
     return Snapshot(commit_seq, known, bytes(chunk_huge), *lists)  # type: ignore[arg-type]
+
+
+def _cut(
+    entries: list[tuple[int, int, int]], holes: list[tuple[int, int]]
+) -> list[tuple[int, int, int]]:
+    """``entries`` (sorted, disjoint) with the sorted, disjoint ``holes`` taken out. O(n)."""
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    for s, e, v in entries:
+        while i < len(holes) and holes[i][1] <= s:
+            i += 1
+        j = i
+        while j < len(holes) and holes[j][0] < e:
+            hs, he = holes[j]
+            if s < hs:
+                out.append((s, hs, v))
+            s = max(s, he)
+            j += 1
+        if s < e:
+            out.append((s, e, v))
+    return out
+
+
+def released(snap: Snapshot) -> Snapshot:
+    """``snap`` as it will be once the releaser has released every waste and releasing
+    page (dead allocations are waste: read the snapshot through the settled sets).
+
+    Waste bytes are never read again, so a checkpoint may record them as released:
+    small-chunk waste becomes free, huge-chunk waste sub-released or, where a huge
+    page is then wholly released, free (the releaser's own arithmetic,
+    :func:`~asyncpgalloc.releaser.plan_release`). Its contents are not saved, and the
+    restored file reads zeros there, as a released page does. This is what lets
+    ``save`` take its snapshot at once instead of waiting for a moment with no waste
+    at all, which steady churn never gives. Pure computation, O(segments).
+    """
+    size = snap.file_size
+    full = [(0, size)] if size else []
+    waste: list[tuple[int, int]] = []
+    for s, e, _, _, info in snap.mem_acct:
+        if info & _WASTE_BIT:
+            if waste and waste[-1][1] == s and s % CHUNK_SIZE:
+                waste[-1] = (waste[-1][0], e)
+            else:
+                waste.append((s, e))
+    if not waste and snap.unwaste_small == full and snap.unwaste_huge == full:
+        return snap
+    counts = dict(snap.subreleased)
+    free: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
+    for s, e in waste:
+        while s < e:
+            stop = min(e, s - s % CHUNK_SIZE + CHUNK_SIZE)
+            huge = bool(snap.chunk_huge[s // CHUNK_SIZE])
+            plan = plan_release(FileRange(s, stop), huge, counts)
+            for offset, n in plan.subreleased.items():
+                if n:
+                    counts[offset] = n
+                else:
+                    counts.pop(offset, None)
+            if plan.free.length:
+                frees = free[huge]
+                if frees and frees[-1][1] >= plan.free.start:
+                    frees[-1] = (frees[-1][0], max(frees[-1][1], plan.free.end))
+                else:
+                    frees.append(plan.free)
+            s = stop
+    known_waste = _WASTE_BIT | KNOWN_BIT
+    gone = sum(e - s for s, e, _, _, i in snap.mem_acct if i & known_waste == known_waste)
+    return Snapshot(
+        commit_seq=snap.commit_seq,
+        known_committed_bytes=snap.known_committed_bytes - gone,
+        chunk_huge=snap.chunk_huge,
+        unwaste_small=full,
+        unwaste_huge=full,
+        unfree_small=_cut(snap.unfree_small, free[False]),
+        unfree_huge=_cut(snap.unfree_huge, free[True]),
+        mem_acct=[m for m in snap.mem_acct if not m[4] & _WASTE_BIT],
+        subreleased=sorted(counts.items()),
+    )
 
 
 # ------------------------------------------------------------------------ data blocks

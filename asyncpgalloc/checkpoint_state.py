@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LoadedState", "build_state"]
 
+_MAX_COMMIT_SEQ = 2**63
+
 
 @dataclass(slots=True)
 class LoadedState:
@@ -80,7 +82,7 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
 
     Pure computation, O(segments log segments + chunks): run it off the loop. Raises
     :class:`CheckpointError` if the metadata could not have come from a MemoryFile
-    with no waste (a checkpoint never holds waste: ``save`` waits for release).
+    with no waste (a checkpoint never holds waste: ``save`` records it as released).
     """
     from .memory_file import MemAcct
 
@@ -94,6 +96,10 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
     full = [(0, size)] if size else []
     if snap.unwaste_small != full or snap.unwaste_huge != full:
         raise _bad("the checkpoint holds waste pages")
+    if snap.commit_seq >= _MAX_COMMIT_SEQ:
+        # The file advances it by one per scan or decommit: 2**63 is never reached,
+        # and a save of a file loaded near 2**64 would fail to encode it.
+        raise _bad(f"commit sequence {snap.commit_seq} out of range")
     for _, _, refs in chain(snap.unfree_small, snap.unfree_huge):
         if refs >= 2**63:
             raise _bad(f"reference count {refs} out of range")

@@ -7,6 +7,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from .accounting import MemoryKind
+from .checkpoint_scan import zero_ranges_job
 from .errors import InvariantError
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, KEY_MAX, PAGES_PER_HUGE_PAGE
 from .stats import compute_stats
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from .memory_file import MemoryFile
     from .segments import SegmentSet
 
-__all__ = ["check_invariants"]
+__all__ = ["check_invariants", "check_zero_pages"]
 
 
 def _fail(mf: MemoryFile, what: str) -> InvariantError:
@@ -140,3 +141,24 @@ def check_invariants(mf: MemoryFile) -> None:
         raise _fail(mf, "wait_released() would return with waste or releasing pages left")
     if st.waste_bytes and not mf._have_waste:
         raise _fail(mf, "waste exists but the releaser was not woken")
+
+
+def check_zero_pages(mf: MemoryFile, promised: list[tuple[int, int]]) -> None:
+    """Raise InvariantError if a page of ``promised`` (sorted, merged page ranges that
+    the allocator promises read zero) does not. **Blocking**: holes are skipped with
+    SEEK_DATA/SEEK_HOLE, data is read with ``pread`` into a 1 MiB buffer."""
+    zeros = zero_ranges_job(mf.fd, promised)
+    if zeros == promised:
+        return
+    # The first promised page not found zero.
+    at = 0
+    for s, e in promised:
+        while at < len(zeros) and zeros[at][1] <= s:
+            at += 1
+        pos = s
+        while at < len(zeros) and zeros[at][0] <= pos < e:
+            pos = zeros[at][1]
+            at += 1
+        if pos < e:
+            raise _fail(mf, f"page {pos:#x} is free or sub-released but does not read zero")
+    raise _fail(mf, f"zero-page check: zero ranges {zeros} do not match {promised}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.util
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -13,6 +15,14 @@ from typing import Any, TypeVar
 
 from asyncpgalloc import FileRange, MemoryFile
 from asyncpgalloc.blocking import run_signalling
+from asyncpgalloc.checkpoint_format import (
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    Header,
+    block_seed,
+    crc,
+    pack_trailer,
+)
 from asyncpgalloc.releaser import ReleasePlan
 
 T = TypeVar("T")
@@ -92,3 +102,32 @@ def fill(mf: MemoryFile, fr: FileRange, byte: int) -> None:
 
 def is_zero(mf: MemoryFile, fr: FileRange) -> bool:
     return all(view.tobytes().count(0) == len(view) for view in mf.map_internal(fr))
+
+
+def checkpoint_parts(raw: bytes) -> tuple[Header, bytes, bytes]:
+    """A checkpoint's header, metadata bytes and concatenated page data (CRCs dropped)."""
+    header = Header.unpack(raw[:HEADER_SIZE])
+    data = bytearray()
+    pos = header.data_offset
+    left = header.data_length
+    while left:
+        n = min(left, header.block_size)
+        data += raw[pos : pos + n]
+        pos += n + 4
+        left -= n
+    return header, raw[HEADER_SIZE : header.data_offset], bytes(data)
+
+
+def checkpoint_bytes(header: Header, metadata: bytes, data: bytes, **fields: Any) -> bytes:
+    """A checkpoint made of these parts with every checksum valid: the metadata length and
+    CRC (unless ``fields`` forges them), the header CRC, each block's CRC, the trailer."""
+    fields = {"metadata_length": len(metadata), "metadata_crc": crc(metadata), **fields}
+    h = dataclasses.replace(header, crc=0, **fields)
+    h = dataclasses.replace(h, crc=crc(h.pack()[: HEADER_SIZE - 4]))
+    out = bytearray(h.pack() + metadata)
+    step = max(h.block_size, 1)
+    for i in range(0, len(data), step):
+        block = data[i : i + step]
+        out += block + struct.pack("<I", crc(block, block_seed(h.crc, i // step)))
+    # A forged block size of 0 has no trailer (the loader refuses it before one).
+    return bytes(out + (pack_trailer(h) if h.block_size else bytes(TRAILER_SIZE)))
