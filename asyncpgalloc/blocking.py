@@ -84,9 +84,14 @@ async def finish_uncancelled(aw: Awaitable[T]) -> T:
     is what the caller must undo for).
     """
     if asyncio.iscoroutine(aw):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            aw.close()  # no loop to run it on (its loop is gone): never leave it unawaited
+            raise
         # Named, so that code cancelling "every task but the library's" (shutdown
         # handlers, this project's interrupt test) can tell it is ours.
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_task(
+        fut: asyncio.Future[T] = loop.create_task(
             aw, name=f"asyncpgalloc-{getattr(aw, '__qualname__', 'work')}"
         )
     else:

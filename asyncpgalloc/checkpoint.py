@@ -133,7 +133,11 @@ async def save_checkpoint(
         await sink.write_data(src_fd, plan_blocks(extents, header.block_size), header)
         await sink.write(pack_trailer(header))
         await sink.commit()
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, GeneratorExit):
+            # Closed with its loop gone: nothing may await, but the save's threads
+            # may still use the temporary and the source fd, so wait for them here.
+            runner.wait_idle_blocking(10.0)
         sink.abort()
         raise
     finally:

@@ -137,6 +137,8 @@ async def run_pipelined(jobs: Iterable[Callable[[], Awaitable[None]]], width: in
         while inflight:
             t = inflight.pop(0)
             await t
+    except GeneratorExit:
+        raise  # closed with its loop gone: nothing may await (the owner waits for threads)
     except BaseException:
         for t in inflight:
             t.cancel()

@@ -409,3 +409,29 @@ def test_threads_are_still_refused() -> None:
             assert is_zero(mf, mf.allocate(PAGE_SIZE))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_save_cut_off_by_a_closed_loop_leaves_no_temporary(loop: str, tmp_path: Path) -> None:
+    unraisable: list[Any] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    lp = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
+    try:
+        mf = lp.run_until_complete(MemoryFile.open())
+        fill(mf, mf.allocate(256 * MiB, COMMIT), 9)
+        lp.create_task(mf.save(tmp_path / "ckpt"))
+        lp.call_later(0.02, lp.stop)
+        lp.run_forever()
+        lp.close()
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            del mf
+            gc.collect()
+            gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+        lp.close()
+    assert list(tmp_path.iterdir()) == []
+    assert not [u for u in unraisable if "Event loop is closed" in repr(u.exc_value)], unraisable
+    assert not [u for u in unraisable if "GeneratorExit" in repr(u.exc_value)], unraisable
