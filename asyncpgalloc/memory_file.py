@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ from .errors import (
     WrongThreadError,
 )
 from .eviction import EvictableMemoryUser, Evictions
+from .lending import Lent
 from .options import (
     AccessType,
     AllocationMode,
@@ -209,6 +211,8 @@ class MemoryFile:
         )
         self._pressure: MemcgPressureWatcher | None = None
         self._refresher: asyncio.Task[None] | None = None
+        # Pages of allocate_from fills that a source may still write (see lending.py).
+        self._lent = Lent(self.dec_ref)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -296,6 +300,7 @@ class MemoryFile:
         tasks = [self._releaser_task]
         if self._refresher is not None:
             tasks.append(self._refresher)
+        tasks += self._lent.close()
         for t in tasks:
             t.cancel()
         task = self._releaser_task
@@ -464,34 +469,64 @@ class MemoryFile:
         raises, that tail is released likewise and a :class:`PartialFillError`
         carries the filled range (still allocated: the caller owns it) with the
         source's error as its cause. If the awaiting task is cancelled, every page
-        goes back. Raises ``TypeError`` for a source of none of these kinds before
-        allocating anything.
+        goes back. Raises ``TypeError`` for a source of none of these kinds (or a
+        synchronous file object) before allocating anything.
+
+        The source writes through a mapping of the range of its own
+        (:class:`~asyncpgalloc.host.LentMapping`: a ``dup``, an ``mmap`` and a
+        ``munmap``, a few µs). A ``readinto`` may still be writing from a thread when
+        the call ends (aiofiles' thread goes on after a cancellation): then the pages
+        the call gives back stay allocated until no view of that mapping is in use,
+        and :meth:`wait_released` waits for them too. On a caller's file (which may
+        fill up), the range is committed first (``COMMIT``), so a full file system is
+        an ``OSError(ENOSPC)`` with nothing read from the source, never a SIGBUS.
         """
         fill = filler_for(source)
+        if self._commit_before_write and opts.mode is _UNCOMMITTED:
+            opts = dataclasses.replace(opts, mode=_COMMIT)
         fr = await self.allocate_async(length, opts)
         progress = Progress()
         try:
-            await fill(self._views(fr.start, fr.end), progress)
+            lent = host.LentMapping(self._fd, fr.start, fr.length)
+        except BaseException:
+            self.dec_ref(fr)
+            raise
+        try:
+            await fill(lent, progress)
         except BaseException as e:
             if self._closed:
+                lent.try_unmap()
                 raise
             if isinstance(e, Exception):
-                filled = self._keep_filled(fr, progress.filled)
+                filled = self._keep_filled(fr, progress.filled, lent)
                 raise PartialFillError(
                     f"allocate_from: the source failed after {progress.filled} bytes", filled
                 ) from e
-            self.dec_ref(fr)
+            self._give_back_lent(fr, fr.start, lent)
             raise
-        if progress.filled < length:
-            return self._keep_filled(fr, progress.filled)
-        return fr
+        return self._keep_filled(fr, progress.filled, lent)
 
-    def _keep_filled(self, fr: FileRange, filled: int) -> FileRange:
+    def _keep_filled(self, fr: FileRange, filled: int, lent: host.LentMapping) -> FileRange:
         """Release the part of ``fr`` past its last wholly filled page; return the rest."""
         end = fr.start + filled - filled % PAGE_SIZE
-        if end < fr.end:
-            self.dec_ref(FileRange(end, fr.end))
+        self._give_back_lent(fr, end, lent)
         return FileRange(fr.start, end)
+
+    def _give_back_lent(self, fr: FileRange, keep_end: int, lent: host.LentMapping) -> None:
+        """The caller keeps ``[fr.start, keep_end)`` of the filled ``fr``; the rest goes back.
+
+        If ``lent`` cannot be unmapped yet (a view of it is still in use: a thread may
+        write any page of ``fr``), every page of ``fr`` keeps one reference owned by
+        ``_lent`` until it can: the caller's for the part given back, a new one for the
+        part kept. Synchronous; O(log n).
+        """
+        if lent.try_unmap():
+            if keep_end < fr.end:
+                self.dec_ref(FileRange(keep_end, fr.end))
+            return
+        if keep_end > fr.start:
+            self.inc_ref(FileRange(fr.start, keep_end))
+        self._lent.add(lent, fr)
 
     def _take_pages(self, length: int, opts: AllocOpts) -> tuple[FileRange, bool, bool]:
         """Validate, then mark pages used: (range, huge, recycled). The shared first step."""
@@ -977,10 +1012,13 @@ class MemoryFile:
     async def wait_released(self) -> None:
         """Wait until no waste or releasing pages are left.
 
-        Returns at once if there are none. Raises :class:`~asyncpgalloc.ClosedError`
-        if the file closes meanwhile.
+        Returns at once if there are none. Pages an ``allocate_from`` source may still
+        write (see :meth:`allocate_from`) count as not released yet: this waits for
+        them to come back, then for their release. Raises
+        :class:`~asyncpgalloc.ClosedError` if the file closes meanwhile.
         """
         self._check()
+        await self._lent.wait()
         while not self._released.is_set():
             waiter = asyncio.ensure_future(self._released.wait())
             try:
