@@ -5,7 +5,9 @@ again until it has returned (issue 18 item 1)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -151,17 +153,22 @@ async def test_a_view_the_source_derives_from_its_own_holds_the_pages_too(
     """The source hands its thread a slice of the view it got: releasing our view alone
     would prove nothing, the mapping's own export count does."""
     path, w = fifo
-    ex = RecordingExecutor()
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    started = threading.Event()
     loop = asyncio.get_running_loop()
     with open_raw(path) as raw:
 
+        def read_half(b: memoryview) -> int | None:
+            started.set()
+            return raw.readinto(b)
+
         class Source:
-            async def readinto(self, b: memoryview) -> int:
-                n: int = await loop.run_in_executor(ex, raw.readinto, b[: len(b) // 2])
-                return n
+            async def readinto(self, b: memoryview) -> int | None:
+                return await loop.run_in_executor(ex, read_half, b[: len(b) // 2])
 
         task = asyncio.ensure_future(mf.allocate_from(Source(), K64))
-        await _started(ex)
+        while not started.is_set():
+            await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -169,7 +176,7 @@ async def test_a_view_the_source_derives_from_its_own_holds_the_pages_too(
         await asyncio.sleep(0.05)
         waited = not waiter.done()
         os.write(w, SECRET)
-        await _drained(ex)
+        await loop.run_in_executor(None, ex.shutdown, True)
         await waiter
         frs = [mf.allocate(K64) for _ in range(4)]
         assert all(is_zero(mf, fr) for fr in frs)
