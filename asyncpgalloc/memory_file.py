@@ -963,15 +963,25 @@ class MemoryFile:
     # --------------------------------------------------------------------- mapping
 
     def map_internal(self, fr: FileRange, access: AccessType = AccessType.READ) -> list[memoryview]:
-        """Writable ``memoryview``s (one per chunk touched) of the file's bytes in ``fr``.
+        """``memoryview``s (one per chunk touched) of the file's bytes in ``fr``: read-only
+        for ``READ`` (writing raises ``TypeError``), writable with ``WRITE``.
 
-        O(chunks touched), no syscall. ``fr`` need not be page-aligned but must be
-        non-empty and inside the file. Raises ``PermissionError`` for EXECUTE access.
-        A view keeps its chunk's mapping alive even after ``aclose()``: it never
-        dangles, but after close it no longer reaches the file. On a caller's file on
-        a filesystem that can fill up, writing a page that was never committed
-        (``UNCOMMITTED``) raises SIGBUS when the filesystem is full: allocate such
-        memory with ``COMMIT`` or ``WRITE_POPULATE``, which report ENOSPC instead.
+        O(chunks touched + segments in ``fr``), no syscall. ``fr`` need not be
+        page-aligned but must be non-empty and inside the file, and every page it
+        touches must hold a reference: views of free or waste pages are refused with
+        :class:`~asyncpgalloc.ReferenceCountError` (a store there would reach the next
+        allocation), as is EXECUTE access with ``PermissionError``; either way nothing
+        changes. A view keeps its chunk's mapping alive even after ``aclose()``: it
+        never dangles, but after close it no longer reaches the file. Keep views only
+        while holding the references: after ``dec_ref`` the pages may be handed out
+        again.
+
+        Disk-backed files: a store through a view into a page whose blocks do not exist
+        yet (an ``UNCOMMITTED`` allocation never written) makes the file system allocate
+        them at the fault; if it is full, the process gets SIGBUS and dies. On a caller's
+        file that can fill up, commit first: allocate with ``COMMIT`` (or
+        ``WRITE_POPULATE``), or fill with :meth:`allocate_from`, which commit with
+        ``fallocate`` and report ENOSPC as an ``OSError`` instead.
         """
         self._check()
         if AccessType.EXECUTE in access:
@@ -979,7 +989,13 @@ class MemoryFile:
         start, end = fr
         if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
-        return self._views(start, end)
+        self._referenced_pieces(
+            FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK), "map_internal"
+        )
+        views = self._views(start, end)
+        if AccessType.WRITE in access:
+            return views
+        return [v.toreadonly() for v in views]
 
     def _views(self, start: int, end: int) -> list[memoryview]:
         """Views of ``[start, end)``, one per chunk (no checks; safe off the loop)."""

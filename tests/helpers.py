@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from asyncpgalloc import FileRange, MemoryFile
+from asyncpgalloc import AccessType, FileRange, MemoryFile
 from asyncpgalloc.blocking import run_signalling
 from asyncpgalloc.releaser import ReleasePlan
 
@@ -86,9 +87,16 @@ def snapshot(mf: MemoryFile) -> tuple[str, object, int]:
 
 
 def fill(mf: MemoryFile, fr: FileRange, byte: int) -> None:
-    for view in mf.map_internal(fr):
+    for view in mf.map_internal(fr, AccessType.WRITE):
         view[:] = bytes([byte]) * len(view)
 
 
 def is_zero(mf: MemoryFile, fr: FileRange) -> bool:
     return all(view.tobytes().count(0) == len(view) for view in mf.map_internal(fr))
+
+
+def reads_zero(mf: MemoryFile, fr: FileRange) -> bool:
+    """Whether ``fr`` reads as zeros in the file, held or not (``pread``: no view of free
+    pages is handed out, and reading a hole this way commits nothing)."""
+    data = os.pread(mf.fd, fr.length, fr.start)
+    return len(data) == fr.length and data.count(0) == fr.length

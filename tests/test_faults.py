@@ -76,7 +76,7 @@ def small_tmpfs(size: str = "8m") -> Iterator[Path]:
 _ENOSPC_BODY = textwrap.dedent(
     """
     import asyncio, errno, os, sys
-    from asyncpgalloc import AllocOpts, AllocationMode, MemoryFile, MemoryFileOpts, host
+    from asyncpgalloc import AccessType, AllocOpts, AllocationMode, MemoryFile, MemoryFileOpts, host
 
     MiB = 1 << 20
     path, mode_name, how = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -86,7 +86,7 @@ _ENOSPC_BODY = textwrap.dedent(
         opts = MemoryFileOpts(disk_backed_file=True)
         async with MemoryFile.open(os.path.join(path, "backing"), opts) as mf:
             held = mf.allocate(4 * MiB, AllocOpts(mode=AllocationMode.COMMIT))
-            for v in mf.map_internal(held):
+            for v in mf.map_internal(held, AccessType.WRITE):
                 v[:] = b"\\x5a" * len(v)
             before = mf.stats().used_bytes
             try:
@@ -103,7 +103,7 @@ _ENOSPC_BODY = textwrap.dedent(
             await mf.wait_released()
             # The file keeps working: a smaller allocation fits, and reads as zeros.
             fr = mf.allocate(2 * MiB, AllocOpts(mode=mode))
-            views = mf.map_internal(fr)
+            views = mf.map_internal(fr, AccessType.WRITE)
             assert all(v.tobytes().count(0) == len(v) for v in views)
             for v in views:
                 v[:] = b"\\x01" * len(v)
