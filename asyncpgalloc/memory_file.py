@@ -1022,8 +1022,13 @@ class MemoryFile:
         except OSError as e:
             # Memory use does not drop, but the pages still read as zeros when reused.
             logger.warning("Failed to decommit %s: %s", fr, e)
-            for addr, n in self._address_pieces(fr):
-                host.zero(addr, n)
+            from .checkpoint_scan import data_ranges
+
+            # Holes read as zeros already, and a store through the mapping into one
+            # needs a new block: SIGBUS on a full file system. pwrite the data only;
+            # an error there is an OSError like the punch's.
+            for s, end in data_ranges(self._fd, fr.start, fr.end):
+                host.pwrite_zeros(self._fd, s, end - s)
 
     async def wait_released(self) -> None:
         """Wait until no waste or releasing pages are left.

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
+
+import pytest
 
 from asyncpgalloc import AccessType, FileRange, MemoryFile
 from asyncpgalloc.blocking import run_signalling
@@ -100,3 +105,26 @@ def reads_zero(mf: MemoryFile, fr: FileRange) -> bool:
     pages is handed out, and reading a hole this way commits nothing)."""
     data = os.pread(mf.fd, fr.length, fr.start)
     return len(data) == fr.length and data.count(0) == fr.length
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted for the test, always unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = Path(tempfile.mkdtemp(prefix="asyncpgalloc-enospc-"))
+    try:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        try:
+            yield d
+        finally:
+            subprocess.run(["umount", "-l", str(d)], check=False)
+    finally:
+        with contextlib.suppress(OSError):
+            d.rmdir()

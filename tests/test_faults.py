@@ -19,14 +19,13 @@ import errno
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fill, is_zero
+from helpers import fill, is_zero, small_tmpfs
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -46,29 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@contextlib.contextmanager
-def small_tmpfs(size: str = "8m") -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted for the test, always unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = Path(tempfile.mkdtemp(prefix="asyncpgalloc-enospc-"))
-    try:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-        try:
-            yield d
-        finally:
-            subprocess.run(["umount", "-l", str(d)], check=False)
-    finally:
-        with contextlib.suppress(OSError):
-            d.rmdir()
 
 
 # Runs in a subprocess: a write through a mapping of an unbacked page of a full tmpfs
