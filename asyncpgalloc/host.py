@@ -511,13 +511,14 @@ class LentMapping:
 
     length: int
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(self, fd: int, offset: int, length: int, populate: bool = False) -> None:
         """Map ``[offset, offset+length)`` of ``fd`` shared and writable. ``offset`` must be
-        page-aligned; raises ``OSError`` as mmap does."""
+        page-aligned; raises ``OSError`` as mmap does. ``populate`` (``MAP_POPULATE``) maps
+        every page present in one go instead of one fault each: **blocking**, linear in
+        length; worth it only where the pages are already there."""
         _check_range("offset", offset, _OFF_MAX)
-        self._m = mmap.mmap(
-            fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
-        )
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self._m = mmap.mmap(fd, length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         self.length = length
         self._views: list[memoryview] = []
 

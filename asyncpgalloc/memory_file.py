@@ -487,7 +487,9 @@ class MemoryFile:
         fr = await self.allocate_async(length, opts)
         progress = Progress()
         try:
-            lent = host.LentMapping(self._fd, fr.start, fr.length)
+            # Pages already populated: map them all at once rather than fault each again.
+            populated = opts.mode is _WRITE_POPULATE
+            lent = host.LentMapping(self._fd, fr.start, fr.length, populated)
         except BaseException:
             self.dec_ref(fr)
             raise
