@@ -36,11 +36,6 @@ class Lent:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes of pages held until their mapping is gone. O(ranges lent)."""
-        return sum(fr.length for _, fr in self._pending)
-
     def add(self, mapping: host.LentMapping, fr: FileRange) -> None:
         """Hold the reference the caller gives up on ``fr`` until ``mapping`` unmaps, then
         ``dec_ref(fr)``. Synchronous; starts the retry task if none runs."""
