@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from . import host
 from .blocking import BlockingRunner, finish_uncancelled
 from .checkpoint_format import Block, Header, block_seed, pack_crc, unpack_crc
 from .checkpoint_format import crc as crc32c
@@ -481,6 +482,13 @@ def _pread_exact(fd: int, n: int, pos: int) -> bytes:
     return b"".join(parts)
 
 
+def _commit_batch_job(dst_fd: int, batch: list[Block]) -> None:
+    """fallocate every piece of ``batch`` in the memory file. **Blocking**, linear in bytes."""
+    for block in batch:
+        for off, n in block.pieces:
+            host.commit(dst_fd, off, n)
+
+
 def _verify_batch_job(views: Views, batch: list[Block], crcs: list[int], header_crc: int) -> None:
     """Check each block's CRC against the pages now in the memory file. **Blocking**."""
     for block, want in zip(batch, crcs, strict=True):
@@ -535,6 +543,11 @@ class StreamSource(Source):
         self, header: Header, blocks: Iterable[Block], dst_fd: int, views: Views
     ) -> None:
         for batch in batches(blocks):
+            # The pages are written through the mapping: a page whose block the file
+            # system cannot allocate (a disk-backed file on a full one) would be a
+            # SIGBUS there, so allocate them first, where it is an OSError(ENOSPC).
+            # On shmem this only moves the zeroing from the first touch to fallocate.
+            await self._run.run(_commit_batch_job, dst_fd, batch)
             crcs: list[int] = []
             for block in batch:
                 for off, n in block.pieces:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from . import host
 from .ranges import PAGE_SIZE, page_round_down, page_round_up
 
-__all__ = ["data_extents", "pread_into", "punch_job", "zero_ranges_job"]
+__all__ = ["data_extents", "data_ranges", "pread_into", "punch_job", "zero_ranges_job"]
 
 logger = logging.getLogger("asyncpgalloc")
 
@@ -42,6 +42,12 @@ def _data_parts(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]
         pos = h
 
 
+def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The page ranges of ``[start, end)`` that hold data, as :func:`data_extents`.
+    **Blocking** (two ``lseek`` per extent); moves ``fd``'s file offset."""
+    return [(s, e) for s, e, data in _data_parts(fd, start, end) if data]
+
+
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The page ranges of ``[0, size)`` that hold data (SEEK_DATA/SEEK_HOLE). **Blocking**.
 
@@ -51,7 +57,7 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     pages only ``fallocate``-committed, which read as zeros anyway (checked on Linux
     6.18); ``mincore`` misses both of the latter.
     """
-    return [(s, e) for s, e, data in _data_parts(fd, 0, size) if data]
+    return data_ranges(fd, 0, size)
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> None:

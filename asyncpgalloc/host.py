@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import resource
 import stat
@@ -40,6 +41,7 @@ __all__ = [
     "MADV_NOHUGEPAGE",
     "MADV_POPULATE_WRITE",
     "ChunkMapping",
+    "LentMapping",
     "PopulateState",
     "can_populate",
     "commit",
@@ -54,6 +56,7 @@ __all__ = [
     "mincore",
     "open_backing_file",
     "populate_state",
+    "pwrite_zeros",
     "set_file_size",
     "try_populate",
     "zero",
@@ -443,6 +446,24 @@ def zero(addr: int, length: int) -> None:
     ctypes.memset(addr, 0, length)
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def pwrite_zeros(fd: int, offset: int, length: int) -> None:
+    """Write zeros over ``[offset, offset+length)`` of ``fd`` with ``pwrite``, 1 MiB at a time.
+
+    **Blocking**: linear in length, and it commits every block it writes, as :func:`zero`;
+    unlike a store through a mapping, a block the file system cannot allocate (it is
+    full) is an ``OSError(ENOSPC)``, not a SIGBUS.
+    """
+    _check_range("offset", offset, _OFF_MAX)
+    _check_range("length", length, _OFF_MAX)
+    zeros = memoryview(_ZEROS)
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, zeros[: min(len(zeros), end - offset)], offset)
+
+
 def _unmap(addr: int, length: int) -> None:
     if _munmap(addr, length) != 0:
         # Like the seed's destroy path: nothing to do about it but say so.
@@ -529,3 +550,80 @@ class ChunkMapping:
     def __repr__(self) -> str:
         state = "released" if self.released else "live"
         return f"<ChunkMapping {self.addr:#x}+{self.length:#x} {state}>"
+
+
+class LentMapping:
+    """A mapping of one range of a file of its own, for code the library does not control.
+
+    Views of it are what ``allocate_from`` lends to a source's ``readinto``, which may
+    write through them from a thread long after the awaiting task was cancelled
+    (cancelling an await does not stop a thread). It is an ``mmap.mmap`` object because
+    those count buffer exports: every memoryview on it, however derived, and every C
+    buffer a thread holds (``readinto`` takes one for as long as it runs) keeps it
+    mapped, and :meth:`try_unmap` succeeds only once none is left. A mapping that is
+    gone can never be written again: that proves nothing can write the pages any more.
+
+    Costs: mapping it is a few cheap syscalls (``dup``, ``mmap``; Python's ``mmap``
+    keeps a dup of the fd, so the file stays open while the mapping lives), and its
+    pages fault in again on first touch (a minor fault for a page already present).
+    """
+
+    __slots__ = ("_m", "_views", "length")
+
+    length: int
+
+    def __init__(self, fd: int, offset: int, length: int, populate: bool = False) -> None:
+        """Map ``[offset, offset+length)`` of ``fd`` shared and writable. ``offset`` must be
+        page-aligned; raises ``OSError`` as mmap does. ``populate`` (``MAP_POPULATE``) maps
+        every page present in one go instead of one fault each: **blocking**, linear in
+        length; worth it only where the pages are already there."""
+        _check_range("offset", offset, _OFF_MAX)
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self._m = mmap.mmap(fd, length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.length = length
+        self._views: list[memoryview] = []
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A writable view of ``[offset, offset+length)`` of the range, to lend; recorded so
+        that :meth:`release` and :meth:`try_unmap` can release it. No syscall."""
+        mv = memoryview(self._m)[offset : offset + length]
+        self._views.append(mv)
+        return mv
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` in at ``offset`` (no view is lent). Touching a page faults it in."""
+        self._m[offset : offset + len(data)] = data
+
+    def release(self, view: memoryview) -> None:
+        """Release ``view`` if nothing uses it any more (else :meth:`try_unmap` retries)."""
+        try:
+            view.release()
+        except BufferError:
+            return
+        views = self._views
+        # By identity: memoryviews compare by content. The view is nearly always the last.
+        for i in range(len(views) - 1, -1, -1):
+            if views[i] is view:
+                del views[i]
+                return
+
+    def try_unmap(self) -> bool:
+        """Release every view handed out and unmap; False (and still mapped) while any
+        view or buffer on the mapping is in use. Idempotent; one munmap when it unmaps."""
+        views = self._views
+        while views:
+            try:
+                views[-1].release()
+            except BufferError:
+                return False
+            views.pop()
+        try:
+            self._m.close()
+        except BufferError:
+            # A view the borrower derived from ours is still alive.
+            return False
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._m.closed

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -56,6 +58,7 @@ from .errors import (
     WrongThreadError,
 )
 from .eviction import EvictableMemoryUser, Evictions
+from .lending import Lent
 from .options import (
     AccessType,
     AllocationMode,
@@ -251,6 +254,9 @@ class MemoryFile:
         )
         self._pressure: MemcgPressureWatcher | None = None
         self._refresher: asyncio.Task[None] | None = None
+        # Pages of allocate_from fills that a source may still write (see lending.py).
+        self._lent = Lent(self.dec_ref)
+        self._lent_tasks: list[asyncio.Task[None]] = []
         # The entry check of every call: the loop while the file is usable from it,
         # _SHUT once it is not (see _check). One identity test on the hot paths.
         # Set last: until then __del__ leaves the fd to _open.
@@ -391,6 +397,7 @@ class MemoryFile:
             self._pressure.stop()
         for t in self._background_tasks():
             t.cancel()
+        self._lent_tasks = self._lent.close()
 
     def _background_tasks(self) -> list[asyncio.Task[None]]:
         tasks = [self._releaser_task]
@@ -409,7 +416,7 @@ class MemoryFile:
         """Wait for everything that may still use the fd or the mappings, then release them."""
         try:
             # A release step in progress finishes its punch and its bookkeeping.
-            await asyncio.wait(self._background_tasks())
+            await asyncio.wait(self._background_tasks() + self._lent_tasks)
             await self._blocking.drain()
             if self._opts.decommit_on_destroy and self._chunks:
                 try:
@@ -450,6 +457,8 @@ class MemoryFile:
         self._gate = _SHUT
         if self._pressure is not None:
             self._pressure.stop()
+        with contextlib.suppress(RuntimeError):  # cancelling a task of a closed loop
+            self._lent.close()  # its retry task is not awaited: the loop is gone or going
         if not self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
             logger.error("%r: a syscall is still running; leaking the fd and mappings", self)
             return
@@ -700,34 +709,66 @@ class MemoryFile:
         raises, that tail is released likewise and a :class:`PartialFillError`
         carries the filled range (still allocated: the caller owns it) with the
         source's error as its cause. If the awaiting task is cancelled, every page
-        goes back. Raises ``TypeError`` for a source of none of these kinds before
-        allocating anything.
+        goes back. Raises ``TypeError`` for a source of none of these kinds (or a
+        synchronous file object) before allocating anything.
+
+        The source writes through a mapping of the range of its own
+        (:class:`~asyncpgalloc.host.LentMapping`: a ``dup``, an ``mmap`` and a
+        ``munmap``, a few µs). A ``readinto`` may still be writing from a thread when
+        the call ends (aiofiles' thread goes on after a cancellation): then the pages
+        the call gives back stay allocated until no view of that mapping is in use,
+        and :meth:`wait_released` waits for them too. On a caller's file (which may
+        fill up), the range is committed first (``COMMIT``), so a full file system is
+        an ``OSError(ENOSPC)`` with nothing read from the source, never a SIGBUS.
         """
         fill = filler_for(source)
+        if self._commit_before_write and opts.mode is _UNCOMMITTED:
+            opts = dataclasses.replace(opts, mode=_COMMIT)
         fr = await self.allocate_async(length, opts)
         progress = Progress()
         try:
-            await fill(self._views(fr.start, fr.end), progress)
+            # Pages already populated: map them all at once rather than fault each again.
+            populated = opts.mode is _WRITE_POPULATE
+            lent = host.LentMapping(self._fd, fr.start, fr.length, populated)
+        except BaseException:
+            self.dec_ref(fr)
+            raise
+        try:
+            await fill(lent, progress)
         except BaseException as e:
             if self._closed:
+                lent.try_unmap()
                 raise
             if isinstance(e, Exception):
-                filled = self._keep_filled(fr, progress.filled)
+                filled = self._keep_filled(fr, progress.filled, lent)
                 raise PartialFillError(
                     f"allocate_from: the source failed after {progress.filled} bytes", filled
                 ) from e
-            self.dec_ref(fr)
+            self._give_back_lent(fr, fr.start, lent)
             raise
-        if progress.filled < length:
-            return self._keep_filled(fr, progress.filled)
-        return fr
+        return self._keep_filled(fr, progress.filled, lent)
 
-    def _keep_filled(self, fr: FileRange, filled: int) -> FileRange:
+    def _keep_filled(self, fr: FileRange, filled: int, lent: host.LentMapping) -> FileRange:
         """Release the part of ``fr`` past its last wholly filled page; return the rest."""
         end = fr.start + filled - filled % PAGE_SIZE
-        if end < fr.end:
-            self.dec_ref(FileRange(end, fr.end))
+        self._give_back_lent(fr, end, lent)
         return FileRange(fr.start, end)
+
+    def _give_back_lent(self, fr: FileRange, keep_end: int, lent: host.LentMapping) -> None:
+        """The caller keeps ``[fr.start, keep_end)`` of the filled ``fr``; the rest goes back.
+
+        If ``lent`` cannot be unmapped yet (a view of it is still in use: a thread may
+        write any page of ``fr``), every page of ``fr`` keeps one reference owned by
+        ``_lent`` until it can: the caller's for the part given back, a new one for the
+        part kept. Synchronous; O(log n).
+        """
+        if lent.try_unmap():
+            if keep_end < fr.end:
+                self.dec_ref(FileRange(keep_end, fr.end))
+            return
+        if keep_end > fr.start:
+            self.inc_ref(FileRange(fr.start, keep_end))
+        self._lent.add(lent, fr)
 
     def _take_pages(self, length: int, opts: AllocOpts) -> tuple[FileRange, bool, bool]:
         """Validate, then mark pages used: (range, huge, recycled). The shared first step."""
@@ -1299,15 +1340,25 @@ class MemoryFile:
     # --------------------------------------------------------------------- mapping
 
     def map_internal(self, fr: FileRange, access: AccessType = AccessType.READ) -> list[memoryview]:
-        """Writable ``memoryview``s (one per chunk touched) of the file's bytes in ``fr``.
+        """``memoryview``s (one per chunk touched) of the file's bytes in ``fr``: read-only
+        for ``READ`` (writing raises ``TypeError``), writable with ``WRITE``.
 
-        O(chunks touched), no syscall. ``fr`` need not be page-aligned but must be
-        non-empty and inside the file. Raises ``PermissionError`` for EXECUTE access.
-        A view keeps its chunk's mapping alive even after ``aclose()``: it never
-        dangles, but after close it no longer reaches the file. On a caller's file on
-        a filesystem that can fill up, writing a page that was never committed
-        (``UNCOMMITTED``) raises SIGBUS when the filesystem is full: allocate such
-        memory with ``COMMIT`` or ``WRITE_POPULATE``, which report ENOSPC instead.
+        O(chunks touched + segments in ``fr``), no syscall. ``fr`` need not be
+        page-aligned but must be non-empty and inside the file, and every page it
+        touches must hold a reference: views of free or waste pages are refused with
+        :class:`~asyncpgalloc.ReferenceCountError` (a store there would reach the next
+        allocation), as is EXECUTE access with ``PermissionError``; either way nothing
+        changes. A view keeps its chunk's mapping alive even after ``aclose()``: it
+        never dangles, but after close it no longer reaches the file. Keep views only
+        while holding the references: after ``dec_ref`` the pages may be handed out
+        again.
+
+        Disk-backed files: a store through a view into a page whose blocks do not exist
+        yet (an ``UNCOMMITTED`` allocation never written) makes the file system allocate
+        them at the fault; if it is full, the process gets SIGBUS and dies. On a caller's
+        file that can fill up, commit first: allocate with ``COMMIT`` (or
+        ``WRITE_POPULATE``), or fill with :meth:`allocate_from`, which commit with
+        ``fallocate`` and report ENOSPC as an ``OSError`` instead.
         """
         self._check()
         if AccessType.EXECUTE in access:
@@ -1316,7 +1367,13 @@ class MemoryFile:
         check_int_bounds("map_internal", start, end)
         if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
-        return self._views(start, end)
+        self._referenced_pieces(
+            FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK), "map_internal"
+        )
+        views = self._views(start, end)
+        if AccessType.WRITE in access:
+            return views
+        return [v.toreadonly() for v in views]
 
     def _views(self, start: int, end: int) -> list[memoryview]:
         """Views of ``[start, end)``, one per chunk (no checks; safe off the loop)."""
@@ -1343,16 +1400,24 @@ class MemoryFile:
         except OSError as e:
             # Memory use does not drop, but the pages still read as zeros when reused.
             logger.warning("Failed to decommit %s: %s", fr, e)
-            for addr, n in self._address_pieces(fr):
-                host.zero(addr, n)
+            from .checkpoint_scan import data_ranges
+
+            # Holes read as zeros already, and a store through the mapping into one
+            # needs a new block: SIGBUS on a full file system. pwrite the data only;
+            # an error there is an OSError like the punch's.
+            for s, end in data_ranges(self._fd, fr.start, fr.end):
+                host.pwrite_zeros(self._fd, s, end - s)
 
     async def wait_released(self) -> None:
         """Wait until no waste or releasing pages are left.
 
-        Returns at once if there are none. Raises :class:`~asyncpgalloc.ClosedError`
-        if the file closes meanwhile.
+        Returns at once if there are none. Pages an ``allocate_from`` source may still
+        write (see :meth:`allocate_from`) count as not released yet: this waits for
+        them to come back, then for their release. Raises
+        :class:`~asyncpgalloc.ClosedError` if the file closes meanwhile.
         """
         self._check()
+        await self._lent.wait()
         while not self._released.is_set():
             waiter = asyncio.ensure_future(self._released.wait())
             try:

@@ -5,11 +5,17 @@ something with an async ``read(n)`` (``asyncio.StreamReader``, an aiofiles file
 opened without ``readinto``), or an async callable ``f(n) -> bytes``. Bytes go
 straight into the mapped pages where the source can ``readinto``; otherwise each
 chunk read is copied in once.
+
+The pages are reached through a :class:`FillTarget` (a
+:class:`~asyncpgalloc.host.LentMapping` of the allocation): a ``readinto`` may pass
+the view it is lent to a thread that goes on writing after the fill was cancelled,
+and the target is what can tell when nothing can write the pages any more.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,6 +23,7 @@ __all__ = [
     "AsyncByteSource",
     "AsyncReadIntoable",
     "AsyncReadable",
+    "FillTarget",
     "Filler",
     "Progress",
     "filler_for",
@@ -49,19 +56,37 @@ class Progress:
         self.filled = 0
 
 
-Filler = Callable[[list[memoryview], Progress], Awaitable[None]]
+class FillTarget(Protocol):
+    """The pages being filled (:class:`~asyncpgalloc.host.LentMapping` is one)."""
+
+    @property
+    def length(self) -> int: ...
+    def view(self, offset: int, length: int, /) -> memoryview: ...
+    def release(self, view: memoryview, /) -> None: ...
+    def write(self, offset: int, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
+Filler = Callable[[FillTarget, Progress], Awaitable[None]]
 
 
 def filler_for(source: AsyncByteSource) -> Filler:
     """How to fill pages from ``source``; raises TypeError (before any allocation) if it
-    is none of the supported kinds."""
+    is none of the supported kinds, or a synchronous file object (an ``io`` file, or
+    one whose ``read``/``readinto`` is a builtin: awaiting what they return fails)."""
     readinto = getattr(source, "readinto", None)
     if readinto is not None and inspect.iscoroutinefunction(readinto):
-        return lambda views, progress: _fill_by_readinto(readinto, views, progress)
+        return lambda target, progress: _fill_by_readinto(readinto, target, progress)
+    if isinstance(source, io.IOBase) or any(
+        inspect.isbuiltin(getattr(source, name, None)) for name in ("read", "readinto")
+    ):
+        raise TypeError(
+            f"allocate_from: {type(source).__name__} is a synchronous file object; "
+            "pass an aiofiles file (aiofiles.open(...)) or another async source"
+        )
     if isinstance(source, AsyncReadable):
-        return lambda views, progress: _fill_by_read(source.read, views, progress)
+        return lambda target, progress: _fill_by_read(source.read, target, progress)
     if callable(source):
-        return lambda views, progress: _fill_by_read(source, views, progress)
+        return lambda target, progress: _fill_by_read(source, target, progress)
     raise TypeError(
         f"allocate_from: {type(source).__name__} has no async readinto() or read() "
         "and is not an async callable"
@@ -70,34 +95,43 @@ def filler_for(source: AsyncByteSource) -> Filler:
 
 async def _fill_by_readinto(
     readinto: Callable[[memoryview], Awaitable[int | None]],
-    views: list[memoryview],
+    target: FillTarget,
     progress: Progress,
 ) -> None:
-    """Fill ``views`` in order until full or EOF (an empty read), counting in ``progress``."""
-    for view in views:
-        off = 0
-        while off < len(view):
-            n = await readinto(view[off : off + READ_CHUNK])
-            if not n:
-                return
-            off += n
-            progress.filled += n
+    """Fill ``target`` in order until full or EOF (an empty read), counting in ``progress``.
+
+    Each view lent to ``readinto`` is released once it returns; one still in use by a
+    thread (the await was cancelled) stays with the target, which retries.
+    """
+    off = 0
+    length = target.length
+    while off < length:
+        view = target.view(off, min(READ_CHUNK, length - off))
+        try:
+            n = await readinto(view)
+        finally:
+            target.release(view)
+        if not n:
+            return
+        off += n
+        progress.filled += n
 
 
 async def _fill_by_read(
-    read: Callable[[int], Awaitable[bytes]], views: list[memoryview], progress: Progress
+    read: Callable[[int], Awaitable[bytes]], target: FillTarget, progress: Progress
 ) -> None:
-    """As :func:`_fill_by_readinto`, copying each chunk read into the pages once."""
-    for view in views:
-        off = 0
-        while off < len(view):
-            data = await read(min(READ_CHUNK, len(view) - off))
-            if not data:
-                return
-            if len(data) > len(view) - off:
-                raise ValueError(
-                    f"allocate_from: the source returned {len(data)} bytes, more than asked"
-                )
-            view[off : off + len(data)] = data
-            off += len(data)
-            progress.filled += len(data)
+    """As :func:`_fill_by_readinto`, copying each chunk read into the pages once (on the
+    loop: the source never sees the pages)."""
+    off = 0
+    length = target.length
+    while off < length:
+        data = await read(min(READ_CHUNK, length - off))
+        if not data:
+            return
+        if len(data) > length - off:
+            raise ValueError(
+                f"allocate_from: the source returned {len(data)} bytes, more than asked"
+            )
+        target.write(off, data)
+        off += len(data)
+        progress.filled += len(data)

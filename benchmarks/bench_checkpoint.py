@@ -35,7 +35,7 @@ from typing import Any
 
 import uvloop
 
-from asyncpgalloc import AllocationMode, AllocOpts, MemoryFile
+from asyncpgalloc import AccessType, AllocationMode, AllocOpts, MemoryFile
 
 BUF = 1 << 20
 
@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     async with MemoryFile.open() as mf:
         fr = await mf.allocate_async(size, AllocOpts(mode=AllocationMode.WRITE_POPULATE))
         pattern = os.urandom(64 << 20)
-        for view in mf.map_internal(fr):
+        for view in mf.map_internal(fr, AccessType.WRITE):
             for off in range(0, len(view), len(pattern)):
                 n = min(len(pattern), len(view) - off)
                 view[off : off + n] = pattern[:n]

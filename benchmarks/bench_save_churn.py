@@ -30,7 +30,7 @@ from typing import Any
 
 import uvloop
 
-from asyncpgalloc import PAGE_SIZE, MemoryFile
+from asyncpgalloc import PAGE_SIZE, AccessType, MemoryFile
 
 #: (name, tasks, pause between allocate and free)
 SCENARIOS = [
@@ -45,7 +45,7 @@ SCENARIOS = [
 async def churn(mf: MemoryFile, stop: asyncio.Event, pause: float) -> None:
     while not stop.is_set():
         fr = mf.allocate(4 * PAGE_SIZE)
-        mf.map_internal(fr)[0][0] = 1
+        mf.map_internal(fr, AccessType.WRITE)[0][0] = 1
         if pause:
             await asyncio.sleep(pause)
         mf.dec_ref(fr)
@@ -55,7 +55,7 @@ async def churn(mf: MemoryFile, stop: asyncio.Event, pause: float) -> None:
 async def one_save(directory: str, mib: int, tasks: int, pause: float, limit: float) -> float:
     async with MemoryFile.open() as mf:
         held = mf.allocate(mib << 20)
-        for view in mf.map_internal(held):
+        for view in mf.map_internal(held, AccessType.WRITE):
             view[:] = b"\xab" * len(view)
         stop = asyncio.Event()
         churners = [asyncio.ensure_future(churn(mf, stop, pause)) for _ in range(tasks)]

@@ -56,6 +56,7 @@ from asyncpgalloc import (
     CHUNK_SIZE,
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
+    AccessType,
     AllocationMode,
     AllocOpts,
     FileRange,
@@ -357,7 +358,7 @@ def _touch(mf: MemoryFile, fr: FileRange, pattern: str) -> None:
         for addr, n in mf._address_pieces(FileRange(fr.start, fr.start + fr.length // 2)):
             host.madvise(addr, n, host.MADV_POPULATE_WRITE)
         return
-    for view in mf.map_internal(fr):
+    for view in mf.map_internal(fr, AccessType.WRITE):
         for off in range(0, len(view), 2 * P):
             view[off] = 1
         view.release()

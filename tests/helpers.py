@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
+import os
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from asyncpgalloc import FileRange, MemoryFile
+import pytest
+
+from asyncpgalloc import AccessType, FileRange, MemoryFile
 from asyncpgalloc.blocking import run_signalling
 from asyncpgalloc.checkpoint_format import (
     HEADER_SIZE,
@@ -96,7 +102,7 @@ def snapshot(mf: MemoryFile) -> tuple[str, object, int]:
 
 
 def fill(mf: MemoryFile, fr: FileRange, byte: int) -> None:
-    for view in mf.map_internal(fr):
+    for view in mf.map_internal(fr, AccessType.WRITE):
         view[:] = bytes([byte]) * len(view)
 
 
@@ -131,3 +137,33 @@ def checkpoint_bytes(header: Header, metadata: bytes, data: bytes, **fields: Any
         out += block + struct.pack("<I", crc(block, block_seed(h.crc, i // step)))
     # A forged block size of 0 has no trailer (the loader refuses it before one).
     return bytes(out + (pack_trailer(h) if h.block_size else bytes(TRAILER_SIZE)))
+
+
+def reads_zero(mf: MemoryFile, fr: FileRange) -> bool:
+    """Whether ``fr`` reads as zeros in the file, held or not (``pread``: no view of free
+    pages is handed out, and reading a hole this way commits nothing)."""
+    data = os.pread(mf.fd, fr.length, fr.start)
+    return len(data) == fr.length and data.count(0) == fr.length
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted for the test, always unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = Path(tempfile.mkdtemp(prefix="asyncpgalloc-enospc-"))
+    try:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        try:
+            yield d
+        finally:
+            subprocess.run(["umount", "-l", str(d)], check=False)
+    finally:
+        with contextlib.suppress(OSError):
+            d.rmdir()

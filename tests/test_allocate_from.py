@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import aiofiles
 import pytest
@@ -22,6 +24,11 @@ P = PAGE_SIZE
 
 def pattern(n: int) -> bytes:
     return bytes(i * 7 % 251 for i in range(n))
+
+
+def open_sync(path: Path, buffering: int) -> BinaryIO:
+    """A plain (blocking) file object: what a caller may wrongly pass to allocate_from."""
+    return open(path, "rb", buffering=buffering)
 
 
 def content(mf: MemoryFile, fr: FileRange) -> bytes:
@@ -141,4 +148,19 @@ async def test_a_source_of_the_wrong_kind(mf: MemoryFile) -> None:
     before = mf.stats()
     with pytest.raises(TypeError):
         await mf.allocate_from(object(), P)  # type: ignore[arg-type]
+    assert mf.stats() == before
+
+
+async def test_a_synchronous_file_object_is_refused_up_front(
+    mf: MemoryFile, tmp_path: Path
+) -> None:
+    """An ``open()`` file has read/readinto, but they are not awaitable: TypeError before
+    anything is allocated, not a PartialFillError(TypeError) after."""
+    (tmp_path / "f").write_bytes(pattern(2 * P))
+    before = mf.stats()
+    for buffering in (0, -1):
+        with open_sync(tmp_path / "f", buffering) as f, pytest.raises(TypeError, match="synchr"):
+            await mf.allocate_from(f, 2 * P)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="synchronous file"):
+        await mf.allocate_from(io.BytesIO(b"x" * P), P)  # type: ignore[arg-type]
     assert mf.stats() == before

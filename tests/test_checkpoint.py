@@ -25,6 +25,7 @@ import asyncpgalloc.checkpoint_io as cio
 from asyncpgalloc import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
+    AccessType,
     AllocationMode,
     AllocOpts,
     CheckpointError,
@@ -110,7 +111,7 @@ def same_state(a: MemoryFile, b: MemoryFile) -> None:
 
 def write(mf: MemoryFile, fr: FileRange, seed: int) -> None:
     """Distinct non-zero bytes on every page of ``fr``."""
-    for i, view in enumerate(mf.map_internal(fr)):
+    for i, view in enumerate(mf.map_internal(fr, AccessType.WRITE)):
         view[:] = bytes([(seed + i) % 255 + 1]) * len(view)
         for off in range(0, len(view), P):
             view[off : off + 8] = struct.pack("<Q", seed * 1_000_003 + off)
@@ -299,9 +300,9 @@ async def test_exclude_committed_zero_pages(mf: MemoryFile, tmp_path: Path) -> N
     zeros = mf.allocate(32 * P, AllocOpts(memcg_id=1))
     mixed = mf.allocate(8 * P, AllocOpts(memcg_id=2, kind=MemoryKind.TMPFS))
     write(mf, data, 1)
-    for view in mf.map_internal(zeros):
+    for view in mf.map_internal(zeros, AccessType.WRITE):
         view[:] = bytes(len(view))  # committed, but all zeros
-    for view in mf.map_internal(mixed):
+    for view in mf.map_internal(mixed, AccessType.WRITE):
         view[:] = bytes(len(view))
     write(mf, FileRange(mixed.start + 2 * P, mixed.start + 3 * P), 5)
     await mf.update_usage()

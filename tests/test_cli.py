@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncpgalloc import PAGE_SIZE, AllocationMode, AllocOpts, FileRange, MemoryFile
+from asyncpgalloc import PAGE_SIZE, AccessType, AllocationMode, AllocOpts, FileRange, MemoryFile
 from asyncpgalloc import __main__ as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def checkpoint(tmp_path: Path) -> Path:
     async def make() -> None:
         async with MemoryFile.open() as mf:
             a = mf.allocate(256 * PAGE_SIZE, AllocOpts(mode=AllocationMode.WRITE_POPULATE))
-            for view in mf.map_internal(a):
+            for view in mf.map_internal(a, AccessType.WRITE):
                 view[:] = b"\x42" * len(view)
             mf.dec_ref(FileRange(a.start + 64 * PAGE_SIZE, a.start + 128 * PAGE_SIZE))
             mf.allocate(1 << 30)  # a second chunk

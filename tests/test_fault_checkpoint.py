@@ -32,6 +32,7 @@ from asyncpgalloc import (
     CHUNK_SIZE,
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
+    AccessType,
     AllocOpts,
     CheckpointError,
     FileRange,
@@ -67,7 +68,7 @@ async def churn(mf: MemoryFile, stop: asyncio.Event, pause: float) -> int:
     rounds = 0
     while not stop.is_set():
         fr = mf.allocate(4 * P)
-        mf.map_internal(fr)[0][0] = 0xEE
+        mf.map_internal(fr, AccessType.WRITE)[0][0] = 0xEE
         if pause:
             await asyncio.sleep(pause)
         mf.dec_ref(fr)
@@ -82,7 +83,7 @@ async def test_save_finishes_while_frees_keep_coming(
 ) -> None:
     async with MemoryFile.open() as mf:
         keep = mf.allocate(8 * P, AllocOpts(memcg_id=3))
-        for view in mf.map_internal(keep):
+        for view in mf.map_internal(keep, AccessType.WRITE):
             view[:] = b"kept" * (len(view) // 4)
         stop = asyncio.Event()
         churners = [asyncio.ensure_future(churn(mf, stop, pause)) for _ in range(tasks)]
@@ -263,7 +264,8 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
             h = mf.allocate(2 * H, AllocOpts(huge=True, kind=MemoryKind.TMPFS))
             mf.dec_ref(FileRange(h.start + 4 * P, h.start + 6 * P))
             await mf.wait_released()
-            mf.map_internal(FileRange(a.start, a.start + P))[0][:] = b"fuzz" * (P // 4)
+            (view,) = mf.map_internal(FileRange(a.start, a.start + P), AccessType.WRITE)
+            view[:] = b"fuzz" * (P // 4)
             await mf.save(directory / "small")
         return (directory / "small").read_bytes()
 

@@ -19,14 +19,13 @@ import errno
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fill, is_zero
+from helpers import fill, is_zero, small_tmpfs
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -48,35 +47,12 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@contextlib.contextmanager
-def small_tmpfs(size: str = "8m") -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted for the test, always unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = Path(tempfile.mkdtemp(prefix="asyncpgalloc-enospc-"))
-    try:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-        try:
-            yield d
-        finally:
-            subprocess.run(["umount", "-l", str(d)], check=False)
-    finally:
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
 # Runs in a subprocess: a write through a mapping of an unbacked page of a full tmpfs
 # raises SIGBUS, which would kill pytest. Prints one line per step.
 _ENOSPC_BODY = textwrap.dedent(
     """
     import asyncio, errno, os, sys
-    from asyncpgalloc import AllocOpts, AllocationMode, MemoryFile, MemoryFileOpts, host
+    from asyncpgalloc import AccessType, AllocOpts, AllocationMode, MemoryFile, MemoryFileOpts, host
 
     MiB = 1 << 20
     path, mode_name, how = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -86,7 +62,7 @@ _ENOSPC_BODY = textwrap.dedent(
         opts = MemoryFileOpts(disk_backed_file=True)
         async with MemoryFile.open(os.path.join(path, "backing"), opts) as mf:
             held = mf.allocate(4 * MiB, AllocOpts(mode=AllocationMode.COMMIT))
-            for v in mf.map_internal(held):
+            for v in mf.map_internal(held, AccessType.WRITE):
                 v[:] = b"\\x5a" * len(v)
             before = mf.stats().used_bytes
             try:
@@ -103,7 +79,7 @@ _ENOSPC_BODY = textwrap.dedent(
             await mf.wait_released()
             # The file keeps working: a smaller allocation fits, and reads as zeros.
             fr = mf.allocate(2 * MiB, AllocOpts(mode=mode))
-            views = mf.map_internal(fr)
+            views = mf.map_internal(fr, AccessType.WRITE)
             assert all(v.tobytes().count(0) == len(v) for v in views)
             for v in views:
                 v[:] = b"\\x01" * len(v)

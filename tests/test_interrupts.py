@@ -23,7 +23,7 @@ _BODY = textwrap.dedent(
     """
     import asyncio, os, random, signal, sys, threading, time
     import uvloop
-    from asyncpgalloc import AllocOpts, AllocationMode, MemoryFile, PoisonedError
+    from asyncpgalloc import AccessType, AllocOpts, AllocationMode, MemoryFile, PoisonedError
 
     loop_name, sig_name, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = random.Random(seed)
@@ -39,7 +39,7 @@ _BODY = textwrap.dedent(
     mf = loop.run_until_complete(MemoryFile.open())
     COMMIT = AllocOpts(mode=AllocationMode.COMMIT)
     held = mf.allocate(1 << 20, COMMIT)
-    for v in mf.map_internal(held):
+    for v in mf.map_internal(held, AccessType.WRITE):
         v[:] = b"\\x5a" * len(v)
 
     async def work():

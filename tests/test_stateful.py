@@ -224,19 +224,24 @@ class MemoryFileMachine(RuleBasedStateMachine):
         assert after[0] == before[0], f"{what} changed the page sets"
 
     def _check_bytes(self, start: int, end: int, byte: int, what: str) -> None:
-        """Every byte of ``[start, end)`` (page-aligned) reads as ``byte``."""
-        for view in self.mf.map_internal(FileRange(start, end)):
-            for i in range(0, len(view), READ_CHUNK):
-                piece = view[i : i + READ_CHUNK]
-                if piece.tobytes().count(byte) != len(piece):
-                    for j in range(0, len(piece), P):
-                        page = piece[j : j + P].tobytes()
-                        if page.count(byte) != P:
-                            bad = next(b for b in page if b != byte)
-                            raise AssertionError(
-                                f"{what}: page at {start + i + j:#x} holds {bad:#04x}, "
-                                f"expected every byte {byte:#04x}"
-                            )
+        """Every byte of ``[start, end)`` (page-aligned) reads as ``byte``.
+
+        Read with ``pread``, not ``map_internal``: an eviction running during an await
+        of the rule may already have dropped the range's references (and map_internal
+        refuses unreferenced pages), and ``pread`` of a hole commits nothing.
+        """
+        for i in range(0, end - start, READ_CHUNK):
+            piece = os.pread(self.mf.fd, min(READ_CHUNK, end - start - i), start + i)
+            if piece.count(byte) == len(piece):
+                continue
+            for j in range(0, len(piece), P):
+                page = piece[j : j + P]
+                if page.count(byte) != P:
+                    bad = next(b for b in page if b != byte)
+                    raise AssertionError(
+                        f"{what}: page at {start + i + j:#x} holds {bad:#04x}, "
+                        f"expected every byte {byte:#04x}"
+                    )
 
     def _fill(self, start: int, end: int, byte: int) -> None:
         """Write ``byte`` over the page-aligned byte range ``[start, end)``; record it."""

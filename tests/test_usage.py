@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from asyncpgalloc import (
     PAGE_SIZE,
+    AccessType,
     AllocationMode,
     AllocOpts,
     FileRange,
@@ -247,7 +248,7 @@ async def test_background_refresh_keeps_accounting_fresh() -> None:
 async def test_a_long_scan_yields_and_stays_right_while_the_file_changes(mf: MemoryFile) -> None:
     # 64 MiB with every other page touched: 8192 runs to mark, in many slices.
     big = mf.allocate(64 << 20, AllocOpts(memcg_id=1))
-    (view,) = mf.map_internal(big)
+    (view,) = mf.map_internal(big, AccessType.WRITE)
     for off in range(0, big.length, 2 * P):
         view[off] = 1
     del view

@@ -12,7 +12,15 @@ import os
 
 import pytest
 
-from asyncpgalloc import HUGE_PAGE_SIZE, PAGE_SIZE, AllocOpts, FileRange, InvariantError, MemoryFile
+from asyncpgalloc import (
+    HUGE_PAGE_SIZE,
+    PAGE_SIZE,
+    AccessType,
+    AllocOpts,
+    FileRange,
+    InvariantError,
+    MemoryFile,
+)
 from asyncpgalloc.host import file_usage
 
 P = PAGE_SIZE
@@ -21,7 +29,7 @@ H = HUGE_PAGE_SIZE
 
 async def test_a_free_page_written_behind_the_allocators_back_is_caught(mf: MemoryFile) -> None:
     used = mf.allocate(4 * P)
-    for view in mf.map_internal(used):
+    for view in mf.map_internal(used, AccessType.WRITE):
         view[:] = b"u" * len(view)
     mf.check_invariants(check_zero_pages=True)
     # A free page right after the used ones: one data extent covers both.
@@ -41,7 +49,7 @@ async def test_a_free_page_written_behind_the_allocators_back_is_caught(mf: Memo
 
 async def test_waste_may_hold_old_bytes_and_reads_commit_nothing(mf: MemoryFile) -> None:
     fr = mf.allocate(16 * P)
-    for view in mf.map_internal(fr):
+    for view in mf.map_internal(fr, AccessType.WRITE):
         view[:] = b"w" * len(view)
     mf.dec_ref(fr)
     # No await since: the pages are waste (or dead), their bytes still there.
@@ -56,7 +64,7 @@ async def test_waste_may_hold_old_bytes_and_reads_commit_nothing(mf: MemoryFile)
 async def test_a_sub_released_page_that_is_not_zero_is_caught(huge_mf: MemoryFile) -> None:
     mf = huge_mf
     fr = mf.allocate(2 * H, AllocOpts(huge=True))
-    for view in mf.map_internal(fr):
+    for view in mf.map_internal(fr, AccessType.WRITE):
         view[:] = b"h" * len(view)
     mf.dec_ref(FileRange(fr.start + 8 * P, fr.start + 9 * P))
     await mf.wait_released()
