@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,11 +290,12 @@ def test_a_file_left_open_when_asyncio_run_returns_is_closed_with_a_warning(loop
     run(again())
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_loop_stopped_and_closed_under_the_file_never_awaits_in_cleanup(loop: str) -> None:
-    """loop.stop() mid-work, then loop.close(): collecting the pending tasks closes
-    their coroutines; none may await while being closed ("coroutine ignored
-    GeneratorExit"), the releaser closes the file, and nothing reports an error."""
+def stop_and_close_under(
+    loop: str, start: Callable[[MemoryFile, asyncio.AbstractEventLoop], None]
+) -> tuple[int, list[warnings.WarningMessage]]:
+    """Open a file on a new ``loop``, let ``start`` schedule work on it, stop the loop
+    20 ms later mid-work, close it, drop the file and collect the pending tasks; no
+    cleanup may await or touch the closed loop. Returns the file's fd and the warnings."""
     unraisable: list[Any] = []
     old_hook = sys.unraisablehook
     sys.unraisablehook = unraisable.append
@@ -301,14 +303,7 @@ def test_a_loop_stopped_and_closed_under_the_file_never_awaits_in_cleanup(loop: 
     try:
         mf = lp.run_until_complete(MemoryFile.open())
         fd = mf.fd
-
-        async def churn(f: MemoryFile) -> None:
-            for _ in range(200):
-                f.dec_ref(f.allocate(MiB, COMMIT))
-                await asyncio.sleep(0)
-
-        lp.create_task(churn(mf))
-        lp.create_task(mf.wait_released())
+        start(mf, lp)
         lp.call_later(0.02, lp.stop)
         lp.run_forever()
         lp.close()
@@ -317,13 +312,43 @@ def test_a_loop_stopped_and_closed_under_the_file_never_awaits_in_cleanup(loop: 
             del mf
             gc.collect()
             gc.collect()
-        assert not memfd_is_open(fd)
-        assert any(issubclass(w.category, ResourceWarning) for w in caught)
     finally:
         sys.unraisablehook = old_hook
         lp.close()
-    assert not [u for u in unraisable if "GeneratorExit" in repr(u.exc_value)], unraisable
-    assert not [u for u in unraisable if "Event loop is closed" in repr(u.exc_value)], unraisable
+    for text in ("GeneratorExit", "Event loop is closed"):
+        assert not [u for u in unraisable if text in repr(u.exc_value)], unraisable
+    return fd, caught
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_loop_stopped_and_closed_under_the_file_never_awaits_in_cleanup(loop: str) -> None:
+    """loop.stop() mid-work, then loop.close(): collecting the pending tasks closes
+    their coroutines; none may await while being closed ("coroutine ignored
+    GeneratorExit"), the releaser closes the file, and nothing reports an error."""
+
+    async def churn(f: MemoryFile) -> None:
+        for _ in range(200):
+            f.dec_ref(f.allocate(MiB, COMMIT))
+            await asyncio.sleep(0)
+
+    def start(mf: MemoryFile, lp: asyncio.AbstractEventLoop) -> None:
+        lp.create_task(churn(mf))
+        lp.create_task(mf.wait_released())
+
+    fd, caught = stop_and_close_under(loop, start)
+    assert not memfd_is_open(fd)
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_save_cut_off_by_a_closed_loop_leaves_no_temporary(loop: str, tmp_path: Path) -> None:
+    def start(mf: MemoryFile, lp: asyncio.AbstractEventLoop) -> None:
+        fill(mf, mf.allocate(256 * MiB, COMMIT), 9)
+        lp.create_task(mf.save(tmp_path / "ckpt"))
+
+    fd, _ = stop_and_close_under(loop, start)
+    assert not memfd_is_open(fd)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- fork
@@ -409,29 +434,3 @@ def test_threads_are_still_refused() -> None:
             assert is_zero(mf, mf.allocate(PAGE_SIZE))
 
     asyncio.run(main())
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_save_cut_off_by_a_closed_loop_leaves_no_temporary(loop: str, tmp_path: Path) -> None:
-    unraisable: list[Any] = []
-    old_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable.append
-    lp = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
-    try:
-        mf = lp.run_until_complete(MemoryFile.open())
-        fill(mf, mf.allocate(256 * MiB, COMMIT), 9)
-        lp.create_task(mf.save(tmp_path / "ckpt"))
-        lp.call_later(0.02, lp.stop)
-        lp.run_forever()
-        lp.close()
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            del mf
-            gc.collect()
-            gc.collect()
-    finally:
-        sys.unraisablehook = old_hook
-        lp.close()
-    assert list(tmp_path.iterdir()) == []
-    assert not [u for u in unraisable if "Event loop is closed" in repr(u.exc_value)], unraisable
-    assert not [u for u in unraisable if "GeneratorExit" in repr(u.exc_value)], unraisable
