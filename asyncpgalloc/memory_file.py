@@ -312,7 +312,7 @@ class MemoryFile:
                 _live_files.discard(mf)
             os.close(fd)
             raise
-        mf._releaser_task = loop.create_task(run_releaser(mf), name="asyncpgalloc-releaser")
+        mf._releaser_task = loop.create_task(mf._releaser(), name="asyncpgalloc-releaser")
         try:
             if opts.use_host_memcg_pressure:
                 mf._pressure = MemcgPressureWatcher.start(
@@ -330,6 +330,29 @@ class MemoryFile:
             await mf.aclose()
             raise
         return mf
+
+    async def _releaser(self) -> None:
+        """The releaser task (see :func:`~asyncpgalloc.releaser.run_releaser`), and what
+        its end means for the file.
+
+        Cancelled by anyone but ``aclose()`` (``asyncio.run`` cancels every task when
+        its main coroutine returns) or closed with its loop gone, it closes the file at
+        once (with a ``ResourceWarning``: the file was never closed) rather than leave
+        the fd and every committed page behind until the process exits. An interrupt
+        delivered while it ran poisons the file and is raised again from the loop.
+        """
+        try:
+            await run_releaser(self)
+        except (asyncio.CancelledError, GeneratorExit):
+            if not self._closed:
+                self._abandon("its releaser task was cancelled (did the event loop shut down?)")
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Possibly inside a transition: the file cannot trust its sets any more.
+            # The interrupt is the program's, not ours: raise it again from the loop,
+            # and end this task normally rather than let it die of it.
+            self._poison(e)
+            self._loop.call_soon(_raise, e)
 
     def _on_memcg_pressure(self) -> None:
         if not self._closed and self._evictions.start():
@@ -1890,6 +1913,10 @@ def _short_bytes(n: int) -> str:
     from .svgmap import format_bytes
 
     return format_bytes(n).replace(" ", "")
+
+
+def _raise(e: BaseException) -> None:
+    raise e
 
 
 def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:

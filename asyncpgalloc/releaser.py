@@ -297,37 +297,15 @@ async def _finish_step(mf: MemoryFile, plans: list[ReleasePlan], punched: int) -
 
 
 async def run_releaser(mf: MemoryFile) -> None:
-    """The releaser task: release waste until the file closes (the seed's releaserMain).
+    """The releaser task's body: release waste until the file closes (the seed's
+    releaserMain).
 
     Sleeps on the file's wake-up event; each step punches its ranges in one
     executor hop while they are *releasing*, and the step's bookkeeping runs even
-    if the task is cancelled during the punch.
-
-    Cancelled by anyone but ``aclose()`` (``asyncio.run`` cancels every task when
-    its main coroutine returns) or closed with its loop gone, it closes the file
-    at once (with a ``ResourceWarning``: the file was never closed) rather than
-    leave the fd and every committed page behind until the process exits.
+    if the task is cancelled during the punch. When the task ends other than by
+    ``aclose()`` is the file's business (``MemoryFile._releaser``); no await runs
+    once the coroutine is being closed with its loop gone.
     """
-    try:
-        await _release_forever(mf)
-    except (asyncio.CancelledError, GeneratorExit):
-        if not mf.closed:
-            mf._abandon("its releaser task was cancelled (did the event loop shut down?)")
-        raise
-    except (KeyboardInterrupt, SystemExit) as e:
-        # Delivered while this task ran, possibly inside a transition: the file
-        # cannot trust its sets any more, so it refuses every call but aclose(). The
-        # interrupt is the program's, not ours: it is raised again from the loop,
-        # and this task ends normally rather than die of it.
-        mf._poison(e)
-        asyncio.get_running_loop().call_soon(_raise, e)
-
-
-def _raise(e: BaseException) -> None:
-    raise e
-
-
-async def _release_forever(mf: MemoryFile) -> None:
     while True:
         await mf._release_wakeup.wait()
         for _ in range(GATHER_TURNS):
