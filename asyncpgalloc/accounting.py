@@ -1,4 +1,4 @@
-"""Memory accounting by kind and memory cgroup: the seed's ``usage.MemoryAccounting``."""
+"""Memory accounting by kind and memory cgroup: gVisor's ``usage.MemoryAccounting``."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Every error is an :class:`AllocatorError`. Bad arguments are also ``ValueError``
 (as asyncpg's ``DataError`` is both its own and the standard error), so callers
-may catch whichever they think in. Where the seed panics, these are raised
+may catch whichever they think in. Where gVisor panics, these are raised
 before any state changes.
 """
 

@@ -1,6 +1,6 @@
 """Evictable memory users and the tasks that ask them to give memory back.
 
-The seed keeps, per EvictableMemoryUser, the set of its evictable ranges and at most
+gVisor keeps, per EvictableMemoryUser, the set of its evictable ranges and at most
 one goroutine evicting them, last range first. Here each of those goroutines is an
 asyncio task owned by the file, and ``evict`` is a coroutine.
 """
@@ -52,7 +52,7 @@ class _UserState:
     def __init__(self) -> None:
         self.ranges: SegmentSet[None] = SegmentSet()
         # The user's eviction task, while one runs; only that task removes the
-        # user's state once it is running (as in the seed).
+        # user's state once it is running (as in gVisor).
         self.task: asyncio.Task[None] | None = None
 
 

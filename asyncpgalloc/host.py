@@ -244,7 +244,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def commit(fd: int, offset: int, length: int) -> None:
     """Allocate backing pages for the range (fallocate mode 0). **Blocking**, linear in length.
 
-    The seed's commitFile. The pages read as zeros; ``st_blocks`` counts them at once, but
+    gVisor's commitFile. The pages read as zeros; ``st_blocks`` counts them at once, but
     mincore does not see them until something touches them. Measured here: about 20 ms per
     64 MiB, and still about 9 ms per 64 MiB when the range is already committed.
     """
@@ -254,7 +254,7 @@ def commit(fd: int, offset: int, length: int) -> None:
 def decommit(fd: int, offset: int, length: int) -> None:
     """Free the range's pages (punch a hole, keeping the size). **Blocking**, linear in length.
 
-    The seed's decommitFile. Afterwards the range reads as zeros, through mappings too.
+    gVisor's decommitFile. Afterwards the range reads as zeros, through mappings too.
     Measured here: about 10 ms per 64 MiB of pages freed; punching an existing hole is free.
     """
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -263,14 +263,14 @@ def decommit(fd: int, offset: int, length: int) -> None:
 def file_usage(fd: int) -> int:
     """Bytes of memory (or disk) the file holds: ``st_blocks * 512``. One cheap fstat.
 
-    The seed's TotalUsage: counts committed pages, whether touched or only fallocated, and
+    gVisor's TotalUsage: counts committed pages, whether touched or only fallocated, and
     pages swapped out.
     """
     return os.fstat(fd).st_blocks * 512
 
 
 def ima_workaround(fd: int) -> None:
-    """Map and unmap the file's first page PROT_EXEC once (the seed's IMAWorkAroundForMemFile).
+    """Map and unmap the file's first page PROT_EXEC once (gVisor's IMAWorkAroundForMemFile).
 
     With the kernel's Integrity Measurement Architecture enabled, the first PROT_EXEC mapping
     of a file makes IMA checksum the whole file, faulting in every page: for a huge sparse
@@ -285,7 +285,7 @@ def ima_workaround(fd: int) -> None:
         logger.warning("Failed to pre-map MemoryFile PROT_EXEC: %s", _errno_str(ctypes.get_errno()))
         return
     if _munmap(addr, PAGE_SIZE) != 0:
-        # The seed panics here: the address space is in a state we do not understand.
+        # gVisor panics here: the address space is in a state we do not understand.
         _raise_errno()
 
 
@@ -394,7 +394,7 @@ def _try_populate_mlock(addr: int, length: int) -> bool:
 def try_populate(addr: int, length: int) -> bool:
     """Fault in writable pages for the mapped range ``[addr, addr+length)`` ahead of use.
 
-    The seed's tryPopulate. Returns False if the range could not be populated; the method
+    gVisor's tryPopulate. Returns False if the range could not be populated; the method
     that failed is then disabled for the whole process. **Blocking**: allocates and zeroes
     every page not yet present, linear in length (about 50-70 ms per 64 MiB here, either way).
 
@@ -436,7 +436,7 @@ def mincore(addr: int, length: int, out: bytearray) -> None:
 
 
 def zero(addr: int, length: int) -> None:
-    """Write zeros over ``[addr, addr+length)`` (the seed's manuallyZero fallback).
+    """Write zeros over ``[addr, addr+length)`` (gVisor's manuallyZero fallback).
 
     **Blocking**: linear in length (about 70-80 ms per 64 MiB of uncommitted pages here), and
     it commits every page it touches. The range must be mapped writable: unmapped memory kills
@@ -466,7 +466,7 @@ def pwrite_zeros(fd: int, offset: int, length: int) -> None:
 
 def _unmap(addr: int, length: int) -> None:
     if _munmap(addr, length) != 0:
-        # Like the seed's destroy path: nothing to do about it but say so.
+        # Like gVisor's destroy path: nothing to do about it but say so.
         logger.warning(
             "Failed to unmap mapping %#x (%d bytes): %s",
             addr,

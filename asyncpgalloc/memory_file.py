@@ -1,13 +1,13 @@
 """MemoryFile: gVisor's pgalloc.MemoryFile on one host file, owned by one event loop.
 
-The seed's lock ``f.mu`` becomes the event loop: every method that changes page
+gVisor's lock ``f.mu`` becomes the event loop: every method that changes page
 state is synchronous code with no ``await`` inside, so no other task sees half a
 transition. Blocking syscalls over a range run in the executor while that range
 sits in a state no other path touches (releasing pages, or pages only the
 awaiting caller knows about), and their bookkeeping runs afterwards whatever
 happens to the awaiting task.
 
-Page states (the seed's long comment on MemoryFile is the reference):
+Page states (gVisor's long comment on MemoryFile is the reference):
 void -> free -> used -> waste -> releasing -> free, plus sub-released small pages
 inside huge-page-backed chunks. ``_unfree_*`` hold every non-free page (with
 per-page reference counts; gaps are free pages), ``_unwaste_*`` every non-waste
@@ -115,7 +115,7 @@ _new_tuple = tuple.__new__
 
 
 class MemAcct(NamedTuple):
-    """Accounting state of a run of used, waste or releasing pages (the seed's memAcctInfo).
+    """Accounting state of a run of used, waste or releasing pages (gVisor's memAcctInfo).
 
     ``commit_seq`` is the file's commit sequence when ``known_committed`` last
     became False (0 while known-committed), so that a usage scan racing with a
@@ -288,7 +288,7 @@ class MemoryFile:
     @classmethod
     async def _open(cls, file: FileLike | None, opts: MemoryFileOpts) -> MemoryFile:
         if opts.delayed_eviction is DelayedEviction.DEFAULT:
-            # The seed's DelayedEvictionDefault means Enabled.
+            # gVisor's DelayedEvictionDefault means Enabled.
             opts = _replace(opts, delayed_eviction=DelayedEviction.ENABLED)
         elif opts.delayed_eviction in (DelayedEviction.DISABLED, DelayedEviction.MANUAL):
             opts = _replace(opts, use_host_memcg_pressure=False)
@@ -359,7 +359,7 @@ class MemoryFile:
             logger.debug("MemoryFile performing evictions due to memcg pressure")
 
     async def aclose(self) -> None:
-        """Close the file: the seed's ``Destroy``.
+        """Close the file: gVisor's ``Destroy``.
 
         Stops the releaser (a release step in progress finishes first), cancels the
         eviction tasks and waits up to ``close_timeout`` for them, waits for every
@@ -605,7 +605,7 @@ class MemoryFile:
 
         Synchronous, no executor hop. Cost: the bookkeeping is O(log n) in the
         number of segments; the file grows by whole chunks when needed (ftruncate +
-        mmap). Committing modes then block inline, as the seed does: COMMIT runs
+        mmap). Committing modes then block inline, as gVisor does: COMMIT runs
         ``fallocate``; WRITE_POPULATE (and any recycled waste, which must be zeroed)
         prefaults and zeroes through the mapping. Prefer ``allocate_async`` for
         large committing allocations. Pages committed that way are known-committed
@@ -620,7 +620,7 @@ class MemoryFile:
         try:
             if opts.mode is _UNCOMMITTED:
                 # The fast path: uncommitted pages never recycle waste, so this is the
-                # seed's findAllocatableAndMarkUsed from its retryFree label, inlined.
+                # gVisor's findAllocatableAndMarkUsed from its retryFree label, inlined.
                 if self._gate is not _get_running_loop():
                     self._check()
                 if length <= 0 or length & _PAGE_MASK or (opts.huge and length % HUGE_PAGE_SIZE):
@@ -693,7 +693,7 @@ class MemoryFile:
         trip costs more than the work, so it runs inline). What it committed is then
         accounted on the loop, as by :meth:`allocate`. Cancellation-safe: if the
         awaiting task is cancelled or the syscall fails, the executor work finishes,
-        the pages go back unaccounted (the seed's ``DecRef`` on failure) and the
+        the pages go back unaccounted (gVisor's ``DecRef`` on failure) and the
         exception propagates.
         """
         fr, huge, recycled = self._take_pages(length, opts)
@@ -720,7 +720,7 @@ class MemoryFile:
     async def allocate_from(
         self, source: AsyncByteSource, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS
     ) -> FileRange:
-        """Allocate ``length`` bytes and fill them from ``source`` (the seed's ReaderFunc).
+        """Allocate ``length`` bytes and fill them from ``source`` (gVisor's ReaderFunc).
 
         ``source``: an ``aiofiles`` binary file or anything with an async
         ``readinto`` (bytes land straight in the mapped pages), an
@@ -728,7 +728,7 @@ class MemoryFile:
         callable ``f(n) -> bytes``. Pages are taken and prepared as by
         :meth:`allocate_async`. On a short read (EOF) the unfilled tail, from the
         first page not wholly filled, is released and the filled range is returned
-        (empty if not even one page was filled), as in the seed. If the source
+        (empty if not even one page was filled), as in gVisor. If the source
         raises, that tail is released likewise and a :class:`PartialFillError`
         carries the filled range (still allocated: the caller owns it) with the
         source's error as its cause. If the awaiting task is cancelled, every page
@@ -921,13 +921,13 @@ class MemoryFile:
         try:
             host.madvise(mapping.addr, mapping.length, advice)
         except OSError as e:
-            # As the seed: the mapping still works, only the page size may differ.
+            # As gVisor: the mapping still works, only the page size may differ.
             logger.warning("madvise(%#x, %d, %s) failed: %s", mapping.addr, mapping.length, name, e)
 
     def _prepare_pages(
         self, fr: FileRange, mode: AllocationMode, huge: bool, recycled: bool
     ) -> bool:
-        """Commit, populate, huge-touch or zero a new allocation as the seed's Allocate does.
+        """Commit, populate, huge-touch or zero a new allocation as gVisor's Allocate does.
 
         Blocking (fallocate, madvise/mlock, memset): run inline by ``allocate``, in
         the executor by ``allocate_async``; it touches no bookkeeping. Returns True
@@ -944,7 +944,7 @@ class MemoryFile:
             (huge and self._opts.advise_hugepage) or (not huge and self._opts.advise_no_hugepage)
         ):
             # The first touch must come through our (advised) mapping, or the
-            # host picks the page size without the advice: see the seed.
+            # host picks the page size without the advice: see gVisor.
             mode = _WRITE_POPULATE
             need_huge_touch = True
         if mode is _COMMIT:
@@ -1023,7 +1023,7 @@ class MemoryFile:
         Synchronous; O(k log n) for k segments in the range. Raises
         :class:`~asyncpgalloc.InvalidRangeError` for a bad range and
         :class:`~asyncpgalloc.ReferenceCountError` if any page holds no reference;
-        either way nothing changes. ``memcg_id`` is accepted for the seed's
+        either way nothing changes. ``memcg_id`` is accepted for gVisor's
         signature; accounting stays with the allocation's memcg.
         """
         try:
@@ -1302,7 +1302,7 @@ class MemoryFile:
     def has_unique_ref(self, fr: FileRange) -> bool:
         """True if every page of ``fr`` has exactly one reference.
 
-        Synchronous; O(k log n). Unlike the seed (docs/design.md §5), it looks at each
+        Synchronous; O(k log n). Unlike gVisor (docs/design.md §5), it looks at each
         chunk's own part of ``fr`` in that chunk's page-size set. Raises as
         :meth:`inc_ref` if a page holds no reference.
         """
@@ -1496,7 +1496,7 @@ class MemoryFile:
         """Bring :attr:`accounting` up to date with the pages the host really holds.
 
         Returns False if the call was throttled and did not scan (the accounting may be
-        stale), True otherwise (a scan ran, or ``fstat`` showed nothing to find). The seed's
+        stale), True otherwise (a scan ran, or ``fstat`` showed nothing to find). gVisor's
         ``UpdateUsage``: returns at once when ``fstat`` shows every committed byte is
         already known, or when throttled: full scans run at most 100 times a second, and
         after any scan the next waits seven times its cost, so scanning never takes more
@@ -1593,7 +1593,7 @@ class MemoryFile:
     @guarded
     def mark_unevictable(self, user: EvictableMemoryUser, er: EvictableRange) -> None:
         """Stop asking ``user`` to evict ``er``; an eviction already under way may still
-        call ``evict`` for it (users must tolerate that, as in the seed)."""
+        call ``evict`` for it (users must tolerate that, as in gVisor)."""
         self._check()
         self._evictions.mark_unevictable(user, er)
 

@@ -23,7 +23,7 @@ __all__ = [
 
 
 class AllocationMode(enum.Enum):
-    """How committed the pages returned by an allocation must be (the seed's AllocationMode)."""
+    """How committed the pages returned by an allocation must be (gVisor's AllocationMode)."""
 
     #: The pages must be uncommitted; waste is never recycled.
     UNCOMMITTED = 0
@@ -51,7 +51,7 @@ class AccessType(enum.Flag):
 
 
 class DelayedEviction(enum.Enum):
-    """How long evictable memory may be kept (the seed's DelayedEvictionType)."""
+    """How long evictable memory may be kept (gVisor's DelayedEvictionType)."""
 
     DEFAULT = 0
     DISABLED = 1
@@ -105,11 +105,11 @@ class AllocOpts:
 
 @dataclass(frozen=True, slots=True)
 class MemoryFileOpts:
-    """Options of a :class:`~asyncpgalloc.MemoryFile` (the seed's MemoryFileOpts, plus a few).
+    """Options of a :class:`~asyncpgalloc.MemoryFile` (gVisor's MemoryFileOpts, plus a few).
 
-    Fields beyond the seed's:
+    Fields beyond gVisor's:
 
-    * ``disk_backed_file`` (as in the seed): the backing file passed to
+    * ``disk_backed_file`` (as in gVisor): the backing file passed to
       ``MemoryFile.open`` lives on a disk filesystem, not in memory.
     * ``accounting``: the :class:`MemoryAccounting` to report into (default: a new one).
     * ``executor``: where blocking syscalls run (default: a one-thread executor the

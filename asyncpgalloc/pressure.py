@@ -1,8 +1,8 @@
 """Memory cgroup pressure notifications on an asyncio loop.
 
-The seed's ``hostmm.NotifyCurrentMemcgPressureCallback``: the kernel tells us when a
+gVisor's ``hostmm.NotifyCurrentMemcgPressureCallback``: the kernel tells us when a
 memory cgroup comes under memory pressure, and we call a callback on the event loop
-(``MemoryFile`` passes ``start_evictions``). The seed parks a goroutine in a blocking
+(``MemoryFile`` passes ``start_evictions``). gVisor parks a goroutine in a blocking
 eventfd read; here the kernel's fd is watched by the loop itself, so there is no thread
 and nothing blocks.
 
@@ -359,7 +359,7 @@ class MemcgPressureWatcher:
                     f"through {control_path}: {e}"
                 ) from e
             # The registration holds its own references: only the eventfd must stay
-            # open (closing it is what unregisters, as in the seed).
+            # open (closing it is what unregisters, as in gVisor).
             for fd in (control_fd, pressure_fd):
                 opened.remove(fd)
                 _close_quietly(fd)
@@ -483,7 +483,7 @@ class MemcgPressureWatcher:
         try:
             self._callback()
         except Exception:
-            # The watcher outlives a failing callback, as the seed's goroutine does.
+            # The watcher outlives a failing callback, as gVisor's goroutine does.
             logger.exception(
                 "memory pressure callback %r for %s raised; still watching",
                 self._callback,

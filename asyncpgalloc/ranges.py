@@ -34,12 +34,12 @@ PAGES_PER_HUGE_PAGE: int = HUGE_PAGE_SIZE // PAGE_SIZE
 CHUNK_SHIFT: int = 30
 CHUNK_SIZE: int = 1 << CHUNK_SHIFT
 CHUNK_MASK: int = CHUNK_SIZE - 1
-# The file size is an off_t (int64), as in the seed.
+# The file size is an off_t (int64), as in gVisor.
 MAX_CHUNKS: int = (2**63 - 1) // CHUNK_SIZE
 #: x86-64 gives a process 128 TiB of address space (47 bits): no more 1 GiB chunks
 #: can ever be mapped at once, whatever ``max_chunks`` says.
 MAX_MAPPABLE_CHUNKS: int = 1 << 17
-# Segment sets span the whole uint64 key space, as the seed's do.
+# Segment sets span the whole uint64 key space, as gVisor's do.
 KEY_MAX: int = 2**64
 
 

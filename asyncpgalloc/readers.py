@@ -1,4 +1,4 @@
-"""Filling pages from an async source: the seed's ``ReaderFunc`` for asyncio.
+"""Filling pages from an async source: gVisor's ``ReaderFunc`` for asyncio.
 
 A source is an ``aiofiles`` binary file (or anything with an async ``readinto``),
 something with an async ``read(n)`` (``asyncio.StreamReader``, an aiofiles file

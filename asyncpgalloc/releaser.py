@@ -1,7 +1,7 @@
 """Releasing waste: planning a release step and the task that runs them.
 
 The plan is pure (what to punch, what becomes free, which sub-release counts
-change), so the seed's huge-page sub-release arithmetic can be tested on its own;
+change), so gVisor's huge-page sub-release arithmetic can be tested on its own;
 the task applies plans through the file in httpcore's shape: a synchronous state
 change that returns the I/O still to do, the I/O in the executor, then a finish
 that always runs.
@@ -9,7 +9,7 @@ that always runs.
 A step is shaped by two costs measured here: an executor round trip (100-200 µs
 of latency on these VMs, far more than punching a hole in untouched pages, ~4
 µs) and the loop's share (~1-2 µs per segment). So one step punches up to
-MAX_RELEASING_RANGES ranges in one hop, each at most the seed's 128 MiB, and
+MAX_RELEASING_RANGES ranges in one hop, each at most gVisor's 128 MiB, and
 stops starting new punches after STEP_SECONDS (punching committed pages runs at
 ~5-15 GB/s); ranges it did not reach go back to waste for the next step.
 Finishing a step runs in slices of about SLICE_SECONDS with a loop turn between
@@ -111,11 +111,11 @@ def _subrelease(
 
 
 def plan_release(fr: FileRange, huge: bool, subreleased: Mapping[int, int]) -> ReleasePlan:
-    """Plan the release of waste ``fr`` (the seed's ``releaseLocked``), changing nothing.
+    """Plan the release of waste ``fr`` (gVisor's ``releaseLocked``), changing nothing.
 
-    Differs from the seed where docs/design.md §5 says it slips: when ``fr`` spans two or
+    Differs from gVisor where docs/design.md §5 says it slips: when ``fr`` spans two or
     more huge pages and the first or last is still not wholly released, its new
-    sub-release count is kept (the seed computes it and drops it, losing those
+    sub-release count is kept (gVisor computes it and drops it, losing those
     small pages for good).
     """
     updates: dict[int, int] = {}
@@ -157,7 +157,7 @@ def begin_release(
 
     Small pages before huge, highest offsets first (huge pages at low offsets are
     older and more likely really huge), each range at most MAX_RELEASING_BYTES
-    (the seed's step), at most ``limit`` ranges from at most ``limit`` dead
+    (gVisor's step), at most ``limit`` ranges from at most ``limit`` dead
     allocations. Dead allocations (whose waste transition ``dec_ref`` deferred)
     come first and go straight to *releasing*. ``pending`` carries sub-release
     counts between calls that make up one step. An empty list means that no waste
@@ -170,7 +170,7 @@ def begin_release(
     counts = ChainMap(pending, mf._subreleased)
 
     def plan(gap_start: int, end: int, huge: bool) -> None:
-        """Plan ``[gap_start, end)`` from the top, in pieces of the seed's step."""
+        """Plan ``[gap_start, end)`` from the top, in pieces of gVisor's step."""
         while end > gap_start:
             start = max(gap_start, end - MAX_RELEASING_BYTES)
             fr = FileRange(start, end)
@@ -187,7 +187,7 @@ def begin_release(
         if len(plans) < limit:
             for start, end in mf._take_dead(huge, DEAD_SLICE, limit - len(plans)):
                 plan(start, end, huge)
-        # The seed takes LastLargeEnoughGap(1) again and again; walking the gaps
+        # gVisor takes LastLargeEnoughGap(1) again and again; walking the gaps
         # down from the top visits the same ones without an index query each.
         for gap_start, end in unwaste.gaps_descending():
             if len(plans) >= limit:
@@ -297,7 +297,7 @@ async def _finish_step(mf: MemoryFile, plans: list[ReleasePlan], punched: int) -
 
 
 async def run_releaser(mf: MemoryFile) -> None:
-    """The releaser task's body: release waste until the file closes (the seed's
+    """The releaser task's body: release waste until the file closes (gVisor's
     releaserMain).
 
     Sleeps on the file's wake-up event; each step punches its ranges in one
@@ -328,7 +328,7 @@ async def run_releaser(mf: MemoryFile) -> None:
             if not plans:
                 out_of_waste(mf)
                 if mf._evict_when_idle:
-                    # Out of release work: evict to make more (the seed's releaserMain).
+                    # Out of release work: evict to make more (gVisor's releaserMain).
                     mf._evictions.start()
                 continue
             mf._release_steps += 1

@@ -90,7 +90,7 @@ class MapSnapshot:
             Together they cover the file exactly once.
         known_committed: sorted, disjoint ranges of pages known to be committed.
         subreleased_counts: ``(huge page offset, small pages sub-released)`` for each
-            huge page partly released (the seed keeps only these counts; the pages'
+            huge page partly released (gVisor keeps only these counts; the pages'
             positions are the zero-reference pages that are neither waste nor
             releasing, which is how :func:`snapshot` finds them).
         stats: the file's own totals when the snapshot was taken, shown in the
@@ -426,7 +426,7 @@ def _per_huge_page(by_state: list[list[int]], group: int) -> None:
     """Give each of a huge page's ``group`` columns the huge page's average composition.
 
     In a huge-page chunk the huge page is the unit that matters (and sub-released
-    pages are, to the seed, a count per huge page): drawing it as one stack keeps
+    pages are, to gVisor, a count per huge page): drawing it as one stack keeps
     a huge page with a few pages released from looking like two unrelated columns.
     Bytes per column are preserved on average, so row totals stay exact.
     """

@@ -1,4 +1,4 @@
-"""Finding committed pages: the seed's UpdateUsage, made to share the loop.
+"""Finding committed pages: gVisor's UpdateUsage, made to share the loop.
 
 A scan asks the host (``mincore``, in the executor, one hop per chunk) which
 used pages are resident, then marks them known-committed in slices that yield to
@@ -88,7 +88,7 @@ async def _scan(mf: MemoryFile, ids: frozenset[int] | None) -> float:
         lo, hi, ranges = span
         # Stop early once every committed byte is known: the host's count
         # (st_blocks) then equals ours, so no page left unscanned is committed.
-        # (The seed scans everything; this finds the same pages.)
+        # (gVisor scans everything; this finds the same pages.)
         need = host.file_usage(mf._fd) - mf._known_committed_bytes
         if need <= 0:
             break
@@ -127,7 +127,7 @@ def _next_scan_span(
             break
         skip = ma.waste_or_releasing or ma.known_committed
         if skip or (ids is not None and ma.memcg_id not in ids):
-            # Waste is skipped as in the seed: it may have been committed since
+            # Waste is skipped as in gVisor: it may have been committed since
             # the last scan, but it is accounted as SYSTEM until released anyway.
             continue
         if lo < 0:
@@ -233,7 +233,7 @@ async def _mark_committed(mf: MemoryFile, lo: int, resident: bytes, last_seq: in
         i = (s - lo) // PAGE_SIZE
         istop = (stop - lo) // PAGE_SIZE
         # docs/design.md §5: judge the race by the segment as it is now, not as it was
-        # before the scan (the seed reads a stale segment here).
+        # before the scan (gVisor reads a stale segment here).
         if ma.waste_or_releasing or ma.known_committed or ma.commit_seq > last_seq:
             pos = stop
             continue

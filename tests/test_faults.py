@@ -348,7 +348,7 @@ async def test_cancel_every_public_coroutine_at_every_suspension_point(
             # Waste to recycle for the committing allocations.
             mf.dec_ref(mf.allocate(MiB, AllocOpts(mode=AllocationMode.COMMIT)))
             finished = await _cancel_after(scenario(mf, held, tmp_path), n)
-            # Evictions go on when their waiter is cancelled (as in the seed).
+            # Evictions go on when their waiter is cancelled (as in gVisor).
             await mf.wait_for_evictions()
             await mf.wait_released()
             mf.check_invariants()

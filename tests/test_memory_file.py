@@ -223,7 +223,7 @@ async def test_references_span_neighbouring_allocations(mf: MemoryFile) -> None:
 
 
 async def test_has_unique_ref_across_a_small_and_a_huge_chunk(huge_mf: MemoryFile) -> None:
-    # docs/design.md §5: the seed visits `fr` instead of the chunk's part of it, so a
+    # docs/design.md §5: gVisor visits `fr` instead of the chunk's part of it, so a
     # range spanning a small and a huge chunk reads the other size's zero counts.
     mf = huge_mf
     mf.allocate(CHUNK_SIZE)  # the whole small chunk 0
@@ -238,7 +238,7 @@ async def test_has_unique_ref_across_a_small_and_a_huge_chunk(huge_mf: MemoryFil
 
 
 async def test_release_spanning_huge_pages_keeps_sub_release_counts(huge_mf: MemoryFile) -> None:
-    # docs/design.md §5: the seed drops the new count of a partly released first/last
+    # docs/design.md §5: gVisor drops the new count of a partly released first/last
     # huge page when a release spans two or more huge pages; those pages would
     # then never become free again.
     mf = huge_mf
@@ -506,7 +506,7 @@ async def test_failed_commit_returns_the_pages(
         mf.allocate(4 * P, AllocOpts(mode=AllocationMode.COMMIT))
     assert info.value.errno == 28
     st = mf.stats()
-    assert st.used_bytes == P and st.waste_bytes == 4 * P  # returned, as the seed's DecRef
+    assert st.used_bytes == P and st.waste_bytes == 4 * P  # returned, as gVisor's DecRef
     mf.check_invariants()
 
 

@@ -346,7 +346,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
             event("allocate: recycled waste")
         if opts.huge and not recycled:
             # Free huge pages are whole huge pages. Recycled waste need not be
-            # huge-aligned: the seed takes the waste gap's end (TOP_DOWN) or start
+            # huge-aligned: gVisor takes the waste gap's end (TOP_DOWN) or start
             # as is, so neither does the port.
             assert fr.start % H == 0, f"huge allocation {fr} is not huge-aligned"
         for i in range(fr.start // C, (fr.end - 1) // C + 1):
@@ -395,7 +395,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         """Optionally start with a small and a huge chunk whose common edge is referenced.
 
         Reference ranges across such an edge exercise the per-page-size pieces of
-        inc_ref/dec_ref/has_unique_ref (docs/design.md §5: the seed's HasUniqueRef slip).
+        inc_ref/dec_ref/has_unique_ref (docs/design.md §5: gVisor's HasUniqueRef slip).
         """
         small_top = AllocOpts(direction=Direction.TOP_DOWN)
         huge_top = AllocOpts(huge=True, direction=Direction.TOP_DOWN)
@@ -632,7 +632,7 @@ class UvloopMachine(MemoryFileMachine):
 
 
 # About 12-20 s per loop on a 2-core machine (most of it in mf.check_invariants()
-# after every step): 40 sequences of up to 60 steps each. The seed and shrinking
+# after every step): 40 sequences of up to 60 steps each. gVisor and shrinking
 # come from the conftest profile (CI=true: derandomized).
 SETTINGS = settings(
     max_examples=40,

@@ -52,7 +52,7 @@ class ModelUser:
         self.evictions += 1
         fr = self.fr
         if fr is None:
-            # Already given back; an eviction under way may still ask (as in the seed).
+            # Already given back; an eviction under way may still ask (as in gVisor).
             return
         s, e = fr.start + er.start, fr.start + er.end
         m = self.machine

@@ -160,7 +160,7 @@ class _HoldScanResult(concurrent.futures.ThreadPoolExecutor):
 
 
 async def test_decommit_during_a_scan_is_never_marked_committed() -> None:
-    # docs/design.md §5: the seed judges the race by the segment read before the scan
+    # docs/design.md §5: gVisor judges the race by the segment read before the scan
     # dropped its lock; pages decommitted meanwhile would be marked committed.
     ex = _HoldScanResult()
     try:
