@@ -128,7 +128,7 @@ class BlockingRunner:
 
     __slots__ = ("_executor", "_inflight", "_running")
 
-    def __init__(self, executor: concurrent.futures.Executor | None) -> None:
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
         self._executor = executor
         self._inflight: set[asyncio.Future[Any]] = set()
         # The done events of jobs submitted and not yet finished, for a teardown
@@ -145,39 +145,30 @@ class BlockingRunner:
         ``cancel_futures=True``): that is not a cancellation of the caller.
         """
         done = threading.Event()
-        loop = asyncio.get_running_loop()
-        executor = self._executor
-        if executor is None:
-            fut = loop.run_in_executor(None, run_signalling, done, fn, *args)
-        else:
-            self._running.add(done)
-            try:
-                cf = executor.submit(run_signalling, done, fn, *args)
-            except BaseException:
-                self._running.discard(done)
-                raise
-            # Runs in whichever thread ends the job, or cancels it unrun.
-            cf.add_done_callback(lambda _: self._running.discard(done))
-            fut = asyncio.wrap_future(cf, loop=loop)
+        self._running.add(done)
+        try:
+            cf = self._executor.submit(run_signalling, done, fn, *args)
+        except BaseException:
+            self._running.discard(done)
+            raise
+        # Runs in whichever thread ends the job, or cancels it unrun.
+        cf.add_done_callback(lambda _: self._running.discard(done))
+        fut = asyncio.wrap_future(cf, loop=asyncio.get_running_loop())
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
         try:
             await lend_gil_until(done, fut)
             return await finish_uncancelled(fut)
-        except asyncio.CancelledError:
-            if fut.cancelled() and not _cancelling():
+        except GeneratorExit:
+            raise  # closed with its loop gone: the owner waits for the thread (blocking)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError) and fut.cancelled() and not _cancelling():
                 raise ExecutorDroppedError(
                     f"the executor dropped {getattr(fn, '__name__', fn)!s} before running it "
                     "(was it shut down with cancel_futures=True?)"
                 ) from None
-            if not fut.done():
-                await finish_uncancelled(fut)
-            raise
-        except GeneratorExit:
-            raise  # closed with its loop gone: the owner waits for the thread (blocking)
-        except BaseException:
-            # An interrupt landed while the job runs: it still uses its arguments
-            # (ranges, mappings), so the caller may not undo anything before it ends.
+            # Cancelled, or interrupted: the job still uses its arguments (ranges,
+            # mappings), so the caller may not undo anything before it ends.
             if not fut.done():
                 await finish_uncancelled(fut)
             raise
@@ -185,8 +176,7 @@ class BlockingRunner:
     def wait_idle_blocking(self, timeout: float) -> bool:
         """Block until no job of this runner runs in a thread, for at most ``timeout``
         seconds; True if none does. For teardown without a loop to await on (the
-        loop closed, or a finalizer): the fd and mappings must outlive every job.
-        Jobs on the loop's default executor (``executor=None``) are not tracked."""
+        loop closed, or a finalizer): the fd and mappings must outlive every job."""
         deadline = time.monotonic() + timeout
         return all(
             done.wait(max(0.0, deadline - time.monotonic())) for done in list(self._running)
