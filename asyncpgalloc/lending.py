@@ -82,7 +82,7 @@ class Lent:
         task, self._task = self._task, None
         for mapping, _ in self._pending:
             mapping.try_unmap()
-        if task is None or task.done():
+        if task is None or task.done() or task.get_loop().is_closed():
             return []
         task.cancel()
         return [task]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -395,7 +394,7 @@ class MemoryFile:
             raise WrongLoopError(
                 "aclose(): this MemoryFile belongs to another event loop, still open"
             )
-        self._begin_close()
+        self._lent_tasks = self._begin_close()
         task = self._close_task = self._loop.create_task(
             self._teardown(), name="asyncpgalloc-close"
         )
@@ -412,15 +411,20 @@ class MemoryFile:
         if not releaser.cancelled() and releaser.exception() is not None:
             raise InvariantError("the releaser task failed") from releaser.exception()
 
-    def _begin_close(self) -> None:
-        """Refuse every later call and stop the background work (synchronous)."""
+    def _begin_close(self) -> list[asyncio.Task[None]]:
+        """Refuse every later call and stop the background work (synchronous); returns
+        the lending task to await, if any (see lending.py)."""
         self._closed = True
         self._gate = _SHUT
         if self._pressure is not None:
             self._pressure.stop()
+        if self._loop.is_closed():
+            # Being discarded with its loop (see _abandon): no task can run again.
+            self._lent.close()
+            return []
         for t in self._background_tasks():
             t.cancel()
-        self._lent_tasks = self._lent.close()
+        return self._lent.close()
 
     def _background_tasks(self) -> list[asyncio.Task[None]]:
         tasks = [self._releaser_task]
@@ -476,12 +480,7 @@ class MemoryFile:
                 stacklevel=2,
                 source=self,
             )
-        self._closed = True
-        self._gate = _SHUT
-        if self._pressure is not None:
-            self._pressure.stop()
-        with contextlib.suppress(RuntimeError):  # cancelling a task of a closed loop
-            self._lent.close()  # its retry task is not awaited: the loop is gone or going
+        self._begin_close()  # its tasks are not awaited: the loop is gone or going
         if not self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
             logger.error("%r: a syscall is still running; leaking the fd and mappings", self)
             return
