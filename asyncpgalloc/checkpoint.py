@@ -172,15 +172,10 @@ async def _mark_data_committed(mf: MemoryFile, fd: int) -> None:
     mf._commit_seq += 1
     extents = await mf._blocking.run(data_extents, fd, mf.total_size())
     _live(mf)
-    account, accounting = mf._account, mf._accounting
-
     def mark(s: int, e: int, ma: MemAcct) -> MemAcct:
-        if ma.waste_or_releasing or ma.known_committed or ma.commit_seq > last_seq:
+        if ma.waste_or_releasing or ma.commit_seq > last_seq:
             return ma
-        mf._known_committed_bytes += e - s
-        if account:
-            accounting.inc(e - s, ma.kind, ma.memcg_id)
-        return ma._replace(known_committed=True, commit_seq=0)
+        return mf._commit_known(s, e, ma)  # the allocator's own marking, counted once
 
     slice_start = time.perf_counter()
     for i, (s, e) in enumerate(extents):
