@@ -253,7 +253,7 @@ async def test_a_read_error_fails_every_waiter(
     before = fd_count()
     async with await MemoryFile.load(path, async_pages=True) as mf:
         await gate.wait_entered()
-        os.truncate(path, os.path.getsize(path) // 2)  # the source fails under the loader
+        os.truncate(path, path.stat().st_size // 2)  # the source fails under the loader
         waiters = [asyncio.create_task(mf.wait_loaded(fr)) for fr in frs[-3:]]
         await asyncio.sleep(0)
         gate.release.set()
@@ -272,7 +272,7 @@ async def test_a_read_error_fails_every_waiter(
 async def test_aclose_mid_load_fails_waiters_and_leaks_nothing(
     saved: tuple[Path, list[FileRange]], gate: Gate
 ) -> None:
-    path, frs = saved
+    path, _ = saved
     before = fd_count()
     mf = await MemoryFile.load(path, async_pages=True)
     await gate.wait_entered()
