@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import checkpoint_io, host
-from .blocking import BlockingRunner
+from .blocking import BlockingRunner, finish_uncancelled
 from .checkpoint_format import Block, Header, block_seed, unpack_crc
 from .checkpoint_format import crc as crc32c
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
@@ -165,51 +165,70 @@ class PageLoader:
         return self._runner.wait_idle_blocking(timeout)
 
     async def _run(self) -> None:
+        inflight: set[asyncio.Task[None]] = set()
+        error: CheckpointError | None = None
         try:
             while True:
-                batch = self._next_batch()
-                if batch is None:
-                    if not self._pending_bytes:
+                # A batch is chosen only when a thread is free for it, so that a
+                # waiter's blocks go next, not after a batch chosen ahead of time.
+                while len(inflight) < checkpoint_io.WIDTH:
+                    batch = self._next_batch()
+                    if batch is None:
                         break
-                    # Everything left is started elsewhere, or nothing to do until a
-                    # waiter or a drop changes the picture.
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                    inflight.add(asyncio.ensure_future(self._load(batch)))
+                if inflight:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        inflight.discard(t)
+                        t.result()
                     continue
-                await self._load(batch)
-            self._finish(None)
-            logger.debug(
-                "async page loading completed: %d bytes loaded, %d dropped in %.3f s",
-                self._loaded,
-                self._dropped,
-                time.monotonic() - self._started_at,
-            )
+                if not self._pending_bytes:
+                    break
+                # Nothing to start until a waiter or a drop changes the picture.
+                self._wakeup.clear()
+                await self._wakeup.wait()
         except asyncio.CancelledError:
-            self._finish(CheckpointError("the page load was cancelled (the file closed?)"))
+            error = CheckpointError("the page load was cancelled (the file closed?)")
             raise
         except CheckpointError as e:
-            self._finish(e)
+            error = e
         except OSError as e:
-            err = CheckpointError(f"reading the checkpoint's pages failed: {e}")
-            err.__cause__ = e
-            self._finish(err)
+            error = CheckpointError(f"reading the checkpoint's pages failed: {e}")
+            error.__cause__ = e
         except BaseException as e:
-            err = CheckpointError(f"the page load failed: {e!r}")
-            err.__cause__ = e
-            self._finish(err)
+            error = CheckpointError(f"the page load failed: {e!r}")
+            error.__cause__ = e
             if not isinstance(e, Exception):
                 raise
         finally:
-            self._release()
+            try:
+                if inflight:
+                    # The other batch's thread still writes its pages: wait for it (its
+                    # own cleanup drops its references), then release the fds.
+                    for t in inflight:
+                        t.cancel()
+                    await finish_uncancelled(asyncio.wait(inflight))
+                    for t in inflight:
+                        if not t.cancelled():
+                            t.exception()  # retrieved: the first error is the one reported
+            finally:
+                # Waiters are told last: by then no thread, task or fd of the load is left.
+                self._release()
+                self._finish(error)
 
     def _finish(self, error: CheckpointError | None) -> None:
-        if self._done:
-            return
         self._done = True
         self._error = error
         self._ended_at = time.monotonic()
         if error is not None:
             logger.warning("async page loading failed: %s", error)
+        else:
+            logger.debug(
+                "async page loading completed: %d bytes loaded, %d dropped in %.3f s",
+                self._loaded,
+                self._dropped,
+                self._ended_at - self._started_at,
+            )
         self._pulse()
 
     def _release(self) -> None:
@@ -386,6 +405,16 @@ class PageLoader:
         finally:
             self._waiters -= 1
             self._wait_seconds += time.monotonic() - began
+
+    async def wait_all(self) -> None:
+        """Wait for every page and for the loader task's end (its fds closed). Raises
+        as :meth:`wait`."""
+        await self.wait(0, 2**63)
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+        if self._error is not None:
+            raise self._error
 
     def progress(self) -> LoadProgress:
         """A snapshot of the load's progress. O(1), on the loop."""

@@ -1618,7 +1618,8 @@ class MemoryFile:
 
         gVisor's ``awaitLoad``/``AwaitLoadAll``: the blocks holding ``fr``'s pending
         pages go to the front of the loader's queue. Returns at once for a file not
-        loaded with ``async_pages=True``, or once loading is done. Raises the load's
+        loaded with ``async_pages=True``, or once loading is done; with ``fr`` None it
+        also waits for the loader task's end. Raises the load's
         :class:`~asyncpgalloc.CheckpointError` if it failed (every waiter gets the
         same one), :class:`~asyncpgalloc.InvalidRangeError` for a bad ``fr``.
         Cancelling the wait leaves the load running.
@@ -1626,9 +1627,10 @@ class MemoryFile:
         self._check()
         loader = self._loader
         if fr is None:
-            start, end = 0, self.total_size()
-        else:
-            start, end = self._check_range(fr, "wait_loaded")
+            if loader is not None:
+                await loader.wait_all()
+            return
+        start, end = self._check_range(fr, "wait_loaded")
         if loader is not None:
             await loader.wait(start, end)
 
