@@ -56,6 +56,10 @@ RefFn = Callable[[FileRange], None]
 _PENDING, _STARTED, _DONE = 0, 1, 2
 
 
+class _Cancelled(CheckpointError):
+    """The load's error when its task was cancelled (by ``aclose()``, most often)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoadProgress:
     """Where an asynchronous page load stands (:meth:`MemoryFile.load_progress`).
@@ -188,7 +192,7 @@ class PageLoader:
                 self._wakeup.clear()
                 await self._wakeup.wait()
         except asyncio.CancelledError:
-            error = CheckpointError("the page load was cancelled (the file closed?)")
+            error = _Cancelled("the page load was cancelled (the file closed?)")
             raise
         except CheckpointError as e:
             error = e
@@ -220,7 +224,9 @@ class PageLoader:
         self._done = True
         self._error = error
         self._ended_at = time.monotonic()
-        if error is not None:
+        if isinstance(error, _Cancelled):
+            logger.debug("async page loading stopped: %s", error)
+        elif error is not None:
             logger.warning("async page loading failed: %s", error)
         else:
             logger.debug(
