@@ -1806,8 +1806,27 @@ class MemoryFile:
         from . import invariants
 
         invariants.check_invariants(self)
+        if self._loader is not None:
+            self._check_pending_load()
         if check_zero_pages:
             invariants.check_zero_pages(self, self._zero_promised())
+
+    def _check_pending_load(self) -> None:
+        """Pages still to load are used (referenced) and known-committed: a page that
+        became waste was dropped from the load, and none is decommitted while pending."""
+        assert self._loader is not None
+        for s, e in self._loader.pending_ranges():
+            for ps, pe, huge in self._size_pieces(s, e):
+                unfree = self._unfree_huge if huge else self._unfree_small
+                if not unfree.is_fully_covered(ps, pe) or any(
+                    refs <= 0 for _, _, refs in unfree.visit_range(ps, pe)
+                ):
+                    raise InvariantError(f"pages [{ps:#x}, {pe:#x}) to load hold no reference")
+            for ms, me, ma in self._mem_acct.visit_range(s, e):
+                if not ma.known_committed or ma.waste_or_releasing:
+                    raise InvariantError(
+                        f"pages [{ms:#x}, {me:#x}) to load are not known-committed used pages"
+                    )
 
     def _zero_promised(self) -> list[tuple[int, int]]:
         """The page ranges that must read zero, merged and sorted: free pages (the gaps
