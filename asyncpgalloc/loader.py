@@ -207,10 +207,9 @@ class PageLoader:
         finally:
             try:
                 if inflight:
-                    # The other batch's thread still writes its pages: wait for it (its
-                    # own cleanup drops its references), then release the fds.
-                    for t in inflight:
-                        t.cancel()
+                    # The other batch's thread still writes its pages: let it finish, with
+                    # its bookkeeping (pages that landed and passed their CRC are loaded),
+                    # as cancelling it would only wait for its thread too; then release.
                     await finish_uncancelled(asyncio.wait(inflight))
                     for t in inflight:
                         if not t.cancelled():

@@ -390,3 +390,17 @@ async def test_model_interleaves_loading_with_the_allocator(
         p = mf.load_progress()
         assert p is not None and p.loaded_bytes + p.dropped_bytes == p.total_bytes
         mf.check_invariants(check_zero_pages=True)
+
+
+def test_cli_restore_loads_checks_and_summarizes(
+    saved: tuple[Path, list[FileRange]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncpgalloc import __main__ as cli
+
+    path, _ = saved
+    assert cli.main(["restore", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{COUNT} MiB used" in out and "checksums and invariants OK" in out
+    damage(path, 3)
+    assert cli.main(["restore", str(path), "--no-progress"]) == 1
+    assert "block 3 checksum mismatch" in capsys.readouterr().err
