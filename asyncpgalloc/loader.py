@@ -171,6 +171,7 @@ class PageLoader:
     async def _run(self) -> None:
         inflight: set[asyncio.Task[None]] = set()
         error: CheckpointError | None = None
+        closing = False
         try:
             while True:
                 # A batch is chosen only when a thread is free for it, so that a
@@ -199,6 +200,12 @@ class PageLoader:
         except OSError as e:
             error = CheckpointError(f"reading the checkpoint's pages failed: {e}")
             error.__cause__ = e
+        except GeneratorExit:
+            # Discarded with its loop: nothing may await, and a read may still run in a
+            # thread; the file's teardown waits for it and then calls release().
+            closing = True
+            error = _Cancelled("the page load was discarded with its event loop")
+            raise
         except BaseException as e:
             error = CheckpointError(f"the page load failed: {e!r}")
             error.__cause__ = e
@@ -206,7 +213,7 @@ class PageLoader:
                 raise
         finally:
             try:
-                if inflight:
+                if inflight and not closing:
                     # The other batch's thread still writes its pages: let it finish, with
                     # its bookkeeping (pages that landed and passed their CRC are loaded),
                     # as cancelling it would only wait for its thread too; then release.
@@ -216,7 +223,8 @@ class PageLoader:
                             t.exception()  # retrieved: the first error is the one reported
             finally:
                 # Waiters are told last: by then no thread, task or fd of the load is left.
-                self._release()
+                if not closing:
+                    self.release()
                 self._finish(error)
 
     def _finish(self, error: CheckpointError | None) -> None:
@@ -236,7 +244,9 @@ class PageLoader:
             )
         self._pulse()
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Close the checkpoint fds and shut the executor down. Idempotent; call it only
+        once no read runs (the loader's task has ended, or :meth:`wait_idle_blocking`)."""
         for fd in (self._src_fd, self._commit_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

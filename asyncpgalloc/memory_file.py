@@ -556,6 +556,8 @@ class MemoryFile:
             except Exception as e:
                 # Only a poisoned file's sets can fail here; closing must not.
                 logger.error("%r: its accounting could not be returned: %r", self, e)
+        if self._loader is not None:
+            self._loader.release()  # its fds, if its task could not (see _abandon)
         os.close(self._fd)
         self._fd = -1
         for chunk in self._chunks:

@@ -404,3 +404,23 @@ def test_cli_restore_loads_checks_and_summarizes(
     damage(path, 3)
     assert cli.main(["restore", str(path), "--no-progress"]) == 1
     assert "block 3 checksum mismatch" in capsys.readouterr().err
+
+
+def test_a_loop_that_ends_mid_load_leaks_no_fd(
+    saved: tuple[Path, list[FileRange]], gate: Gate
+) -> None:
+    """asyncio.run() ending with the load still running (never closed): the file is
+    abandoned with a ResourceWarning, and the loader's fds go with it."""
+    path, _ = saved
+    before = fd_count()
+    kept: list[MemoryFile] = []
+
+    async def main() -> None:
+        kept.append(await MemoryFile.load(path, async_pages=True))
+        await gate.wait_entered()
+        gate.release.set()
+
+    with pytest.warns(ResourceWarning, match="unclosed MemoryFile"):
+        asyncio.run(main())
+    assert kept[0].closed
+    assert fd_count() == before
