@@ -144,20 +144,10 @@ class PageLoader:
         self._ended_at: float | None = None
         self._error: CheckpointError | None = None
         self._done = False
-        self._task: asyncio.Task[None] | None = None
+        #: The task running :meth:`run`, set by the file that owns the loader.
+        self.task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> asyncio.Task[None]:
-        """Start the loader task (once); the caller lists it among its background tasks."""
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name="asyncpgalloc-page-loader"
-        )
-        return self._task
-
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
 
     @property
     def loading(self) -> bool:
@@ -168,7 +158,11 @@ class PageLoader:
         """Block until no read of this loader runs in a thread (see BlockingRunner)."""
         return self._runner.wait_idle_blocking(timeout)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The loader: read every pending block, awaited ones first, two batches at a
+        time; then release the fds and tell the waiters. Never raises an ``Exception``
+        (a failure is the load's error, see the module docstring); cancellation and
+        interrupts propagate after the cleanup."""
         inflight: set[asyncio.Task[None]] = set()
         error: CheckpointError | None = None
         closing = False
@@ -425,7 +419,7 @@ class PageLoader:
         """Wait for every page and for the loader task's end (its fds closed). Raises
         as :meth:`wait`."""
         await self.wait(0, 2**63)
-        task = self._task
+        task = self.task
         if task is not None and not task.done():
             await asyncio.wait([task])
         if self._error is not None:

@@ -1613,7 +1613,19 @@ class MemoryFile:
         """Internal (load): own ``loader`` and start its task, one of the file's background
         tasks from now on (aclose() cancels and awaits it)."""
         self._loader = loader
-        loader.start()
+        loader.task = self._loop.create_task(
+            self._run_loader(loader), name="asyncpgalloc-page-loader"
+        )
+
+    async def _run_loader(self, loader: PageLoader) -> None:
+        """The loader task: an interrupt delivered while it ran (possibly inside its
+        bookkeeping) poisons the file and is raised again from the loop, as for the
+        releaser (see :meth:`_releaser`)."""
+        try:
+            await loader.run()
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._poison(e)
+            self._loop.call_soon(_raise, e)
 
     async def wait_loaded(self, fr: FileRange | None = None) -> None:
         """Wait until every page of ``fr`` (of the whole file if None) is loaded.
