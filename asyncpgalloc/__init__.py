@@ -15,6 +15,7 @@ from .errors import InvalidRangeError as InvalidRangeError
 from .errors import InvariantError as InvariantError
 from .errors import OptionTypeError as OptionTypeError
 from .errors import OutOfMemoryError as OutOfMemoryError
+from .errors import PagesNotLoadedError as PagesNotLoadedError
 from .errors import PartialFillError as PartialFillError
 from .errors import PoisonedError as PoisonedError
 from .errors import RangeTypeError as RangeTypeError
@@ -22,6 +23,7 @@ from .errors import ReferenceCountError as ReferenceCountError
 from .errors import WrongLoopError as WrongLoopError
 from .errors import WrongThreadError as WrongThreadError
 from .eviction import EvictableMemoryUser as EvictableMemoryUser
+from .loader import LoadProgress as LoadProgress
 from .memory_file import MemoryFile as MemoryFile
 from .options import AccessType as AccessType
 from .options import AllocationMode as AllocationMode
@@ -62,6 +64,7 @@ __all__ = (
     "InvalidOptionError",
     "InvalidRangeError",
     "InvariantError",
+    "LoadProgress",
     "MemcgPressureWatcher",
     "MemoryAccounting",
     "MemoryFile",
@@ -71,6 +74,7 @@ __all__ = (
     "MemoryKind",
     "OptionTypeError",
     "OutOfMemoryError",
+    "PagesNotLoadedError",
     "PartialFillError",
     "PoisonedError",
     "PressureWatcherError",

@@ -6,7 +6,10 @@ Subcommands (``python -m asyncpgalloc COMMAND --help`` for each):
 - ``bench [--script NAME] [ARGS...]``: the scripts in ``benchmarks/`` with ARGS;
 - ``map CHECKPOINT -o OUT.svg``: an SVG map of a checkpoint's pages;
 - ``inspect CHECKPOINT [--no-data]``: a checkpoint's header and a summary of its
-  contents, after checking every checksum (page data too, unless ``--no-data``).
+  contents, after checking every checksum (page data too, unless ``--no-data``);
+- ``restore CHECKPOINT [--no-progress]``: load it with ``async_pages=True`` into a new
+  memfd (a ``rich`` progress bar while the pages stream in), check the result, print a
+  summary.
 
 ``python -m asyncpgalloc --version`` prints the version.
 
@@ -194,6 +197,70 @@ def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
     return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else [])])
 
 
+async def _restore_checkpoint(path: str, show_progress: bool) -> str:
+    """Load ``path`` with async page loading, wait for every page (with a progress bar
+    if ``show_progress`` and ``rich`` is installed), check the invariants; the summary."""
+    import time
+
+    from .memory_file import MemoryFile
+
+    t0 = time.perf_counter()
+    mf = await MemoryFile.load(path, async_pages=True)
+    returned = time.perf_counter() - t0
+    try:
+        done = asyncio.ensure_future(mf.wait_loaded())
+        progress = mf.load_progress()
+        if show_progress and progress is not None and not done.done():
+            try:
+                from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+            except ImportError:
+                rich_progress = None
+            else:
+                rich_progress = Progress(
+                    *Progress.get_default_columns(),
+                    DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(),
+                    transient=True,
+                )
+            if rich_progress is not None:
+                with rich_progress:
+                    bar = rich_progress.add_task("loading pages", total=progress.total_bytes)
+                    while not done.done():
+                        await asyncio.wait([done], timeout=0.1)
+                        p = mf.load_progress()
+                        assert p is not None
+                        rich_progress.update(bar, completed=p.loaded_bytes + p.dropped_bytes)
+        await done
+        total = time.perf_counter() - t0
+        mf.check_invariants()
+        st = mf.stats()
+        p = mf.load_progress()
+    finally:
+        await mf.aclose()
+    loaded = 0 if p is None else p.loaded_bytes
+    rate = loaded / total / 2**20 if total else 0.0
+    return (
+        f"restored {path}: {st.total_size >> 20} MiB file, {st.used_bytes >> 20} MiB used, "
+        f"{st.known_committed_bytes >> 20} MiB committed\n"
+        f"  load() returned after {returned * 1e3:.1f} ms; every page in after "
+        f"{total * 1e3:.1f} ms ({loaded >> 20} MiB read and checked, {rate:.0f} MiB/s)\n"
+        "  checksums and invariants OK\n"
+    )
+
+
+def _restore(args: argparse.Namespace, extra: list[str]) -> int:
+    from .errors import AllocatorError
+
+    try:
+        summary = asyncio.run(
+            _restore_checkpoint(args.checkpoint, not args.no_progress and sys.stderr.isatty())
+        )
+    except (AllocatorError, OSError) as e:
+        return _fail(f"restore: {args.checkpoint}: {e}", EXIT_FAILED)
+    sys.stdout.write(summary)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -287,6 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="check only the header and metadata, not the page data's checksums",
     )
     inspect.set_defaults(parser=inspect, run=_inspect, passes_args=False)
+
+    restore = sub.add_parser(
+        "restore",
+        help="restore a checkpoint (async page loading) and check it",
+        description="Load a checkpoint with MemoryFile.load(..., async_pages=True) into a new "
+        "memfd, show the pages streaming in (a rich progress bar on a terminal), wait for "
+        "every page, check every checksum and invariant, and print a summary.",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    restore.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file")
+    restore.add_argument("--no-progress", action="store_true", help="no progress bar")
+    restore.set_defaults(parser=restore, run=_restore, passes_args=False)
     return parser
 
 

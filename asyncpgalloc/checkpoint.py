@@ -66,6 +66,7 @@ from .checkpoint_io import (
 from .checkpoint_scan import data_extents, punch_job, zero_ranges_job
 from .checkpoint_state import LoadedState, build_state
 from .errors import CheckpointError, ClosedError, InvariantError
+from .loader import PageLoader
 from .options import MemoryFileOpts
 from .ranges import CHUNK_SIZE, PAGE_SIZE, FileRange
 
@@ -101,6 +102,8 @@ async def save_checkpoint(
     mf._check()
     if not isinstance(dst, str | os.PathLike | AsyncBinaryWriter):
         raise TypeError(f"save: {type(dst).__name__} is neither a path nor an async binary file")
+    # As gVisor's SaveTo: a load still running finishes first (or its error is ours).
+    await mf.wait_loaded()
     _check_evictions(mf)
     ex = _executor()
     runner = BlockingRunner(ex)
@@ -265,11 +268,19 @@ async def load_checkpoint(
     src: CheckpointSource,
     opts: MemoryFileOpts,
     file: FileLike | None = None,
+    *,
+    async_pages: bool = False,
 ) -> MemoryFile:
     """See :meth:`MemoryFile.load`."""
     if not isinstance(src, str | os.PathLike | AsyncBinaryReader):
         raise TypeError(f"load: {type(src).__name__} is neither a path nor an async binary file")
+    if async_pages and not isinstance(src, str | os.PathLike):
+        raise TypeError(
+            "load(async_pages=True) reads page blocks in any order: src must be a path, "
+            f"not {type(src).__name__}"
+        )
     ex = _executor()
+    keep_ex = False  # handed to the page loader
     runner = BlockingRunner(ex)
     source: Source
     try:
@@ -283,6 +294,7 @@ async def load_checkpoint(
         raise
     mf: MemoryFile | None = None
     dst_fd = -1
+    src_fd = -1
     try:
         header = Header.unpack(await source.read_exact(HEADER_SIZE))
         left = source.remaining()
@@ -299,31 +311,65 @@ async def load_checkpoint(
         header.check_metadata(metadata)
         state = await runner.run(_parse, header, metadata)
         del metadata
+        if async_pages:
+            assert isinstance(source, FdSource)
+            # The trailer first: a truncated checkpoint fails here, not in the loader.
+            unpack_trailer(header, await source.read_trailer(header, TRAILER_SIZE))
 
         # Everything is checked: from here on, build.
         mf = await cls._open(file, opts)
         _install(mf, state)
         dst_fd = reopen(mf._fd, os.O_RDWR)
+        if async_pages:
+            assert isinstance(source, FdSource)
+            _check_loaded(mf)
+            if state.extents:
+                data_offset = header.data_offset
+                blocks = list(plan_blocks(state.extents, header.block_size))
+                src_fd = source.detach()
+                # A caller's file may fill up: the loader fallocates before it writes.
+                commit_fd, dst_fd = (dst_fd, -1) if file is not None else (-1, dst_fd)
+                loader = PageLoader(
+                    header=header,
+                    blocks=blocks,
+                    data_offset=data_offset,
+                    src_fd=src_fd,
+                    commit_fd=commit_fd,
+                    executor=ex,
+                    views=mf._views,
+                    inc_ref=mf.inc_ref,
+                    dec_ref=mf.dec_ref,
+                )
+                src_fd, keep_ex = -1, True  # the loader's now
+                mf._adopt_loader(loader)
+            return mf
         await source.load_data(
             header, plan_blocks(state.extents, header.block_size), dst_fd, mf._views
         )
         unpack_trailer(header, await source.finish(TRAILER_SIZE))
-        if mf._closed:
-            raise ClosedError("the MemoryFile was closed during load()")
-        try:
-            mf.check_invariants()
-        except InvariantError as e:
-            raise CheckpointError(f"loaded state is inconsistent: {e}") from e
+        _check_loaded(mf)
         return mf
     except BaseException:
         if mf is not None:
             await finish_uncancelled(mf.aclose())
         raise
     finally:
-        if dst_fd >= 0:
-            os.close(dst_fd)
+        for fd in (dst_fd, src_fd):
+            if fd >= 0:
+                os.close(fd)
         source.close()
-        ex.shutdown(wait=False)
+        if not keep_ex:
+            ex.shutdown(wait=False)
+
+
+def _check_loaded(mf: MemoryFile) -> None:
+    """The last step of a load: the file is open and its state consistent."""
+    if mf.closed:
+        raise ClosedError("the MemoryFile was closed during load()")
+    try:
+        mf.check_invariants()
+    except InvariantError as e:
+        raise CheckpointError(f"loaded state is inconsistent: {e}") from e
 
 
 def _parse(header: Header, metadata: bytes) -> LoadedState:

@@ -426,6 +426,17 @@ class FdSource(Source):
         await run_pipelined(job(b) for b in batches(blocks))
         self._pos += header.data_length + 4 * header.blocks
 
+    async def read_trailer(self, header: Header, trailer_len: int) -> bytes:
+        """The trailer, read where ``header`` puts it (the position does not move)."""
+        return await self._run.run(
+            _pread_exact, self._fd, trailer_len, header.total_length - trailer_len
+        )
+
+    def detach(self) -> int:
+        """Hand the checkpoint's fd to the caller, who closes it from now on."""
+        fd, self._fd = self._fd, -1
+        return fd
+
     async def finish(self, trailer_len: int) -> bytes:
         raw = await self.read_exact(trailer_len)
         if self.remaining():

@@ -22,6 +22,7 @@ __all__ = [
     "InvariantError",
     "OptionTypeError",
     "OutOfMemoryError",
+    "PagesNotLoadedError",
     "PartialFillError",
     "PoisonedError",
     "RangeTypeError",
@@ -120,3 +121,13 @@ class CheckpointError(AllocatorError):
 
 class InvariantError(AllocatorError):
     """An internal invariant is violated: a bug in asyncpgalloc, not in the caller."""
+
+
+class PagesNotLoadedError(AllocatorError):
+    """Pages of a file loaded with ``async_pages=True`` are not loaded yet: await
+    :meth:`~asyncpgalloc.MemoryFile.wait_loaded` first. ``range`` is the first such
+    range of pages."""
+
+    def __init__(self, message: str, fr: FileRange) -> None:
+        super().__init__(message)
+        self.range = fr

@@ -88,6 +88,7 @@ from .usage import run_usage_refresher, update_usage
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointDestination, CheckpointSource
+    from .loader import LoadProgress, PageLoader
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
 
@@ -256,6 +257,8 @@ class MemoryFile:
         # Pages of allocate_from fills that a source may still write (see lending.py).
         self._lent = Lent(self.dec_ref)
         self._lent_tasks: list[asyncio.Task[None]] = []
+        # The page loader of a load(async_pages=True), while it exists (see loader.py).
+        self._loader: PageLoader | None = None
         # The entry check of every call: the loop while the file is usable from it,
         # _SHUT once it is not (see _check). One identity test on the hot paths.
         # Set last: until then __del__ leaves the fd to _open.
@@ -430,6 +433,8 @@ class MemoryFile:
         tasks = [self._releaser_task]
         if self._refresher is not None:
             tasks.append(self._refresher)
+        if self._loader is not None and self._loader.task is not None:
+            tasks.append(self._loader.task)
         return tasks
 
     async def _teardown(self) -> None:
@@ -451,7 +456,7 @@ class MemoryFile:
                 except (OSError, ExecutorDroppedError, RuntimeError) as e:
                     logger.warning("decommit_on_destroy failed: %s", e)
         finally:
-            if self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
+            if self._idle_blocking(_BLOCKING_CLOSE_WAIT):
                 self._release_resources()
             else:
                 logger.error(
@@ -481,10 +486,17 @@ class MemoryFile:
                 source=self,
             )
         self._begin_close()  # its tasks are not awaited: the loop is gone or going
-        if not self._blocking.wait_idle_blocking(_BLOCKING_CLOSE_WAIT):
+        if not self._idle_blocking(_BLOCKING_CLOSE_WAIT):
             logger.error("%r: a syscall is still running; leaking the fd and mappings", self)
             return
         self._release_resources()
+
+    def _idle_blocking(self, timeout: float) -> bool:
+        """Block until no executor job of the file (or of its page loader) runs."""
+        loader = self._loader
+        return self._blocking.wait_idle_blocking(timeout) and (
+            loader is None or loader.wait_idle_blocking(timeout)
+        )
 
     def _close_in_child(self) -> None:
         """In a forked child: close our copies of the fd and the mappings, nothing else."""
@@ -544,6 +556,8 @@ class MemoryFile:
             except Exception as e:
                 # Only a poisoned file's sets can fail here; closing must not.
                 logger.error("%r: its accounting could not be returned: %r", self, e)
+        if self._loader is not None:
+            self._loader.release()  # its fds, if its task could not (see _abandon)
         os.close(self._fd)
         self._fd = -1
         for chunk in self._chunks:
@@ -1294,8 +1308,12 @@ class MemoryFile:
             self._made_waste()
 
     def _to_waste(self, s: int, e: int, ma: MemAcct) -> MemAcct:
-        if self._account and ma.known_committed:
-            self._accounting.move(e - s, _SYSTEM, ma.kind, ma.memcg_id)
+        if ma.known_committed:
+            if self._account:
+                self._accounting.move(e - s, _SYSTEM, ma.kind, ma.memcg_id)
+            if self._loader is not None:
+                # Pages still to load are known-committed: never read them now.
+                self._loader.drop(s, e)
         return self._waste_acct(ma)
 
     def has_unique_ref(self, fr: FileRange) -> bool:
@@ -1389,9 +1407,10 @@ class MemoryFile:
         check_int_bounds("map_internal", start, end)
         if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
-        self._referenced_pieces(
-            FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK), "map_internal"
-        )
+        aligned = FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK)
+        self._referenced_pieces(aligned, "map_internal")
+        if self._loader is not None:
+            self._loader.check_loaded(aligned.start, aligned.end, "map_internal")
         views = self._views(start, end)
         if AccessType.WRITE in access:
             return views
@@ -1474,6 +1493,10 @@ class MemoryFile:
         self._check()
         start, end = fr
         self._referenced_pieces(fr, "decommit")
+        if self._loader is not None and self._loader.loading:
+            # A page loaded after the punch would undo it: wait for its block.
+            await self.wait_loaded(fr)
+            self._referenced_pieces(fr, "decommit")
         try:
             await self._blocking.run(self._decommit_or_zero, FileRange(start, end))
         finally:
@@ -1551,6 +1574,7 @@ class MemoryFile:
         opts: MemoryFileOpts = _DEFAULT_FILE_OPTS,
         *,
         file: FileLike | None = None,
+        async_pages: bool = False,
     ) -> MemoryFile:
         """Open a new MemoryFile (on ``file``, a new memfd by default) holding the
         checkpoint ``src`` (a path, or an ``aiofiles`` file opened ``"rb"``, read from
@@ -1565,10 +1589,71 @@ class MemoryFile:
         aiofiles file), each block's CRC checked as it lands; a bad block, an
         error or a cancellation closes the half-built file and leaks nothing.
         Ends with :meth:`check_invariants` (O(segments) on the loop).
+
+        With ``async_pages=True`` (``src`` must be a path: the loader reads at the
+        offsets it needs), it returns once the metadata is in and the trailer
+        checked, as gVisor's async page loading does: the file is usable at once
+        (allocate, references, accounting, eviction) while a loader task owned by
+        the file reads the page blocks in 32 MiB sequential batches in a private
+        executor (``preadv`` into the mapping, each block's CRC checked as it
+        lands). :meth:`map_internal` of pages not loaded yet raises
+        :class:`~asyncpgalloc.PagesNotLoadedError`; await :meth:`wait_loaded`
+        first. Pages freed before their block is read are never read. A load that
+        fails later fails every waiter with the same ``CheckpointError`` (see
+        :mod:`asyncpgalloc.loader`); the file stays open, its unloaded pages
+        unreadable.
         """
         from .checkpoint import load_checkpoint
 
-        return await load_checkpoint(cls, src, check_file_opts(opts), _check_file(file))
+        return await load_checkpoint(
+            cls, src, check_file_opts(opts), _check_file(file), async_pages=async_pages
+        )
+
+    def _adopt_loader(self, loader: PageLoader) -> None:
+        """Internal (load): own ``loader`` and start its task, one of the file's background
+        tasks from now on (aclose() cancels and awaits it)."""
+        self._loader = loader
+        loader.task = self._loop.create_task(
+            self._run_loader(loader), name="asyncpgalloc-page-loader"
+        )
+
+    async def _run_loader(self, loader: PageLoader) -> None:
+        """The loader task: an interrupt delivered while it ran (possibly inside its
+        bookkeeping) poisons the file and is raised again from the loop, as for the
+        releaser (see :meth:`_releaser`)."""
+        try:
+            await loader.run()
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._poison(e)
+            self._loop.call_soon(_raise, e)
+
+    async def wait_loaded(self, fr: FileRange | None = None) -> None:
+        """Wait until every page of ``fr`` (of the whole file if None) is loaded.
+
+        gVisor's ``awaitLoad``/``AwaitLoadAll``: the blocks holding ``fr``'s pending
+        pages go to the front of the loader's queue. Returns at once for a file not
+        loaded with ``async_pages=True``, or once loading is done; with ``fr`` None it
+        also waits for the loader task's end. Raises the load's
+        :class:`~asyncpgalloc.CheckpointError` if it failed (every waiter gets the
+        same one), :class:`~asyncpgalloc.InvalidRangeError` for a bad ``fr``.
+        Cancelling the wait leaves the load running.
+        """
+        self._check()
+        loader = self._loader
+        if fr is None:
+            if loader is not None:
+                await loader.wait_all()
+            return
+        start, end = self._check_range(fr, "wait_loaded")
+        if loader is not None:
+            await loader.wait(start, end)
+
+    def load_progress(self) -> LoadProgress | None:
+        """How far an ``async_pages`` load has got (see
+        :class:`~asyncpgalloc.LoadProgress`); None for a file not loaded that way.
+        O(1), never blocks."""
+        self._check()
+        return None if self._loader is None else self._loader.progress()
 
     # -------------------------------------------------------------------- eviction
 
@@ -1735,8 +1820,27 @@ class MemoryFile:
         from . import invariants
 
         invariants.check_invariants(self)
+        if self._loader is not None:
+            self._check_pending_load()
         if check_zero_pages:
             invariants.check_zero_pages(self, self._zero_promised())
+
+    def _check_pending_load(self) -> None:
+        """Pages still to load are used (referenced) and known-committed: a page that
+        became waste was dropped from the load, and none is decommitted while pending."""
+        assert self._loader is not None
+        for s, e in self._loader.pending_ranges():
+            for ps, pe, huge in self._size_pieces(s, e):
+                unfree = self._unfree_huge if huge else self._unfree_small
+                if not unfree.is_fully_covered(ps, pe) or any(
+                    refs <= 0 for _, _, refs in unfree.visit_range(ps, pe)
+                ):
+                    raise InvariantError(f"pages [{ps:#x}, {pe:#x}) to load hold no reference")
+            for ms, me, ma in self._mem_acct.visit_range(s, e):
+                if not ma.known_committed or ma.waste_or_releasing:
+                    raise InvariantError(
+                        f"pages [{ms:#x}, {me:#x}) to load are not known-committed used pages"
+                    )
 
     def _zero_promised(self) -> list[tuple[int, int]]:
         """The page ranges that must read zero, merged and sorted: free pages (the gaps

@@ -1,0 +1,501 @@
+"""Asynchronous page loading: ``MemoryFile.load(..., async_pages=True)``.
+
+gVisor's ``LoadFrom`` with async page loading returns once the metadata is in and
+keeps reading page contents in the background; anything that touches a page not
+yet loaded waits for exactly that range (``awaitLoad``), and pages that become
+waste before they were read are dropped from the load (``cancelWasteLoad``). This
+module is that loader for one MemoryFile and one checkpoint file.
+
+What is still to load is a set of file ranges (``pending``), always a subset of the
+used, known-committed pages. Its state changes on the loop only, with no ``await``
+inside: a batch of blocks is taken (its pages get one temporary reference each, as
+gVisor's ``tempRef``, so none can become waste, be released and be handed out again
+while a thread writes it), read in the loader's executor, then removed from
+``pending`` and the references dropped. A block read in the executor is one
+``preadv`` from the checkpoint straight into the mapping (a page no longer wanted
+is read into a scratch buffer instead: the CRC covers the whole block), followed by
+its CRC-32C over the same buffers. Pages dropped before their block was started
+are never written.
+
+A failure (a CRC mismatch, a read error, a cancellation, the file's ``aclose()``)
+ends the loader: every waiter, present and future, gets the same
+:class:`~asyncpgalloc.CheckpointError`; the pages not loaded stay in ``pending``
+forever, so :meth:`~asyncpgalloc.MemoryFile.map_internal` keeps refusing them
+(never a view of wrong bytes); the checkpoint fd and the executor are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import checkpoint_io, host
+from .blocking import BlockingRunner, finish_uncancelled
+from .checkpoint_format import Block, Header, block_seed, unpack_crc
+from .checkpoint_format import crc as crc32c
+from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
+from .ranges import FileRange
+from .segments import SegmentSet
+
+__all__ = ["LoadProgress", "PageLoader"]
+
+logger = logging.getLogger("asyncpgalloc")
+
+Views = Callable[[int, int], list[memoryview]]
+RefFn = Callable[[FileRange], None]
+
+# Block states.
+_PENDING, _STARTED, _DONE = 0, 1, 2
+
+
+class _Cancelled(CheckpointError):
+    """The load's error when its task was cancelled (by ``aclose()``, most often)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """Where an asynchronous page load stands (:meth:`MemoryFile.load_progress`).
+
+    - ``total_bytes``: page bytes the checkpoint holds.
+    - ``loaded_bytes``: bytes read into the file and checked so far.
+    - ``dropped_bytes``: bytes never read because their pages became waste first.
+    - ``pending_bytes``: bytes neither loaded nor dropped (still unreadable).
+    - ``waiters``: ``wait_loaded`` calls waiting now.
+    - ``waited_bytes``: pending bytes that waiters asked for, summed over every call.
+    - ``wait_seconds``: time spent waiting, summed over every ``wait_loaded`` call.
+    - ``elapsed_seconds``: since the load began, until it ended if it has.
+    - ``done``: the loader has ended (successfully if ``error`` is None).
+    - ``error``: the reason the load failed, or None.
+    """
+
+    total_bytes: int
+    loaded_bytes: int
+    dropped_bytes: int
+    pending_bytes: int
+    waiters: int
+    waited_bytes: int
+    wait_seconds: float
+    elapsed_seconds: float
+    done: bool
+    error: str | None
+
+
+class PageLoader:
+    """Reads one checkpoint's page blocks into a MemoryFile in the background.
+
+    Built by :func:`~asyncpgalloc.checkpoint.load_checkpoint` after the metadata is
+    installed; owns ``src_fd`` (the checkpoint), ``commit_fd`` (a description of the
+    memory file for ``fallocate``, or -1) and ``executor`` from then on, and closes
+    them when its task ends. ``inc_ref``/``dec_ref`` are the file's (temporary
+    references while a block is read); ``views`` maps file ranges (safe off the loop).
+    """
+
+    def __init__(
+        self,
+        *,
+        header: Header,
+        blocks: Sequence[Block],
+        data_offset: int,
+        src_fd: int,
+        commit_fd: int,
+        executor: concurrent.futures.ThreadPoolExecutor,
+        views: Views,
+        inc_ref: RefFn,
+        dec_ref: RefFn,
+    ) -> None:
+        self._header = header
+        self._blocks = list(blocks)
+        self._starts = [b.pieces[0][0] for b in self._blocks]
+        self._state = bytearray(len(self._blocks))
+        self._base = data_offset
+        self._src_fd = src_fd
+        self._commit_fd = commit_fd
+        self._executor = executor
+        self._runner = BlockingRunner(executor)
+        self._views = views
+        self._inc_ref = inc_ref
+        self._dec_ref = dec_ref
+        self._pending: SegmentSet[None] = SegmentSet()
+        total = 0
+        for b in self._blocks:
+            for off, n in b.pieces:
+                self._pending.insert_range(off, off + n, None)
+                total += n
+        self._total = total
+        self._pending_bytes = total
+        self._loaded = 0
+        self._dropped = 0
+        self._cursor = 0
+        self._urgent: collections.deque[int] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._progress: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters = 0
+        self._waited_bytes = 0
+        self._wait_seconds = 0.0
+        self._started_at = time.monotonic()
+        self._ended_at: float | None = None
+        self._error: CheckpointError | None = None
+        self._done = False
+        #: The task running :meth:`run`, set by the file that owns the loader.
+        self.task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def loading(self) -> bool:
+        """True while pages are still to be loaded (or can never be: a failed load)."""
+        return bool(self._pending_bytes)
+
+    def wait_idle_blocking(self, timeout: float) -> bool:
+        """Block until no read of this loader runs in a thread (see BlockingRunner)."""
+        return self._runner.wait_idle_blocking(timeout)
+
+    async def run(self) -> None:
+        """The loader: read every pending block, awaited ones first, two batches at a
+        time; then release the fds and tell the waiters. Never raises an ``Exception``
+        (a failure is the load's error, see the module docstring); cancellation and
+        interrupts propagate after the cleanup."""
+        inflight: set[asyncio.Task[None]] = set()
+        error: CheckpointError | None = None
+        closing = False
+        try:
+            while True:
+                # A batch is chosen only when a thread is free for it, so that a
+                # waiter's blocks go next, not after a batch chosen ahead of time.
+                while len(inflight) < checkpoint_io.WIDTH:
+                    batch = self._next_batch()
+                    if batch is None:
+                        break
+                    inflight.add(asyncio.ensure_future(self._load(batch)))
+                if inflight:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        inflight.discard(t)
+                        t.result()
+                    continue
+                if not self._pending_bytes:
+                    break
+                # Nothing to start until a waiter or a drop changes the picture.
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        except asyncio.CancelledError:
+            error = _Cancelled("the page load was cancelled (the file closed?)")
+            raise
+        except CheckpointError as e:
+            error = e
+        except OSError as e:
+            error = CheckpointError(f"reading the checkpoint's pages failed: {e}")
+            error.__cause__ = e
+        except GeneratorExit:
+            # Discarded with its loop: nothing may await, and a read may still run in a
+            # thread; the file's teardown waits for it and then calls release().
+            closing = True
+            error = _Cancelled("the page load was discarded with its event loop")
+            raise
+        except BaseException as e:
+            error = CheckpointError(f"the page load failed: {e!r}")
+            error.__cause__ = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            try:
+                if inflight and not closing:
+                    # The other batch's thread still writes its pages: let it finish, with
+                    # its bookkeeping (pages that landed and passed their CRC are loaded),
+                    # as cancelling it would only wait for its thread too; then release.
+                    await finish_uncancelled(asyncio.wait(inflight))
+                    for t in inflight:
+                        if not t.cancelled():
+                            t.exception()  # retrieved: the first error is the one reported
+            finally:
+                # Waiters are told last: by then no thread, task or fd of the load is left.
+                if not closing:
+                    self.release()
+                self._finish(error)
+
+    def _finish(self, error: CheckpointError | None) -> None:
+        self._done = True
+        self._error = error
+        self._ended_at = time.monotonic()
+        if isinstance(error, _Cancelled):
+            logger.debug("async page loading stopped: %s", error)
+        elif error is not None:
+            logger.warning("async page loading failed: %s", error)
+        else:
+            logger.debug(
+                "async page loading completed: %d bytes loaded, %d dropped in %.3f s",
+                self._loaded,
+                self._dropped,
+                self._ended_at - self._started_at,
+            )
+        self._pulse()
+
+    def release(self) -> None:
+        """Close the checkpoint fds and shut the executor down. Idempotent; call it only
+        once no read runs (the loader's task has ended, or :meth:`wait_idle_blocking`)."""
+        for fd in (self._src_fd, self._commit_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._src_fd = self._commit_fd = -1
+        self._executor.shutdown(wait=False)
+
+    def _pulse(self) -> None:
+        """Wake every waiter (they look at the state again)."""
+        fut = self._progress
+        if fut.get_loop().is_closed():
+            return  # being discarded with its loop: no waiter can run again
+        self._progress = fut.get_loop().create_future()
+        fut.set_result(None)
+
+    # ------------------------------------------------------------------ the batches
+
+    def _next_batch(self) -> list[tuple[Block, list[tuple[int, int, bool]]]] | None:
+        """Take the next blocks to read: awaited ones first, then in order. On the loop,
+        no await: marks them started and takes their temporary references. None if no
+        block is left to start."""
+        state = self._state
+        n = len(self._blocks)
+        while True:
+            indices: list[int] = []
+            while self._urgent and len(indices) < checkpoint_io.BATCH_BLOCKS:
+                i = self._urgent.popleft()
+                if state[i] == _PENDING:
+                    indices.append(i)
+                    state[i] = _STARTED
+            if not indices:
+                while self._cursor < n and len(indices) < checkpoint_io.BATCH_BLOCKS:
+                    i = self._cursor
+                    self._cursor += 1
+                    if state[i] == _PENDING:
+                        indices.append(i)
+                        state[i] = _STARTED
+            if not indices:
+                return None
+            out: list[tuple[Block, list[tuple[int, int, bool]]]] = []
+            for i in indices:
+                block = self._blocks[i]
+                parts = self._wanted_parts(block)
+                if not any(wanted for _, _, wanted in parts):
+                    # Every page of it became waste before it started: never read.
+                    state[i] = _DONE
+                    continue
+                for s, length, wanted in parts:
+                    if wanted:
+                        self._inc_ref(FileRange(s, s + length))
+                out.append((block, parts))
+            if out:
+                return out
+
+    def _wanted_parts(self, block: Block) -> list[tuple[int, int, bool]]:
+        """``block``'s pieces cut into (offset, length, still wanted), in order."""
+        parts: list[tuple[int, int, bool]] = []
+        for off, n in block.pieces:
+            pos, end = off, off + n
+            for s, e, _ in self._pending.visit_range(off, end):
+                if s > pos:
+                    parts.append((pos, s - pos, False))
+                parts.append((s, e - s, True))
+                pos = e
+            if pos < end:
+                parts.append((pos, end - pos, False))
+        return parts
+
+    async def _load(self, batch: list[tuple[Block, list[tuple[int, int, bool]]]]) -> None:
+        try:
+            await self._runner.run(
+                _read_blocks_job,
+                self._src_fd,
+                self._commit_fd,
+                self._base,
+                self._header,
+                batch,
+                self._views,
+            )
+        except BaseException:
+            # The references go (unless the file is closing: then its sets are being
+            # given back wholesale); the pages stay pending: never readable.
+            self._drop_refs(batch)
+            raise
+        for block, parts in batch:
+            self._state[block.number] = _DONE
+            for s, n, wanted in parts:
+                if wanted:
+                    self._pending.remove_range(s, s + n)
+                    self._pending_bytes -= n
+                    self._loaded += n
+        self._pulse()
+        self._drop_refs(batch)
+
+    def _drop_refs(self, batch: list[tuple[Block, list[tuple[int, int, bool]]]]) -> None:
+        for _, parts in batch:
+            for s, n, wanted in parts:
+                if wanted:
+                    with contextlib.suppress(ClosedError, PoisonedError):
+                        # A closed file refuses: its accounting went back wholesale.
+                        self._dec_ref(FileRange(s, s + n))
+
+    # ------------------------------------------------------------------ the file's hooks
+
+    def drop(self, start: int, end: int) -> None:
+        """Pages ``[start, end)`` became waste: never load them (gVisor's
+        cancelWasteLoad). On the loop, O(log n + segments in the range). Pages being
+        read hold a temporary reference, so they cannot become waste."""
+        if not self._pending_bytes:
+            return
+        for s, e, _ in self._pending.pop_range(start, end):
+            self._pending_bytes -= e - s
+            self._dropped += e - s
+        if not self._pending_bytes:
+            self._wakeup.set()  # the loader may be idle: let it see it is done
+
+    def check_loaded(self, start: int, end: int, op: str) -> None:
+        """Raise if any page of ``[start, end)`` is not loaded: the load's
+        :class:`~asyncpgalloc.CheckpointError` if it failed, else
+        :class:`~asyncpgalloc.PagesNotLoadedError` naming the first such range."""
+        if not self._pending_bytes:
+            return
+        for s, e, _ in self._pending.visit_range(start, end):
+            if self._error is not None:
+                raise self._error
+            raise PagesNotLoadedError(
+                f"{op}: pages [{s:#x}, {e:#x}) of [{start:#x}, {end:#x}) are not loaded yet "
+                "(await wait_loaded(fr) first)",
+                FileRange(s, e),
+            )
+
+    def _pending_in(self, start: int, end: int) -> int:
+        return sum(e - s for s, e, _ in self._pending.visit_range(start, end))
+
+    def _prioritize(self, start: int, end: int) -> None:
+        """Put the blocks holding pending pages of ``[start, end)`` first in the queue."""
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        front: list[int] = []
+        while i < len(self._blocks) and self._starts[i] < end:
+            block = self._blocks[i]
+            last_off, last_n = block.pieces[-1]
+            if last_off + last_n > start and self._state[i] == _PENDING:
+                front.append(i)
+            i += 1
+        self._urgent.extendleft(reversed(front))
+        if front:
+            self._wakeup.set()
+
+    async def wait(self, start: int, end: int) -> None:
+        """Wait until no page of ``[start, end)`` is pending; its blocks go first.
+
+        Raises the load's :class:`~asyncpgalloc.CheckpointError` if it failed (before
+        or while waiting). Cancelling the wait does not stop the load.
+        """
+        if self._error is not None:
+            raise self._error
+        need = self._pending_in(start, end)
+        if not need:
+            return
+        self._waited_bytes += need
+        self._waiters += 1
+        began = time.monotonic()
+        try:
+            self._prioritize(start, end)
+            while True:
+                await asyncio.shield(self._progress)
+                if self._error is not None:
+                    raise self._error
+                if not self._pending_in(start, end):
+                    return
+        finally:
+            self._waiters -= 1
+            self._wait_seconds += time.monotonic() - began
+
+    async def wait_all(self) -> None:
+        """Wait for every page and for the loader task's end (its fds closed). Raises
+        as :meth:`wait`."""
+        await self.wait(0, 2**63)
+        task = self.task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+        if self._error is not None:
+            raise self._error
+
+    def progress(self) -> LoadProgress:
+        """A snapshot of the load's progress. O(1), on the loop."""
+        end = self._ended_at if self._ended_at is not None else time.monotonic()
+        return LoadProgress(
+            total_bytes=self._total,
+            loaded_bytes=self._loaded,
+            dropped_bytes=self._dropped,
+            pending_bytes=self._pending_bytes,
+            waiters=self._waiters,
+            waited_bytes=self._waited_bytes,
+            wait_seconds=self._wait_seconds,
+            elapsed_seconds=end - self._started_at,
+            done=self._done,
+            error=None if self._error is None else str(self._error),
+        )
+
+    def pending_ranges(self) -> list[tuple[int, int]]:
+        """The ranges still pending, ascending (for invariant checks)."""
+        return [(s, e) for s, e, _ in self._pending.visit_range(0, 2**63)]
+
+
+def _preadv_all(fd: int, bufs: list[memoryview], pos: int) -> None:
+    """``preadv`` until every buffer is full. **Blocking**. Raises CheckpointError at EOF."""
+    while bufs:
+        got = os.preadv(fd, bufs, pos)
+        if got == 0:
+            raise CheckpointError("truncated checkpoint: data ends early")
+        pos += got
+        while bufs and got >= len(bufs[0]):
+            got -= len(bufs[0])
+            bufs = bufs[1:]
+        if got:
+            bufs = [bufs[0][got:], *bufs[1:]]
+
+
+def _read_blocks_job(
+    src_fd: int,
+    commit_fd: int,
+    base: int,
+    header: Header,
+    batch: list[tuple[Block, list[tuple[int, int, bool]]]],
+    views: Views,
+) -> None:
+    """Read each block of ``batch`` with one ``preadv`` (wanted pages straight into the
+    mapping, the others into a scratch buffer), then check its CRC-32C over the same
+    buffers. **Blocking**: ~the block bytes at disk or page-cache speed. With
+    ``commit_fd`` (a caller's file, which may fill up), the wanted pages are
+    fallocated first, so a full file system is an OSError, never a SIGBUS."""
+    scratch = memoryview(bytearray(header.block_size))
+    crc_buf = memoryview(bytearray(4))
+    stride = header.block_size + 4
+    for block, parts in batch:
+        bufs: list[memoryview] = []
+        used = 0
+        for s, n, wanted in parts:
+            if wanted:
+                if commit_fd >= 0:
+                    host.commit(commit_fd, s, n)
+                bufs.extend(views(s, s + n))
+            else:
+                bufs.append(scratch[used : used + n])
+                used += n
+        # preadv takes at most IOV_MAX (1024) buffers at once.
+        pos = base + block.number * stride
+        everything = [*bufs, crc_buf]
+        for i in range(0, len(everything), 1024):
+            chunk = everything[i : i + 1024]
+            _preadv_all(src_fd, chunk, pos)
+            pos += sum(len(b) for b in chunk)
+        crc = block_seed(header.crc, block.number)
+        for b in bufs:
+            crc = crc32c(b, crc)
+        if crc != unpack_crc(crc_buf):
+            raise CheckpointError(f"checkpoint data block {block.number} checksum mismatch")
