@@ -185,7 +185,8 @@ class GuestSession:
                 answer = self.handle(msg)
                 self._push(answer)
                 if answer.get("fatal") or msg.get("op") == "bye":
-                    self.closed_for = "bye" if answer.get("ok") else str(answer["error"])
+                    ok = answer.get("ok")
+                    self.closed_for = "bye" if ok else f"protocol error: {answer['error']}"
                     return
                 await writer.drain()
         except ConnectionError:

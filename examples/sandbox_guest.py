@@ -131,8 +131,8 @@ class Guest:
                 self.verify(offset)
 
     def finish(self) -> None:
-        for offset in list(self.held):
-            self.free(offset)
+        while self.held:  # a notice may take any of them while one is freed
+            self.free(next(iter(self.held)))
         self.request("bye")
 
 
