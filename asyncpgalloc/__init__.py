@@ -20,6 +20,7 @@ from .errors import PartialFillError as PartialFillError
 from .errors import PoisonedError as PoisonedError
 from .errors import RangeTypeError as RangeTypeError
 from .errors import ReferenceCountError as ReferenceCountError
+from .errors import UnsealableFileError as UnsealableFileError
 from .errors import WrongLoopError as WrongLoopError
 from .errors import WrongThreadError as WrongThreadError
 from .eviction import EvictableMemoryUser as EvictableMemoryUser
@@ -80,6 +81,7 @@ __all__ = (
     "PressureWatcherError",
     "RangeTypeError",
     "ReferenceCountError",
+    "UnsealableFileError",
     "WrongLoopError",
     "WrongThreadError",
 )

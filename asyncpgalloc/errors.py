@@ -27,6 +27,7 @@ __all__ = [
     "PoisonedError",
     "RangeTypeError",
     "ReferenceCountError",
+    "UnsealableFileError",
     "WrongLoopError",
     "WrongThreadError",
 ]
@@ -117,6 +118,13 @@ class CheckpointError(AllocatorError):
     """A checkpoint cannot be saved (e.g. evictions are pending) or loaded: it is truncated,
     corrupt (a checksum does not match), of another format version or page geometry, or its
     metadata is inconsistent. Nothing is left allocated or mapped when ``load`` raises it."""
+
+
+class UnsealableFileError(AllocatorError):
+    """:meth:`~asyncpgalloc.MemoryFile.guest_fd` cannot seal the backing file against
+    shrinking (a disk-backed file, a tmpfs file, or a memfd made without
+    ``MFD_ALLOW_SEALING``), so handing it to another process would let that process
+    truncate it under the file's mappings. Nothing was sealed or duplicated."""
 
 
 class InvariantError(AllocatorError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -37,6 +38,7 @@ from .ranges import (
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
+    "GUEST_SEALS",
     "MADV_HUGEPAGE",
     "MADV_NOHUGEPAGE",
     "MADV_POPULATE_WRITE",
@@ -50,6 +52,7 @@ __all__ = [
     "fallocate",
     "file_usage",
     "fs_type",
+    "grow_file",
     "ima_workaround",
     "madvise",
     "mappable_chunks",
@@ -57,8 +60,10 @@ __all__ = [
     "open_backing_file",
     "populate_state",
     "pwrite_zeros",
+    "seal_against_shrinking",
     "set_file_size",
     "try_populate",
+    "undo_growth",
     "zero",
 ]
 
@@ -141,8 +146,31 @@ def _check_range(what: str, value: int, maximum: int) -> None:
 
 
 def create_memfd(name: str = "asyncpgalloc") -> int:
-    """Create an anonymous, close-on-exec, size-0 memory file (one cheap syscall)."""
-    return os.memfd_create(name, os.MFD_CLOEXEC)
+    """Create an anonymous, close-on-exec, size-0 memory file (one cheap syscall).
+
+    It allows sealing (``MFD_ALLOW_SEALING``) so that :func:`seal_against_shrinking`
+    can make it safe to hand to another process; no seal is set until then.
+    """
+    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+#: The seals :func:`seal_against_shrinking` sets: no shrinking, and no further seals
+#: (a holder could otherwise add ``F_SEAL_GROW`` or ``F_SEAL_FUTURE_WRITE`` and make
+#: the owner's next growth or writable mapping fail).
+GUEST_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def seal_against_shrinking(fd: int) -> None:
+    """Seal ``fd`` with :data:`GUEST_SEALS`, or check that it already is. Two cheap fcntls.
+
+    Raises :class:`OSError` (``EINVAL``: not a shmem file, e.g. on a disk file system;
+    ``EPERM``: a memfd made without ``MFD_ALLOW_SEALING`` or a tmpfs file, or one
+    already sealed with ``F_SEAL_SEAL`` but not ``F_SEAL_SHRINK``). The seals are
+    permanent: the file can still grow and have holes punched, never shrink.
+    """
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & GUEST_SEALS == GUEST_SEALS:
+        return
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, GUEST_SEALS)
 
 
 def open_backing_file(path: str | os.PathLike[str]) -> int:
@@ -224,6 +252,26 @@ def set_file_size(fd: int, size: int) -> None:
 
     Shrinking frees the pages cut off and so costs in proportion to them.
     """
+    os.ftruncate(fd, size)
+
+
+def grow_file(fd: int, size: int) -> None:
+    """Make the file at least ``size`` bytes long (an fstat, and an ftruncate if shorter).
+
+    Never shrinks: a process holding a sealed duplicate (:func:`seal_against_shrinking`)
+    may have grown the file past ``size``, and shrinking it back would fail with
+    ``EPERM`` (and cut off what that process wrote there). Cheap: the new tail is a hole.
+    """
+    if os.fstat(fd).st_size < size:
+        os.ftruncate(fd, size)
+
+
+def undo_growth(fd: int, size: int) -> None:
+    """Shrink the file back to ``size`` after a failed growth, unless it is sealed
+    against shrinking (then the grown tail stays: a hole, no memory). Frees what was
+    cut off (nothing, right after a growth)."""
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+        return
     os.ftruncate(fd, size)
 
 

@@ -53,6 +53,7 @@ from .errors import (
     PartialFillError,
     PoisonedError,
     ReferenceCountError,
+    UnsealableFileError,
     WrongLoopError,
     WrongThreadError,
 )
@@ -902,7 +903,7 @@ class MemoryFile:
                 f"holds at most {mappable}"
             )
         new_size = new_count * CHUNK_SIZE
-        host.set_file_size(self._fd, new_size)
+        host.grow_file(self._fd, new_size)
         mappings: list[host.ChunkMapping] = []
         try:
             for i in range(len(old), new_count):
@@ -912,7 +913,7 @@ class MemoryFile:
         except BaseException as e:
             for mapping in mappings:
                 mapping.release()
-            host.set_file_size(self._fd, old_size)
+            host.undo_growth(self._fd, old_size)
             if isinstance(e, OSError) and e.errno == errno.ENOMEM:
                 raise OutOfMemoryError(
                     f"cannot map {new_count - len(old)} more chunks of 1 GiB: {e}"
@@ -1729,6 +1730,53 @@ class MemoryFile:
     def fd(self) -> int:
         """The backing file's descriptor (close-on-exec; -1 once closed)."""
         return self._fd
+
+    def guest_fd(self) -> int:
+        """A new close-on-exec duplicate of the backing memfd, safe to hand to another
+        process (``socket.send_fds``), after sealing the file against shrinking.
+
+        The first call seals the file with ``F_SEAL_SHRINK | F_SEAL_SEAL``, for good:
+        no one, this file included, can shrink it again. Growth still works, so the
+        file allocates as before. The caller owns the returned fd and closes it (once
+        sent, the receiver has its own copy). Cost: three cheap fcntl/dup syscalls on
+        the loop; never blocks.
+
+        A holder of the fd **can**: ``mmap`` any range of the file, read and write any
+        page (also pages not allocated to it, and free pages: the promise that an
+        allocated page is all zeros holds only while no holder writes outside its own
+        allocations, so give every sandbox its own file), grow the file with
+        ``ftruncate`` or ``fallocate`` (the file then never shrinks back; its own
+        growth never shrinks it either), commit pages with ``fallocate`` (charged to
+        the holder's memory cgroup, and invisible to this file's accounting until
+        :meth:`update_usage`) and punch holes (the pages read as zeros again here).
+        It **cannot**: shrink the file (``ftruncate`` to a smaller size fails with
+        ``EPERM``), so this process never takes a ``SIGBUS`` on its own mappings
+        because of it; add seals (``F_SEAL_SEAL``: no ``F_SEAL_GROW`` or
+        ``F_SEAL_FUTURE_WRITE`` that would make this file's next growth or mapping
+        fail); or reach any other file. It keeps the file's memory alive after
+        :meth:`aclose` for as long as it holds the fd or a mapping.
+
+        Raises :class:`~asyncpgalloc.UnsealableFileError`, with nothing sealed or
+        duplicated, if the file cannot be sealed: a disk-backed file
+        (``disk_backed_file``), a file given by path or fd that is not a memfd made
+        with ``MFD_ALLOW_SEALING``.
+        """
+        self._check()
+        if self._opts.disk_backed_file:
+            raise UnsealableFileError(
+                "a disk-backed file cannot be sealed against shrinking: a process given "
+                "its fd could truncate it under this file's mappings"
+            )
+        try:
+            host.seal_against_shrinking(self._fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            raise UnsealableFileError(
+                f"cannot seal the backing file against shrinking ({e.strerror}): it is not "
+                "a memfd created with MFD_ALLOW_SEALING"
+            ) from e
+        return os.dup(self._fd)
 
     @property
     def is_disk_backed(self) -> bool:

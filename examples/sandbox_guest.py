@@ -1,0 +1,180 @@
+"""A sandbox guest: a separate process that uses memory its supervisor hands it.
+
+Started by ``examples/sandbox_supervisor.py`` (through ``guest_protocol.start_guest``)
+with one end of a Unix socket. It receives its sandbox's memfd with the hello frame,
+then for ``--seconds`` allocates anonymous and cached ranges, maps each one at its own
+address with ``mmap`` on that fd, fills it with a token, reads it back, has the
+supervisor spot-check it, frees some, and makes cached ones evictable (pinning them again
+before it reads them). An eviction notice makes it unmap the range for good. At the end it
+frees everything, prints one JSON line of counts and exits 0 if every byte it read back
+was right.
+
+``--keep N`` instead allocates N anonymous pages, fills them, prints their ``offset token``
+pairs and waits to be stopped (the checkpoint step); ``--verify OFFSET:LENGTH:TOKEN``
+checks ranges that a restored file holds, without allocating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import random
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guest_protocol import GuestChannel
+
+PAGE = mmap.PAGESIZE
+
+
+class Guest:
+    """The guest's memory: ranges it holds, each mapped from the sandbox's memfd."""
+
+    def __init__(self, channel: GuestChannel, memfd: int, rng: random.Random) -> None:
+        self.ch = channel
+        self.memfd = memfd
+        self.rng = rng
+        self.next_id = 0
+        # offset -> (mapping, kind, token)
+        self.held: dict[int, tuple[mmap.mmap, str, int]] = {}
+        self.evictable: set[int] = set()
+        self.counts = {
+            "requests": 0,
+            "verified_bytes": 0,
+            "bad_bytes": 0,
+            "evicted": 0,
+            "errors": 0,
+            "refused": 0,
+        }
+
+    def request(self, op: str, **kw: Any) -> dict[str, Any]:
+        """Send one request and wait for its answer, handling notices that come first."""
+        self.next_id += 1
+        self.ch.send({"op": op, "id": self.next_id, **kw})
+        self.counts["requests"] += 1
+        while True:
+            msg = self.ch.read()
+            if msg.get("event") == "evicted":
+                self.evicted(int(msg["offset"]))
+                continue
+            if msg.get("id") == self.next_id or msg.get("fatal"):
+                return msg
+
+    def evicted(self, offset: int) -> None:
+        entry = self.held.pop(offset, None)
+        if entry is not None:
+            entry[0].close()
+            self.evictable.discard(offset)
+            self.counts["evicted"] += 1
+
+    def alloc(self, kind: str, length: int) -> int | None:
+        answer = self.request("alloc", kind=kind, length=length)
+        if not answer["ok"]:
+            self.counts["refused"] += 1
+            return None
+        offset, length = int(answer["offset"]), int(answer["length"])
+        m = mmap.mmap(self.memfd, length, offset=offset)
+        if m[:] != bytes(length):  # a page handed out is all zeros
+            self.counts["bad_bytes"] += length
+        token = self.rng.getrandbits(64)
+        m[:] = struct.pack("<Q", token) * (length // 8)
+        self.held[offset] = (m, kind, token)
+        self.verify(offset)
+        if not self.request("check", offset=offset, token=token)["ok"]:
+            self.counts["errors"] += 1
+        return offset
+
+    def verify(self, offset: int) -> None:
+        m, _kind, token = self.held[offset]
+        if m[:] == struct.pack("<Q", token) * (len(m) // 8):
+            self.counts["verified_bytes"] += len(m)
+        else:
+            self.counts["bad_bytes"] += len(m)
+
+    def free(self, offset: int) -> None:
+        if offset in self.evictable:
+            self.request("pin", offset=offset)  # else it may be evicted under the free
+            if offset not in self.held:
+                return  # it was: the notice came before the answer
+            self.evictable.discard(offset)
+        m, _kind, _token = self.held.pop(offset)
+        m.close()
+        if not self.request("free", offset=offset)["ok"]:
+            self.counts["errors"] += 1
+
+    def step(self) -> None:
+        roll = self.rng.random()
+        if roll < 0.45 or not self.held:
+            kind = "cache" if self.rng.random() < 0.4 else "anon"
+            self.alloc(kind, self.rng.randint(1, 64) * PAGE)
+        elif roll < 0.75:
+            self.free(self.rng.choice(list(self.held)))
+        elif roll < 0.9:
+            cached = [o for o, (_m, k, _t) in self.held.items() if k == "cache"]
+            idle = [o for o in cached if o not in self.evictable]
+            if idle:
+                offset = self.rng.choice(idle)
+                if self.request("evictable", offset=offset)["ok"]:
+                    self.evictable.add(offset)
+        elif self.evictable:
+            offset = self.rng.choice(sorted(self.evictable))
+            answer = self.request("pin", offset=offset)  # an eviction notice may come first
+            if offset in self.held and answer["ok"]:
+                self.evictable.discard(offset)
+                self.verify(offset)
+
+    def finish(self) -> None:
+        while self.held:  # a notice may take any of them while one is freed
+            self.free(next(iter(self.held)))
+        self.request("bye")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sock", type=int, required=True, help="fd of the socket to the supervisor")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=int, default=0, help="allocate N pages and wait (checkpoint)")
+    p.add_argument("--verify", action="append", default=[], metavar="OFFSET:LENGTH:TOKEN")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    ch = GuestChannel(socket.socket(fileno=args.sock))
+    _hello, memfd = ch.hello()
+    guest = Guest(ch, memfd, random.Random(args.seed))
+    if args.verify:
+        for spec in args.verify:
+            offset, length, token = (int(x) for x in spec.split(":"))
+            with mmap.mmap(memfd, length, offset=offset) as m:
+                ok = m[:] == struct.pack("<Q", token) * (length // 8)
+            guest.counts["verified_bytes" if ok else "bad_bytes"] += length
+        guest.request("bye")
+        print(json.dumps(guest.counts), flush=True)
+        return 0 if guest.counts["bad_bytes"] == 0 else 1
+    if args.keep:
+        offset = guest.alloc("anon", args.keep * PAGE)
+        assert offset is not None
+        _m, _kind, token = guest.held[offset]
+        print(f"{offset} {args.keep * PAGE} {token}", flush=True)
+        time.sleep(3600)  # until the supervisor stops and kills it
+        return 0
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        guest.step()
+    guest.finish()
+    print(json.dumps(guest.counts), flush=True)
+    bad = guest.counts["bad_bytes"] or guest.counts["errors"]
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

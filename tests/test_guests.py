@@ -1,0 +1,258 @@
+"""Real guests: separate processes served over Unix sockets from their own MemoryFiles.
+
+Every guest is a real process (``examples/sandbox_guest.py`` or a small bad one) that
+receives its sandbox's sealed memfd and maps its ranges from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from cgroups import fds
+from helpers import load_example
+
+from asyncpgalloc import (
+    PAGE_SIZE,
+    DelayedEviction,
+    FileRange,
+    MemoryAccounting,
+    MemoryFile,
+    MemoryFileOpts,
+    MemoryKind,
+)
+
+gp = load_example("guest_protocol")
+
+LOAD_SECONDS = float(os.environ.get("ASYNCPGALLOC_LOAD_SECONDS", "3"))
+
+
+def _opts(accounting: MemoryAccounting | None = None) -> MemoryFileOpts:
+    return MemoryFileOpts(delayed_eviction=DelayedEviction.MANUAL, accounting=accounting)
+
+
+@pytest.fixture
+async def gmf() -> AsyncIterator[MemoryFile]:
+    async with MemoryFile.open(opts=_opts()) as f:
+        yield f
+        f.check_invariants()
+
+
+async def _good_guest(
+    mf: MemoryFile, seconds: float, seed: int, memcg_id: int = 1, evict_every: float = 0.0
+) -> tuple[dict[str, int], object]:
+    session = gp.GuestSession(mf, memcg_id=memcg_id)
+    proc, task = await gp.start_guest(
+        mf, session, "--seconds", str(seconds), "--seed", str(seed), stdout=asyncio.subprocess.PIPE
+    )
+
+    async def pressure() -> None:
+        while not task.done():
+            await asyncio.sleep(evict_every)
+            mf.start_evictions()
+
+    presser = asyncio.create_task(pressure()) if evict_every else None
+    assert proc.stdout is not None
+    out = await proc.stdout.read()
+    assert await proc.wait() == 0, out
+    await task
+    if presser is not None:
+        await presser
+    return json.loads(out), session
+
+
+async def test_a_guest_allocates_maps_verifies_and_frees_through_the_socket(
+    gmf: MemoryFile,
+) -> None:
+    counts, session = await _good_guest(gmf, 1.0, seed=5)
+    assert counts["requests"] > 100
+    assert counts["verified_bytes"] > 0
+    assert counts["bad_bytes"] == counts["errors"] == 0
+    assert session.closed_for == "bye" and session.errors == 0
+    assert session.used_bytes == 0 and not session.ranges
+    assert gmf.stats().used_bytes == 0
+
+
+async def test_eviction_notices_reach_the_guest_and_it_stops_using_the_range(
+    gmf: MemoryFile,
+) -> None:
+    counts, session = await _good_guest(gmf, 1.5, seed=6, evict_every=0.05)
+    assert counts["evicted"] > 0  # notices the guest received and acted on
+    assert session.evicted_bytes > 0
+    assert counts["bad_bytes"] == counts["errors"] == 0
+    assert gmf.stats().used_bytes == 0
+
+
+# A guest that sends argv[2] (hex) as raw bytes after its hello, then prints what it got.
+_BAD_GUEST = r"""
+import socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+socket.recv_fds(sock, 8192, 1)
+sock.sendall(bytes.fromhex(sys.argv[2]))
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+sys.stdout.write(data[4:].decode())
+"""
+
+
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"\x00\x00\x00\x05hello", "not JSON"),
+        (b"\xff\xff\xff\xff", "over 4096"),
+        (_frame(b"[1, 2]"), "JSON object"),
+        (_frame(b'{"op": "alloc", "id": 1, "kind": "anon", "length": 1073741824}'), "oversized"),
+        (_frame(b'{"op": "alloc", "id": 1, "kind": "heap", "length": 4096}'), "kind"),
+        (_frame(b'{"op": "mmap", "id": 1, "offset": 0}'), "unknown op"),
+        (_frame(b'{"op": "free", "offset": 0}'), "integer id"),
+    ],
+)
+async def test_a_bad_guest_gets_an_error_and_is_cut_off_while_a_good_one_goes_on(
+    gmf: MemoryFile, payload: bytes, error: str
+) -> None:
+    async with MemoryFile.open(opts=_opts()) as other:
+        good = asyncio.create_task(_good_guest(other, 1.0, seed=7))
+        session = gp.GuestSession(gmf, memcg_id=2)
+        ours, theirs = socket.socketpair()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _BAD_GUEST,
+            str(theirs.fileno()),
+            payload.hex(),
+            pass_fds=(theirs.fileno(),),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        theirs.close()
+        gfd = gmf.guest_fd()
+        socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+        os.close(gfd)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        await session.serve(reader, writer)
+        out, _ = await proc.communicate()
+        answer = json.loads(out)
+        assert answer["ok"] is False and answer["fatal"] is True
+        assert error in answer["error"]
+        assert session.closed_for.startswith("protocol error")
+        assert gmf.stats().used_bytes == 0
+        counts, good_session = await good
+        assert counts["bad_bytes"] == counts["errors"] == 0
+        assert good_session.closed_for == "bye"
+
+
+async def test_a_guest_killed_mid_request_has_every_page_freed() -> None:
+    accounting = MemoryAccounting()
+    async with MemoryFile.open(opts=_opts(accounting)) as mf:
+        before = accounting.by_kind()
+        session = gp.GuestSession(mf, memcg_id=3)
+        proc, task = await gp.start_guest(
+            mf, session, "--keep", "64", stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()  # it holds 64 filled pages now
+        offset, length, token = (int(x) for x in line.split())
+        assert length == 64 * PAGE_SIZE
+        # What the guest wrote through its own mapping, read through the supervisor's.
+        view = mf.map_internal(FileRange(offset, offset + length))[0]
+        assert bytes(view[-8:]) == token.to_bytes(8, "little")
+        del view
+        assert session.used_bytes == mf.stats().used_bytes == length
+        await mf.update_usage()
+        assert accounting.by_memcg(3).get(MemoryKind.ANONYMOUS, 0) == length
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await task
+        assert session.closed_for == "hung up"
+        assert session.used_bytes == mf.stats().used_bytes == 0
+        await mf.wait_released()
+        assert accounting.by_kind() == before
+        assert accounting.by_memcg(3).get(MemoryKind.ANONYMOUS, 0) == 0
+        mf.check_invariants()
+
+
+# A guest that allocates 8 pages, fills them, sends half of its next request and
+# SIGKILLs itself.
+_DYING_GUEST = r"""
+import json, mmap, os, signal, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+_, fds, _, _ = socket.recv_fds(sock, 8192, 1)
+req = json.dumps({"op": "alloc", "id": 1, "kind": "anon", "length": 8 * 4096}).encode()
+sock.sendall(len(req).to_bytes(4, "big") + req)
+data = b""
+while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+    data += sock.recv(65536)
+answer = json.loads(data[4:])
+m = mmap.mmap(fds[0], answer["length"], offset=answer["offset"])
+m[:] = b"x" * answer["length"]
+sock.sendall(b"\x00\x00\x00\x40" + b'{"op":"fr')
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+async def test_a_guest_killed_in_the_middle_of_a_frame_has_every_page_freed(
+    gmf: MemoryFile,
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=4)
+    ours, theirs = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DYING_GUEST, str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    gfd = gmf.guest_fd()
+    socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+    os.close(gfd)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    await session.serve(reader, writer)
+    assert await proc.wait() == -signal.SIGKILL
+    assert session.requests == 1  # the allocation; the half frame was never a request
+    assert session.closed_for == "hung up"
+    assert session.used_bytes == gmf.stats().used_bytes == 0
+
+
+async def test_load_32_guests_random_requests_no_errors_no_leaks() -> None:
+    accounting = MemoryAccounting()
+    # uvloop opens /dev/null once, at its first subprocess, and keeps it: not ours.
+    warm = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "", pass_fds=(0,), stdout=asyncio.subprocess.PIPE
+    )
+    await warm.communicate()
+    await warm.wait()
+    fds_before = fds()
+    files = [await MemoryFile.open(opts=_opts(accounting)) for _ in range(32)]
+    try:
+
+        async def one(i: int) -> tuple[dict[str, int], object]:
+            return await _good_guest(files[i], LOAD_SECONDS, seed=100 + i, memcg_id=i + 1)
+
+        async def pressure() -> None:
+            for _ in range(int(LOAD_SECONDS / 0.2)):
+                await asyncio.sleep(0.2)
+                for mf in files:
+                    mf.start_evictions()
+
+        results = await asyncio.gather(*(one(i) for i in range(32)), pressure())
+        guests = results[:32]
+        assert all(c["bad_bytes"] == 0 and c["errors"] == 0 for c, _ in guests)  # type: ignore[index]
+        assert sum(c["verified_bytes"] for c, _ in guests) > 0  # type: ignore[index]
+        assert all(s.closed_for == "bye" and s.errors == 0 for _, s in guests)  # type: ignore[attr-defined]
+        for mf in files:
+            assert mf.stats().used_bytes == 0
+            await mf.wait_released()
+            mf.check_invariants()
+    finally:
+        for mf in files:
+            await mf.aclose()
+    assert accounting.total() == 0
+    extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds() - fds_before}
+    assert not extra
