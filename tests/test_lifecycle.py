@@ -17,7 +17,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -309,9 +311,16 @@ def stop_and_close_under(
         lp.close()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # A job still running in the file's executor (a commit, a save's write)
+            # keeps the file alive until it ends: wait for the file itself to go, or
+            # its ResourceWarning lands in whichever later test collects it.
+            gone = weakref.ref(mf)
             del mf
-            gc.collect()
-            gc.collect()
+            deadline = time.monotonic() + 30
+            while gone() is not None and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.01)
+            assert gone() is None, "the file outlived its loop and every job"
     finally:
         sys.unraisablehook = old_hook
         lp.close()
