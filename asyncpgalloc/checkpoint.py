@@ -71,7 +71,7 @@ from .options import MemoryFileOpts
 from .ranges import CHUNK_SIZE, PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
-    from .memory_file import FileLike, MemAcct, MemoryFile
+    from .memory_file import FileLike, MemoryFile
 
 __all__ = [
     "CheckpointDestination",
@@ -171,33 +171,17 @@ async def _mark_data_committed(mf: MemoryFile, fd: int) -> None:
     pages are written. The scan is SEEK_DATA/SEEK_HOLE in the file's executor; a
     page decommitted, released or allocated since the scan began is not marked.
     """
-    last_seq = mf._commit_seq
-    mf._commit_seq += 1
+    pages = mf._pages
+    last_seq = pages.begin_scan()
     extents = await mf._blocking.run(data_extents, fd, mf.total_size())
     _live(mf)
-    def mark(s: int, e: int, ma: MemAcct) -> MemAcct:
-        if ma.waste_or_releasing or ma.commit_seq > last_seq:
-            return ma
-        return mf._commit_known(s, e, ma)  # the allocator's own marking, counted once
-
     slice_start = time.perf_counter()
     for i, (s, e) in enumerate(extents):
-        mf._mem_acct.mutate_range(s, e, mark)
+        pages.mark_data_committed(s, e, last_seq)
         if i & 63 == 63 and time.perf_counter() - slice_start > SLICE_SECONDS:
             await asyncio.sleep(0)
             _live(mf)
             slice_start = time.perf_counter()
-
-
-def _known_committed_ranges(mf: MemoryFile) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s, e, ma in mf._mem_acct:
-        if ma.known_committed and not ma.waste_or_releasing:
-            if out and out[-1][1] == s:
-                out[-1] = (out[-1][0], e)
-            else:
-                out.append((s, e))
-    return out
 
 
 async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
@@ -208,7 +192,7 @@ async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
     The candidates hold an extra reference while the scan and the punch run, so
     none can be freed and reallocated to someone who writes it before the punch.
     """
-    candidates = _known_committed_ranges(mf)
+    candidates = mf._pages.known_committed_runs()
     if not candidates:
         return
     for s, e in candidates:
@@ -221,7 +205,7 @@ async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
             finally:
                 if not mf._closed:
                     for s, e in zeros:
-                        mf._mem_acct.mutate_range(s, e, mf._decommitted)
+                        mf._pages.decommitted(s, e)
     finally:
         if not mf._closed:
             for s, e in candidates:
@@ -237,15 +221,16 @@ def _encode_released(snap: Snapshot) -> tuple[Snapshot, bytes]:
 def _snapshot(mf: MemoryFile) -> Snapshot:
     """The file's bookkeeping at this instant, waste included (no await: O(segments)
     on the loop, ~0.3 µs per segment)."""
-    size = mf.total_size()
+    view = mf.page_view()
+    size = view.total_size
     return Snapshot(
-        commit_seq=mf._commit_seq,
-        known_committed_bytes=mf._known_committed_bytes,
-        chunk_huge=bytes(c.huge for c in mf._chunks),
-        unwaste_small=[(s, e) for s, e, _ in mf._unwaste_small.visit_range(0, size)],
-        unwaste_huge=[(s, e) for s, e, _ in mf._unwaste_huge.visit_range(0, size)],
-        unfree_small=list(mf._unfree_small.visit_range(0, size)),
-        unfree_huge=list(mf._unfree_huge.visit_range(0, size)),
+        commit_seq=view.commit_seq,
+        known_committed_bytes=view.known_committed_bytes,
+        chunk_huge=bytes(view.chunk_huge),
+        unwaste_small=[(s, e) for s, e, _ in view.unwaste_small.visit_range(0, size)],
+        unwaste_huge=[(s, e) for s, e, _ in view.unwaste_huge.visit_range(0, size)],
+        unfree_small=list(view.unfree_small.visit_range(0, size)),
+        unfree_huge=list(view.unfree_huge.visit_range(0, size)),
         mem_acct=[
             (
                 s,
@@ -254,9 +239,9 @@ def _snapshot(mf: MemoryFile) -> Snapshot:
                 ma.commit_seq,
                 mem_acct_info(ma.kind, ma.known_committed, ma.waste_or_releasing),
             )
-            for s, e, ma in mf._mem_acct.visit_range(0, size)
+            for s, e, ma in view.mem_acct.visit_range(0, size)
         ],
-        subreleased=sorted(mf._subreleased.items()),
+        subreleased=sorted(view.subreleased.items()),
     )
 
 
@@ -406,17 +391,16 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
                 ) from e
             raise
         mf._chunks = [Chunk(m, bool(h)) for m, h in zip(mappings, state.chunk_huge, strict=True)]
-    mf._unfree_small = state.unfree_small
-    mf._unfree_huge = state.unfree_huge
-    mf._mem_acct = state.mem_acct
-    mf._subreleased = state.subreleased
-    mf._commit_seq = state.commit_seq
-    mf._known_committed_bytes = state.known_committed_bytes
-    mf._recount_stats()
-    # With the sets, so that aclose() after a failed load gives exactly this back.
-    if mf._account:
-        for kind, memcg_id, n in state.committed:
-            mf._accounting.inc(n, kind, memcg_id)
+    # With the accounting, so that aclose() after a failed load gives exactly this back.
+    mf._pages.install(
+        chunk_huge=(bool(h) for h in state.chunk_huge),
+        unfree_small=state.unfree_small,
+        unfree_huge=state.unfree_huge,
+        mem_acct=state.mem_acct,
+        subreleased=state.subreleased,
+        commit_seq=state.commit_seq,
+        known_committed=state.committed,
+    )
 
 
 # ------------------------------------------------------------------------ inspect

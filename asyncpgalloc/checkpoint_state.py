@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING
 
 from .accounting import MemoryKind
 from .checkpoint_format import (
@@ -23,11 +22,9 @@ from .checkpoint_format import (
     merged,
 )
 from .errors import CheckpointError
+from .pages import MemAcct, new_mem_acct_set, new_unfree_set
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, KEY_MAX, PAGE_SIZE, PAGES_PER_HUGE_PAGE
 from .segments import SegmentSet
-
-if TYPE_CHECKING:
-    from .memory_file import MemAcct
 
 __all__ = ["LoadedState", "build_state"]
 
@@ -65,8 +62,6 @@ def _check_ranges(name: str, ranges: Sequence[tuple[int, ...]], size: int) -> No
 
 
 def _build_unfree(entries: list[tuple[int, int, int]], size: int) -> SegmentSet[int]:
-    from .memory_file import new_unfree_set
-
     # The same kind of set the file keeps, so that its fast paths apply at once.
     out = new_unfree_set()
     for s, e, refs in entries:
@@ -84,8 +79,6 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
     :class:`CheckpointError` if the metadata could not have come from a MemoryFile
     with no waste (a checkpoint never holds waste: ``save`` records it as released).
     """
-    from .memory_file import MemAcct
-
     size = snap.file_size
     for name, lst in zip(
         ("unwaste_small", "unwaste_huge", "unfree_small", "unfree_huge", "mem_acct"),
@@ -134,8 +127,6 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
 
     if merged(iter(used)) != merged((s, e) for s, e, *_ in snap.mem_acct):
         raise _bad("accounting does not cover exactly the used pages")
-    from .memory_file import new_mem_acct_set
-
     mem_acct = new_mem_acct_set()
     committed: list[tuple[MemoryKind, int, int]] = []
     known_bytes = 0

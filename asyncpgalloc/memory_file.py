@@ -7,20 +7,11 @@ sits in a state no other path touches (releasing pages, or pages only the
 awaiting caller knows about), and their bookkeeping runs afterwards whatever
 happens to the awaiting task.
 
-Page states (gVisor's long comment on MemoryFile is the reference):
-void -> free -> used -> waste -> releasing -> free, plus sub-released small pages
-inside huge-page-backed chunks. ``_unfree_*`` hold every non-free page (with
-per-page reference counts; gaps are free pages), ``_unwaste_*`` every non-waste
-page (gaps are waste), both per page size, and ``_mem_acct`` the accounting state
-of every used, waste and releasing page (gaps are known-uncommitted pages).
-
-A ``dec_ref`` that drops an allocation's last reference updates the reference
-counts at once but only queues the range as *dead*: its waste transition (out of
-``_unwaste_*``, accounting reclassified as SYSTEM) is applied by ``_settle_dead``
-before anything reads those sets, which the ``_unwaste_*`` and ``_mem_acct``
-properties guarantee. The hot paths use the raw sets (``_raw_*``) and touch only
-pages that are not dead. Adjacent dead allocations then leave ``_unwaste_*`` in
-one step, and a release step shortly after costs no more than before.
+The page sets and every transition between page states are the core's
+(:class:`~asyncpgalloc.pages.PageSets`, synchronous and I/O-free); this class is
+the asyncio shell around it: it owns the fd, the mappings, the executor and the
+tasks (releaser, usage refresher, page loader, evictions), checks every call's
+loop, thread and process, and does the I/O that the core's transitions return.
 """
 
 from __future__ import annotations
@@ -34,7 +25,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine, Generator, Iterable, Mapping
+from collections.abc import Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,7 +43,6 @@ from .errors import (
     OutOfMemoryError,
     PartialFillError,
     PoisonedError,
-    ReferenceCountError,
     UnsealableFileError,
     WrongLoopError,
     WrongThreadError,
@@ -68,12 +58,12 @@ from .options import (
     MemoryFileOpts,
     check_file_opts,
 )
+from .pages import PageSets, PageView, format_segments
 from .pressure import MemcgPressureWatcher
 from .ranges import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
     HUGE_PAGE_SIZE,
-    KEY_MAX,
     MAX_CHUNKS,
     PAGE_SIZE,
     EvictableRange,
@@ -81,11 +71,10 @@ from .ranges import (
     check_int_bounds,
 )
 from .readers import AsyncByteSource, Progress, filler_for
-from .releaser import run_releaser
-from .segments import SegmentSet
-from .stats import MemoryFileCounters, MemoryFileStats, compute_stats
+from .releaser import Releaser
+from .stats import MemoryFileCounters, MemoryFileStats
 from .transitions import guarded, guarded_async, splits_state
-from .usage import run_usage_refresher, update_usage
+from .usage import UsageScanner, run_usage_refresher
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointDestination, CheckpointSource
@@ -113,21 +102,6 @@ _SHUT = object()
 # leaks the fd and mappings rather than unmapping under them.
 _BLOCKING_CLOSE_WAIT = 10.0
 _new_tuple = tuple.__new__
-
-
-class MemAcct(NamedTuple):
-    """Accounting state of a run of used, waste or releasing pages (gVisor's memAcctInfo).
-
-    ``commit_seq`` is the file's commit sequence when ``known_committed`` last
-    became False (0 while known-committed), so that a usage scan racing with a
-    decommit never marks decommitted pages committed.
-    """
-
-    kind: MemoryKind
-    memcg_id: int
-    known_committed: bool
-    waste_or_releasing: bool
-    commit_seq: int
 
 
 class Chunk(NamedTuple):
@@ -189,70 +163,18 @@ class MemoryFile:
             self._executor = opts.executor
         self._blocking = BlockingRunner(self._executor)
 
-        # Initially every page is void: non-free and non-waste in both page sizes.
-        self._raw_unwaste_small: SegmentSet[None] = SegmentSet()
-        self._raw_unwaste_huge: SegmentSet[None] = SegmentSet()
-        self._unfree_small: SegmentSet[int] = new_unfree_set()
-        self._unfree_huge: SegmentSet[int] = new_unfree_set()
-        for s in (self._raw_unwaste_small, self._raw_unwaste_huge):
-            s.insert_range(0, KEY_MAX, None)
-        for u in (self._unfree_small, self._unfree_huge):
-            u.insert_range(0, KEY_MAX, 0)
-        self._subreleased: dict[int, int] = {}
-        self._raw_mem_acct: SegmentSet[MemAcct] = new_mem_acct_set()
-        # Allocations whose last reference is gone, waste transition pending
-        # (see the module docstring), per page size.
-        # Each is a start: the allocation stays one segment of its unfree set (with
-        # no references) until taken, so that set knows its end. Plain ints keep
-        # the list cheap to sort and out of the cyclic GC's way.
-        self._dead_small: list[int] = []
-        self._dead_huge: list[int] = []
-        # Shared accounting values (see _used_acct and _waste_acct): one MemAcct
-        # object serves every allocation made with the same options between two
-        # commit-sequence changes, instead of ~100 bytes each.
-        self._last_acct: tuple[AllocOpts | None, int, MemAcct | None] = (None, -1, None)
-        self._waste_accts: dict[MemAcct, MemAcct] = {}
-        self._known_committed_bytes = 0
-        # Running totals of the page states, kept at every transition so that stats()
-        # is O(1); compute_stats() is the O(segments) recount that check_invariants()
-        # compares them to. Free bytes are the rest of the file. A dead allocation
-        # (see the module docstring) counts as waste from its last dec_ref on: its
-        # bytes are in _dead_bytes (one add on dec_ref's fast path) and stay in
-        # _used_bytes until _take_dead moves them to _waste_bytes.
-        self._used_bytes = 0
-        self._waste_bytes = 0
-        self._dead_bytes = 0
-        self._releasing_bytes = 0
-        self._subreleased_pages = 0
-        self._huge_chunks = 0
-        # Known-committed accounting values of new allocations (see
-        # _mark_allocation_committed), shared between equal values.
-        self._committed_accts: dict[MemAcct, MemAcct] = {}
-        self._commit_seq = 0
-        self._next_commit_scan = 0.0
-        self._scan: asyncio.Future[None] | None = None
-        # Counters (see MemoryFileCounters).
-        self._allocations = 0
-        self._allocated_bytes = 0
-        self._release_steps = 0
-        self._released_bytes = 0
-        self._usage_scans = 0
+        # The page sets and their transitions (see pages.py).
+        self._pages = PageSets(self._accounting, account=self._account)
         self._chunks = []
-
-        # The releaser sleeps on _release_wakeup; _released is set exactly while
-        # no waste or releasing pages exist (wait_released() waits on it).
-        self._have_waste = False
-        self._release_wakeup = asyncio.Event()
-        self._released = asyncio.Event()
-        self._released.set()
-        # An ordered set: a step adds and removes hundreds of ranges.
-        self._releasing: dict[FileRange, None] = {}
-
-        self._evictions = Evictions(opts.delayed_eviction, self._release_wakeup.set)
-        # Without pressure notifications, ENABLED evicts once release work runs out.
-        self._evict_when_idle = (
-            opts.delayed_eviction is DelayedEviction.ENABLED and not opts.use_host_memcg_pressure
+        self._release = Releaser(self._pages, self._blocking, self._decommit_or_zero)
+        self._usage = UsageScanner(
+            self._pages, self._blocking, fd, self._chunk_address, lambda: self._closed
         )
+
+        self._evictions = Evictions(opts.delayed_eviction, self._release.wakeup.set)
+        if opts.delayed_eviction is DelayedEviction.ENABLED and not opts.use_host_memcg_pressure:
+            # Without pressure notifications, ENABLED evicts once release work runs out.
+            self._release.on_idle = self._evictions.start
         self._pressure: MemcgPressureWatcher | None = None
         self._refresher: asyncio.Task[None] | None = None
         # Pages of allocate_from fills that a source may still write (see lending.py).
@@ -326,7 +248,7 @@ class MemoryFile:
                 )
             if opts.usage_refresh_interval is not None:
                 mf._refresher = loop.create_task(
-                    run_usage_refresher(mf, opts.usage_refresh_interval),
+                    run_usage_refresher(mf.update_usage, opts.usage_refresh_interval),
                     name="asyncpgalloc-usage-refresher",
                 )
         except BaseException:
@@ -335,17 +257,19 @@ class MemoryFile:
         return mf
 
     async def _releaser(self) -> None:
-        """The releaser task (see :func:`~asyncpgalloc.releaser.run_releaser`), and what
+        """The releaser task (see :class:`~asyncpgalloc.releaser.Releaser`), and what
         its end means for the file.
 
         Cancelled by anyone but ``aclose()`` (``asyncio.run`` cancels every task when
         its main coroutine returns) or closed with its loop gone, it closes the file at
         once (with a ``ResourceWarning``: the file was never closed) rather than leave
         the fd and every committed page behind until the process exits. An interrupt
-        delivered while it ran poisons the file and is raised again from the loop.
+        delivered while it ran poisons the file and is raised again from the loop. Once
+        the file is poisoned the releaser stops (see :meth:`Releaser.halt`); an error
+        from the sets it was working on then is a consequence, logged, not a failure.
         """
         try:
-            await run_releaser(self)
+            await self._release.run()
         except (asyncio.CancelledError, GeneratorExit):
             if not self._closed:
                 self._abandon("its releaser task was cancelled (did the event loop shut down?)")
@@ -356,6 +280,10 @@ class MemoryFile:
             # and end this task normally rather than let it die of it.
             self._poison(e)
             self._loop.call_soon(_raise, e)
+        except Exception as e:
+            if self._poisoned is None:
+                raise
+            logger.debug("the releaser of a poisoned MemoryFile stopped: %r", e)
 
     def _on_memcg_pressure(self) -> None:
         if not self._closed and self._evictions.start():
@@ -521,6 +449,7 @@ class MemoryFile:
             )
             logger.error("MemoryFile poisoned: %s", self._poisoned)
         self._gate = _SHUT
+        self._release.halt()
 
     @property
     def poisoned(self) -> bool:
@@ -547,16 +476,13 @@ class MemoryFile:
     def _release_resources(self) -> None:
         if self._fd < 0:
             return
-        if self._account:
+        try:
             # The host gets everything back: so does a MemoryAccounting shared with
             # other files.
-            try:
-                for s, e, ma in self._mem_acct:
-                    if ma.known_committed:
-                        self._accounting.dec(e - s, ma.kind, ma.memcg_id)
-            except Exception as e:
-                # Only a poisoned file's sets can fail here; closing must not.
-                logger.error("%r: its accounting could not be returned: %r", self, e)
+            self._pages.give_back_accounting()
+        except Exception as e:
+            # Only a poisoned file's sets can fail here; closing must not.
+            logger.error("%r: its accounting could not be returned: %r", self, e)
         if self._loader is not None:
             self._loader.release()  # its fds, if its task could not (see _abandon)
         os.close(self._fd)
@@ -624,7 +550,7 @@ class MemoryFile:
         prefaults and zeroes through the mapping. Prefer ``allocate_async`` for
         large committing allocations. Pages committed that way are known-committed
         and accounted to ``opts.kind`` and ``opts.memcg_id`` at once (unlike gVisor:
-        see :meth:`_mark_allocation_committed`).
+        see :meth:`~asyncpgalloc.pages.PageSets.mark_allocation_committed`).
 
         Raises :class:`~asyncpgalloc.InvalidLengthError` for a zero, unaligned or
         (huge) non-huge-aligned length and :class:`~asyncpgalloc.OutOfMemoryError`
@@ -633,33 +559,18 @@ class MemoryFile:
         """
         try:
             if opts.mode is _UNCOMMITTED:
-                # The fast path: uncommitted pages never recycle waste, so this is the
-                # gVisor's findAllocatableAndMarkUsed from its retryFree label, inlined.
+                # The fast path: uncommitted pages never recycle waste.
                 if self._gate is not _get_running_loop():
                     self._check()
                 if length <= 0 or length & _PAGE_MASK or (opts.huge and length % HUGE_PAGE_SIZE):
                     raise InvalidLengthError(f"invalid allocation length: {length:#x}")
-                huge = opts.huge and self._opts.expect_hugepages
-                unfree = self._unfree_huge if huge else self._unfree_small
-                if opts.direction is _BOTTOM_UP:
-                    start_ = unfree.take_first_gap(length, 1)
-                else:
-                    start_ = unfree.take_last_gap(length, 1)
-                if start_ is None:
+                fr = self._pages.allocate_uncommitted(
+                    length, opts, opts.huge and self._opts.expect_hugepages
+                )
+                if fr is None:
                     # No free gap is long enough: grow the file (the slow path).
                     return self._take_pages(length, opts)[0]
-                start = start_
-                end = start + length
-                last = self._last_acct
-                ma = last[2]
-                if last[0] is not opts or last[1] != self._commit_seq or ma is None:
-                    ma = self._used_acct(opts)
-                self._raw_mem_acct.insert_range(start, end, ma)
-                self._allocations += 1
-                self._allocated_bytes += length
-                self._used_bytes += length
-                # FileRange(start, end) without NamedTuple's Python-level __new__.
-                return _new_tuple(FileRange, (start, end))
+                return fr
             fr, huge, recycled = self._take_pages(length, opts)
             try:
                 committed = self._prepare_pages(fr, opts.mode, huge, recycled)
@@ -667,7 +578,7 @@ class MemoryFile:
                 self.dec_ref(fr)
                 raise
             if committed:
-                self._mark_allocation_committed(fr)
+                self._pages.mark_allocation_committed(fr)
             return fr
         except BaseException as e:
             # A transition cut short (see asyncpgalloc.transitions), inlined: a
@@ -675,27 +586,6 @@ class MemoryFile:
             if splits_state(e):
                 self._poison(e)
             raise
-
-    def _used_acct(self, opts: AllocOpts) -> MemAcct:
-        """The accounting value of newly used pages (unknown commitment), shared while
-        ``opts`` and the commit sequence stay the same."""
-        last = self._last_acct
-        ma = last[2]
-        if last[0] is opts and last[1] == self._commit_seq and ma is not None:
-            return ma
-        ma = MemAcct(opts.kind, opts.memcg_id, False, False, self._commit_seq)
-        self._last_acct = (opts, self._commit_seq, ma)
-        return ma
-
-    def _waste_acct(self, ma: MemAcct) -> MemAcct:
-        """``ma`` reclassified as SYSTEM waste, shared between equal values."""
-        cache = self._waste_accts
-        w = cache.get(ma)
-        if w is None:
-            if len(cache) >= 256:
-                cache.clear()
-            w = cache[ma] = MemAcct(_SYSTEM, ma.memcg_id, ma.known_committed, True, ma.commit_seq)
-        return w
 
     @guarded_async
     async def allocate_async(self, length: int, opts: AllocOpts = _DEFAULT_ALLOC_OPTS) -> FileRange:
@@ -727,7 +617,7 @@ class MemoryFile:
         # Back on the loop: the bookkeeping of what the executor committed. (Once
         # closed, the accounting has been given back: there is nothing to mark.)
         if committed and not self._closed:
-            self._mark_allocation_committed(fr)
+            self._pages.mark_allocation_committed(fr)
         return fr
 
     @guarded_async
@@ -808,102 +698,23 @@ class MemoryFile:
         self._lent.add(lent, fr)
 
     def _take_pages(self, length: int, opts: AllocOpts) -> tuple[FileRange, bool, bool]:
-        """Validate, then mark pages used: (range, huge, recycled). The shared first step."""
+        """Check the call, then mark pages used, growing the file as needed: (range,
+        huge, recycled). The shared first step of every allocation but the fast path."""
         self._check()
-        if length <= 0 or length % PAGE_SIZE or (opts.huge and length % HUGE_PAGE_SIZE):
-            raise InvalidLengthError(f"invalid allocation length: {length:#x}")
         huge = opts.huge and self._opts.expect_hugepages
-        fr, recycled = self._find_allocatable_and_mark_used(length, opts, huge)
-        self._allocations += 1
-        self._allocated_bytes += length
-        self._used_bytes += length
-        return fr, huge, recycled
-
-    def _find_allocatable_and_mark_used(
-        self, length: int, opts: AllocOpts, huge: bool
-    ) -> tuple[FileRange, bool]:
-        """Take pages for an allocation; returns the range and whether it was recycled waste."""
-        bottom_up = opts.direction is _BOTTOM_UP
-        unfree = self._unfree_huge if huge else self._unfree_small
-        if opts.mode is not _UNCOMMITTED:
-            # Recycling waste avoids decommitting and then committing it again.
-            unwaste = self._unwaste_huge if huge else self._unwaste_small
-            gap = (
-                unwaste.first_large_enough_gap(length)
-                if bottom_up
-                else unwaste.last_large_enough_gap(length)
-            )
-            if gap is not None:
-                start = gap[0] if bottom_up else gap[1] - length
-                end = start + length
-                unwaste.insert_range(start, end, None)
-                unfree.mutate_range(start, end, _ref_recycled)
-                self._waste_bytes -= length
-                if not unfree.merges and unfree.get_exact(start, end, None) is None:
-                    # One segment per allocation keeps dec_ref on its fast path.
-                    unfree.remove_range(start, end)
-                    unfree.insert_range(start, end, 1)
-                kind, memcg_id = opts.kind, opts.memcg_id
-
-                def recycle(s: int, e: int, ma: MemAcct) -> MemAcct:
-                    commit_seq = ma.commit_seq
-                    if ma.known_committed:
-                        if ma.kind is not _SYSTEM:
-                            raise InvariantError(
-                                f"waste pages [{s:#x}, {e:#x}) have kind {ma.kind}"
-                            )
-                        commit_seq = 0
-                        self._known_committed_bytes -= e - s
-                        if self._account:
-                            self._accounting.dec(e - s, _SYSTEM, ma.memcg_id)
-                    return MemAcct(kind, memcg_id, False, False, commit_seq)
-
-                self._mem_acct.mutate_range(start, end, recycle)
-                return FileRange(start, end), True
-
         while True:
-            gap = (
-                unfree.first_large_enough_gap(length)
-                if bottom_up
-                else unfree.last_large_enough_gap(length)
-            )
-            if gap is not None:
-                break
-            self._extend_chunks(length, huge)
-        start = gap[0] if bottom_up else gap[1] - length
-        end = start + length
-        unfree.insert_range(start, end, 1)
-        # Unknown commitment from now on: users may commit these pages at any time.
-        self._raw_mem_acct.insert_range(start, end, self._used_acct(opts))
-        return FileRange(start, end), False
+            got = self._pages.allocate(length, opts, huge)
+            if got is not None:
+                return got[0], huge, got[1]
+            self._grow(length, huge)
 
-    def _extend_chunks(self, length: int, huge: bool) -> None:
-        """Grow the file by whole chunks so that ``length`` bytes of ``huge`` pages fit."""
-        unfree = self._unfree_huge if huge else self._unfree_small
+    def _grow(self, length: int, huge: bool) -> None:
+        """Grow the file by whole chunks so that ``length`` bytes of ``huge`` pages fit:
+        ftruncate, then one mmap (and madvise) per new chunk, on the loop."""
         old = self._chunks
+        new_count = self._pages.plan_growth(length, huge, self._max_chunks, host.mappable_chunks())
         old_size = len(old) * CHUNK_SIZE
-        tail = 0
-        if old and old[-1].huge == huge:
-            # The free tail of the last chunk counts towards the allocation.
-            gap = unfree.find_gap(old_size - 1)
-            if gap is not None:
-                tail = gap[1] - gap[0]
-        inc = (length - tail + CHUNK_SIZE - 1) // CHUNK_SIZE
-        new_count = len(old) + inc
-        if new_count > self._max_chunks:
-            raise OutOfMemoryError(
-                f"cannot grow the file to {new_count} chunks of 1 GiB (limit {self._max_chunks})"
-            )
-        mappable = host.mappable_chunks()
-        if new_count > mappable:
-            # Before mapping anything: the mmaps would fail (ENOMEM) only after
-            # seconds of mapping chunk after chunk.
-            raise OutOfMemoryError(
-                f"cannot grow the file to {new_count} chunks of 1 GiB: the address space "
-                f"holds at most {mappable}"
-            )
-        new_size = new_count * CHUNK_SIZE
-        host.grow_file(self._fd, new_size)
+        host.grow_file(self._fd, new_count * CHUNK_SIZE)
         mappings: list[host.ChunkMapping] = []
         try:
             for i in range(len(old), new_count):
@@ -921,9 +732,7 @@ class MemoryFile:
             raise
         # Readers (executor threads) see either the old list or the new one.
         self._chunks = old + [Chunk(m, huge) for m in mappings]
-        if huge:
-            self._huge_chunks += inc
-        unfree.remove_range(old_size, new_size)
+        self._pages.add_chunks(len(mappings), huge)
 
     def _advise_chunk(self, mapping: host.ChunkMapping, huge: bool) -> None:
         if huge and self._opts.advise_hugepage:
@@ -947,7 +756,7 @@ class MemoryFile:
         the executor by ``allocate_async``; it touches no bookkeeping. Returns True
         if every page of ``fr`` is now committed (fallocated, populated or zeroed):
         the caller then marks them known-committed, on the loop
-        (:meth:`_mark_allocation_committed`).
+        (:meth:`~asyncpgalloc.pages.PageSets.mark_allocation_committed`).
         """
         committed = False
         need_huge_touch = False
@@ -993,42 +802,6 @@ class MemoryFile:
                         view[i] = 0
         return committed
 
-    def _mark_allocation_committed(self, fr: FileRange) -> None:
-        """Mark the pages of a new allocation that :meth:`_prepare_pages` committed
-        known-committed, with the allocation's kind and memcg. On the loop, after
-        the I/O; O(log n) (O(k log n) for k accounting segments of recycled pages).
-
-        A deliberate difference from gVisor: its ``Allocate`` leaves committed pages
-        of unknown commitment until a usage scan finds them, but a scan cannot see
-        pages committed by ``fallocate`` and never touched (COMMIT), so a budget
-        enforced from the accounting would under-count them for good. Pages a usage
-        scan marked while the I/O ran are already known and are skipped; the
-        allocation is still the caller's alone (not yet returned), so no decommit or
-        release can have raced with the commit.
-        """
-        start, end = fr
-        mem_acct = self._raw_mem_acct
-        ma = mem_acct.get_exact(start, end, None)
-        if ma is None:
-            mem_acct.mutate_range(start, end, self._commit_known)
-        elif not ma.known_committed:
-            mem_acct.replace_value(start, self._commit_known(start, end, ma))
-
-    def _commit_known(self, s: int, e: int, ma: MemAcct) -> MemAcct:
-        """``ma`` of used pages ``[s, e)`` made known-committed, counted and accounted."""
-        if ma.known_committed:
-            return ma
-        self._known_committed_bytes += e - s
-        if self._account:
-            self._accounting.inc(e - s, ma.kind, ma.memcg_id)
-        cache = self._committed_accts
-        c = cache.get(ma)
-        if c is None:
-            if len(cache) >= 256:
-                cache.clear()
-            c = cache[ma] = MemAcct(ma.kind, ma.memcg_id, True, False, 0)
-        return c
-
     # ------------------------------------------------------------------ references
 
     def inc_ref(self, fr: FileRange, memcg_id: int = 0) -> None:
@@ -1043,15 +816,7 @@ class MemoryFile:
         try:
             if self._gate is not _get_running_loop():
                 self._check()
-            start, end = fr
-            hit = self._whole_allocation(start, end)
-            if hit is not None:
-                hit[0].replace_value(start, hit[1] + 1)
-                return
-            pieces = self._referenced_pieces(fr, "inc_ref")
-            for start, end, huge in pieces:
-                unfree = self._unfree_huge if huge else self._unfree_small
-                unfree.mutate_range(start, end, _ref_inc)
+            self._pages.inc_ref(fr)
         except BaseException as e:
             # A transition cut short (see asyncpgalloc.transitions), inlined: a
             # guard's extra call would cost this hot path 10-20%.
@@ -1064,7 +829,7 @@ class MemoryFile:
 
         Synchronous. A whole allocation costs two dict hits and, for its last
         reference, a list append: the waste transition is queued for the releaser
-        (see the module docstring). Any other range is O(k log n). Waste is
+        (see :mod:`asyncpgalloc.pages`). Any other range is O(k log n). Waste is
         reclassified as SYSTEM memory until it is recycled or released, and wakes
         the releaser task. Raises as :meth:`inc_ref`
         (a reference-count underflow is a :class:`~asyncpgalloc.ReferenceCountError`)
@@ -1073,249 +838,14 @@ class MemoryFile:
         try:
             if self._gate is not _get_running_loop():
                 self._check()
-            start, end = fr
-            # Inlined _whole_allocation(start, end): this is the hottest path there is.
-            unfree = self._unfree_small
-            refs = unfree.get_exact(start, end, 0)
-            dead = self._dead_small
-            if not refs:
-                unfree = self._unfree_huge
-                refs = unfree.get_exact(start, end, 0)
-                dead = self._dead_huge
-            if refs and type(start) is int is type(end):
-                # Validating it was one dict hit; the update cannot fail halfway.
-                unfree.replace_value(start, refs - 1)
-                if refs == 1:
-                    if self._known_committed_bytes and self._settle_now(start, end):
-                        # Known-committed pages move to SYSTEM in the accounting now:
-                        # callers may read a shared MemoryAccounting at any time.
-                        self._settle((start, end), dead is self._dead_huge)
-                        self._count_waste(end - start)
-                    else:
-                        dead.append(start)
-                        self._dead_bytes += end - start
-                    if not self._have_waste:
-                        self._made_waste()
-                return
-            self._dec_ref_slow(fr)
+            if self._pages.dec_ref(fr):
+                self._release.waste_appeared()
         except BaseException as e:
             # A transition cut short (see asyncpgalloc.transitions), inlined: a
             # guard's extra call would cost this hot path 10-20%.
             if splits_state(e):
                 self._poison(e)
             raise
-
-    def _whole_allocation(self, start: int, end: int) -> tuple[SegmentSet[int], int] | None:
-        """If ``[start, end)`` is exactly one segment with references (a whole
-        allocation, or a range made one by an earlier slow-path call): its
-        reference-count set and count. None for any other range (the slow path
-        judges it). One or two dict hits: the fast path of inc_ref/has_unique_ref.
-
-        A set holds a referenced segment only over chunks of its own page size
-        (elsewhere it holds void), so the hit also says which set it is.
-        """
-        if type(start) is int is type(end):
-            for unfree in (self._unfree_small, self._unfree_huge):
-                refs = unfree.get_exact(start, end, 0)
-                if refs:
-                    return unfree, refs
-        return None
-
-    def _made_waste(self) -> None:
-        """The first waste since the releaser last ran out: wait_released() must wait,
-        and the releaser must wake. While ``_have_waste`` stays set, ``_released``
-        stays clear (the releaser sets it only after clearing ``_have_waste``)."""
-        self._have_waste = True
-        self._released.clear()
-        self._release_wakeup.set()
-
-    def _count_waste(self, n: int) -> None:
-        """``n`` used bytes became waste (settled: not in a dead queue)."""
-        self._used_bytes -= n
-        self._waste_bytes += n
-
-    # The release transitions of the running totals (releaser.py calls these).
-
-    def _count_release_begun(self, n: int) -> None:
-        """``n`` bytes of waste (dead allocations included) became releasing."""
-        self._waste_bytes -= n
-        self._releasing_bytes += n
-
-    def _count_release_aborted(self, n: int) -> None:
-        """``n`` releasing bytes went back to waste, unpunched."""
-        self._releasing_bytes -= n
-        self._waste_bytes += n
-
-    def _count_release_finished(self, n: int) -> None:
-        """``n`` releasing bytes are done: free, or sub-released (``_set_subreleased``
-        counted those)."""
-        self._releasing_bytes -= n
-
-    def _set_subreleased(self, counts: Mapping[int, int]) -> None:
-        """Store a release's new sub-release counts by huge page offset (0: the entry
-        goes, the huge page being wholly free) and count the change. O(len(counts))."""
-        subreleased = self._subreleased
-        change = 0
-        for offset, count in counts.items():
-            change += count - subreleased.get(offset, 0)
-            if count:
-                subreleased[offset] = count
-            else:
-                subreleased.pop(offset, None)
-        self._subreleased_pages += change
-
-    def _recount_stats(self) -> None:
-        """Set the running totals from a recount of the page sets (``compute_stats``),
-        for code that replaces the sets wholesale (checkpoint load). O(segments)."""
-        st = compute_stats(self)  # settles the dead queues first
-        self._dead_bytes = 0
-        self._used_bytes = st.used_bytes
-        self._waste_bytes = st.waste_bytes
-        self._releasing_bytes = st.releasing_bytes
-        self._subreleased_pages = st.subreleased_bytes // PAGE_SIZE
-        self._huge_chunks = st.huge_chunks
-
-    def _settle_now(self, start: int, end: int) -> bool:
-        """True if any page of the dead allocation ``[start, end)`` is known committed."""
-        mem_acct = self._raw_mem_acct
-        ma = mem_acct.get_exact(start, end, None)
-        if ma is None:
-            return any(ma.known_committed for _, _, ma in mem_acct.visit_range(start, end))
-        return ma.known_committed
-
-    def _settle(self, fr: tuple[int, int], huge: bool) -> None:
-        """Apply the waste transition of the dead range ``fr``: it leaves the unwaste set
-        and its accounting becomes SYSTEM waste. O(log n)."""
-        start, end = fr
-        (self._raw_unwaste_huge if huge else self._raw_unwaste_small).remove_range(start, end)
-        mem_acct = self._raw_mem_acct
-        ma = mem_acct.get_exact(start, end, None)
-        if ma is None:
-            mem_acct.mutate_range(start, end, self._to_waste)
-        else:
-            mem_acct.replace_value(start, self._to_waste(start, end, ma))
-
-    def _take_dead(
-        self, huge: bool, max_entries: int = -1, max_runs: int = -1
-    ) -> list[tuple[int, int]]:
-        """Take pending dead allocations of one page size, highest first: all of them,
-        or at most ``max_entries`` making at most ``max_runs`` runs of adjacent ones.
-        Their accounting becomes SYSTEM waste. Returns the runs, descending, still in
-        the unwaste set: the caller makes them waste (``_settle_dead``) or releases
-        them directly (the releaser: no round trip through the unwaste set).
-
-        O(k) for k taken, plus a sort of the queue that is O(n) when only its tail
-        is new (Python's sort merges the sorted runs it finds).
-        """
-        dead = self._dead_huge if huge else self._dead_small
-        if not dead:
-            return []
-        dead.sort()
-        segment_end = (self._unfree_huge if huge else self._unfree_small).segment_end
-        mem_acct = self._raw_mem_acct
-        to_waste = self._to_waste
-        waste_accts = self._waste_accts
-        runs: list[tuple[int, int]] = []
-        run_start = run_end = -1
-        nruns = 0
-        taken = 0
-        i = len(dead)
-        while i and max_entries:
-            s = dead[i - 1]
-            e = segment_end(s)
-            if e != run_start:
-                # Not adjacent to the run below which the last one started.
-                if nruns == max_runs:
-                    break
-                if run_end >= 0:
-                    runs.append((run_start, run_end))
-                run_end = e
-                nruns += 1
-            run_start = s
-            i -= 1
-            max_entries -= 1
-            taken += e - s
-            ma = mem_acct.get_exact(s, e, None)
-            if ma is None:
-                mem_acct.mutate_range(s, e, to_waste)
-            elif ma.known_committed or ma not in waste_accts:
-                mem_acct.replace_value(s, to_waste(s, e, ma))
-            else:
-                # Inlined to_waste of the common case: nothing to account.
-                mem_acct.replace_value(s, waste_accts[ma])
-        if run_end >= 0:
-            runs.append((run_start, run_end))
-        del dead[i:]
-        self._dead_bytes -= taken
-        self._count_waste(taken)
-        return runs
-
-    def _settle_dead(self) -> None:
-        """Make every pending dead allocation waste (see the module docstring).
-
-        O(k log k) for k dead allocations, plus one unwaste update per run of
-        adjacent ones. Called by the ``_unwaste_*``/``_mem_acct`` properties.
-        """
-        for huge in (False, True):
-            unwaste = self._raw_unwaste_huge if huge else self._raw_unwaste_small
-            for start, end in self._take_dead(huge):
-                unwaste.remove_range(start, end)
-
-    @property
-    def _unwaste_small(self) -> SegmentSet[None]:
-        """The small-page unwaste set with every dead allocation settled."""
-        if self._dead_small:
-            self._settle_dead()
-        return self._raw_unwaste_small
-
-    @property
-    def _unwaste_huge(self) -> SegmentSet[None]:
-        """The huge-page unwaste set with every dead allocation settled."""
-        if self._dead_huge:
-            self._settle_dead()
-        return self._raw_unwaste_huge
-
-    @property
-    def _mem_acct(self) -> SegmentSet[MemAcct]:
-        """The accounting set with every dead allocation settled."""
-        if self._dead_small or self._dead_huge:
-            self._settle_dead()
-        return self._raw_mem_acct
-
-    @_mem_acct.setter
-    def _mem_acct(self, value: SegmentSet[MemAcct]) -> None:
-        self._settle_dead()
-        self._raw_mem_acct = value
-
-    def _dec_ref_slow(self, fr: FileRange) -> None:
-        """dec_ref of any range: validate every page, then mutate piece by piece."""
-        pieces = self._referenced_pieces(fr, "dec_ref")
-        dead: list[tuple[int, int]] = []
-
-        def dec(s: int, e: int, refs: int) -> int:
-            if refs == 1:
-                dead.append((s, e))
-            return refs - 1
-
-        made_waste = False
-        for start, end, huge in pieces:
-            (self._unfree_huge if huge else self._unfree_small).mutate_range(start, end, dec)
-            for piece in dead:
-                self._settle(piece, huge)
-                self._count_waste(piece[1] - piece[0])
-            made_waste = made_waste or bool(dead)
-            dead.clear()
-        if made_waste and not self._have_waste:
-            self._made_waste()
-
-    def _to_waste(self, s: int, e: int, ma: MemAcct) -> MemAcct:
-        if ma.known_committed:
-            if self._account:
-                self._accounting.move(e - s, _SYSTEM, ma.kind, ma.memcg_id)
-            if self._loader is not None:
-                # Pages still to load are known-committed: never read them now.
-                self._loader.drop(s, e)
-        return self._waste_acct(ma)
 
     def has_unique_ref(self, fr: FileRange) -> bool:
         """True if every page of ``fr`` has exactly one reference.
@@ -1325,58 +855,7 @@ class MemoryFile:
         :meth:`inc_ref` if a page holds no reference.
         """
         self._check()
-        start, end = fr
-        hit = self._whole_allocation(start, end)
-        if hit is not None:
-            return hit[1] == 1
-        for start, end, huge in self._referenced_pieces(fr, "has_unique_ref"):
-            unfree = self._unfree_huge if huge else self._unfree_small
-            for _, _, refs in unfree.visit_range(start, end):
-                if refs != 1:
-                    return False
-        return True
-
-    def _check_range(self, fr: FileRange, op: str) -> tuple[int, int]:
-        start, end = fr
-        check_int_bounds(op, start, end)
-        if not (0 <= start < end <= len(self._chunks) * CHUNK_SIZE) or (start | end) % PAGE_SIZE:
-            raise InvalidRangeError(
-                f"{op}: invalid range [{start:#x}, {end:#x}): it must be non-empty, "
-                f"page-aligned and inside the file ({len(self._chunks) * CHUNK_SIZE:#x} bytes)"
-            )
-        return start, end
-
-    def _referenced_pieces(self, fr: FileRange, op: str) -> list[tuple[int, int, bool]]:
-        """Validate that every page of ``fr`` holds a reference; return its per-page-size pieces."""
-        start, end = self._check_range(fr, op)
-        pieces = self._size_pieces(start, end)
-        for s, e, huge in pieces:
-            unfree = self._unfree_huge if huge else self._unfree_small
-            if not unfree.is_fully_covered(s, e) or any(
-                refs <= 0 for _, _, refs in unfree.visit_range(s, e)
-            ):
-                raise ReferenceCountError(
-                    f"{op}({FileRange(start, end)}): pages that hold no reference: "
-                    + _describe_ranges(_unreferenced(unfree, s, e))
-                )
-        return pieces
-
-    def _size_pieces(self, start: int, end: int) -> list[tuple[int, int, bool]]:
-        """Split ``[start, end)`` into maximal pieces of chunks of one page size."""
-        chunks = self._chunks
-        first = start >> CHUNK_SHIFT
-        last = (end - 1) >> CHUNK_SHIFT
-        huge = chunks[first].huge
-        if first == last:
-            return [(start, end, huge)]
-        pieces: list[tuple[int, int, bool]] = []
-        piece_start = start
-        for i in range(first + 1, last + 1):
-            if chunks[i].huge != huge:
-                pieces.append((piece_start, i << CHUNK_SHIFT, huge))
-                piece_start, huge = i << CHUNK_SHIFT, chunks[i].huge
-        pieces.append((piece_start, end, huge))
-        return pieces
+        return self._pages.has_unique_ref(fr)
 
     # --------------------------------------------------------------------- mapping
 
@@ -1409,7 +888,7 @@ class MemoryFile:
         if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
         aligned = FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK)
-        self._referenced_pieces(aligned, "map_internal")
+        self._pages.referenced_pieces(aligned, "map_internal")
         if self._loader is not None:
             self._loader.check_loaded(aligned.start, aligned.end, "map_internal")
         views = self._views(start, end)
@@ -1424,6 +903,10 @@ class MemoryFile:
             chunks[s >> CHUNK_SHIFT].mapping.view(s & (CHUNK_SIZE - 1), e - s)
             for s, e in _chunk_pieces(start, end)
         ]
+
+    def _chunk_address(self, offset: int) -> int:
+        """Where the file's mapping holds ``offset`` (safe off the loop)."""
+        return self._chunks[offset >> CHUNK_SHIFT].mapping.addr + (offset & (CHUNK_SIZE - 1))
 
     def _address_pieces(self, fr: FileRange) -> list[tuple[int, int]]:
         """(address, length) of the mapping of ``fr``, one per chunk (safe off the loop)."""
@@ -1460,8 +943,9 @@ class MemoryFile:
         """
         self._check()
         await self._lent.wait()
-        while not self._released.is_set():
-            waiter = asyncio.ensure_future(self._released.wait())
+        released = self._release.released
+        while not released.is_set():
+            waiter = asyncio.ensure_future(released.wait())
             try:
                 await asyncio.wait(
                     [waiter, self._releaser_task], return_when=asyncio.FIRST_COMPLETED
@@ -1493,24 +977,16 @@ class MemoryFile:
         """
         self._check()
         start, end = fr
-        self._referenced_pieces(fr, "decommit")
+        self._pages.referenced_pieces(fr, "decommit")
         if self._loader is not None and self._loader.loading:
             # A page loaded after the punch would undo it: wait for its block.
             await self.wait_loaded(fr)
-            self._referenced_pieces(fr, "decommit")
+            self._pages.referenced_pieces(fr, "decommit")
         try:
             await self._blocking.run(self._decommit_or_zero, FileRange(start, end))
         finally:
             if not self._closed:
-                self._mem_acct.mutate_range(start, end, self._decommitted)
-
-    def _decommitted(self, s: int, e: int, ma: MemAcct) -> MemAcct:
-        if ma.known_committed:
-            self._known_committed_bytes -= e - s
-            if self._account:
-                self._accounting.dec(e - s, ma.kind, ma.memcg_id)
-        # Invalidate what a concurrent scan saw before the punch.
-        return ma._replace(known_committed=False, commit_seq=self._commit_seq)
+                self._pages.decommitted(start, end)
 
     @guarded_async
     async def update_usage(
@@ -1535,7 +1011,7 @@ class MemoryFile:
         mincore fails, leaving the accounting as it was for the pages not yet marked.
         """
         self._check()
-        return await update_usage(self, memcg_ids, force)
+        return await self._usage.update(memcg_ids, force)
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -1614,6 +1090,8 @@ class MemoryFile:
         """Internal (load): own ``loader`` and start its task, one of the file's background
         tasks from now on (aclose() cancels and awaits it)."""
         self._loader = loader
+        # Pages still to load that become waste are never read (cancelWasteLoad).
+        self._pages.on_committed_waste = loader.drop
         loader.task = self._loop.create_task(
             self._run_loader(loader), name="asyncpgalloc-page-loader"
         )
@@ -1645,7 +1123,7 @@ class MemoryFile:
             if loader is not None:
                 await loader.wait_all()
             return
-        start, end = self._check_range(fr, "wait_loaded")
+        start, end = self._pages.check_range(fr, "wait_loaded")
         if loader is not None:
             await loader.wait(start, end)
 
@@ -1724,7 +1202,7 @@ class MemoryFile:
     @property
     def known_committed_bytes(self) -> int:
         """Bytes known to be committed (the span of known-committed accounting segments)."""
-        return self._known_committed_bytes
+        return self._pages.known_committed_bytes
 
     @property
     def fd(self) -> int:
@@ -1794,6 +1272,17 @@ class MemoryFile:
         return self._opts
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this file belongs to (hand work to it from other threads with
+        ``loop.call_soon_threadsafe``)."""
+        return self._loop
+
+    def in_loop_thread(self) -> bool:
+        """True if called from the thread of the loop this file belongs to (the only
+        thread that may use it). O(1), callable from any thread."""
+        return _get_ident() == self._thread_id
+
+    @property
     def closed(self) -> bool:
         """True once ``aclose()`` has begun."""
         return self._closed
@@ -1812,41 +1301,31 @@ class MemoryFile:
         """Bytes by page state, right now. O(1): running totals kept at every
         transition (``check_invariants`` compares them to a recount); no syscall."""
         self._check()
-        return self._stats_now()
+        return self._pages.stats()
 
-    def _stats_now(self) -> MemoryFileStats:
-        n_chunks = len(self._chunks)
-        total = n_chunks * CHUNK_SIZE
-        dead = self._dead_bytes
-        used, waste = self._used_bytes - dead, self._waste_bytes + dead
-        releasing = self._releasing_bytes
-        subreleased = self._subreleased_pages * PAGE_SIZE
-        return MemoryFileStats(
-            total_size=total,
-            used_bytes=used,
-            waste_bytes=waste,
-            releasing_bytes=releasing,
-            free_bytes=total - used - waste - releasing - subreleased,
-            subreleased_bytes=subreleased,
-            known_committed_bytes=self._known_committed_bytes,
-            huge_chunks=self._huge_chunks,
-            small_chunks=n_chunks - self._huge_chunks,
-        )
+    def page_view(self) -> PageView:
+        """A read-only look at the page sets (see :class:`~asyncpgalloc.pages.PageView`),
+        for tools that read them whole: maps, checkpoints, invariant checks. The sets
+        are the file's own, not copies: valid until the next call that changes state,
+        and never to be changed. O(dead allocations) to settle them first; no syscall.
+        """
+        self._check()
+        return self._pages.view()
 
     def counters(self) -> MemoryFileCounters:
         """What the file has done since it opened (monotonic counts). O(1); works after
         close, and from any thread (it only reads counters)."""
         ev = self._evictions
         return MemoryFileCounters(
-            allocations=self._allocations,
-            allocated_bytes=self._allocated_bytes,
-            release_steps=self._release_steps,
-            released_bytes=self._released_bytes,
+            allocations=self._pages.allocations,
+            allocated_bytes=self._pages.allocated_bytes,
+            release_steps=self._release.steps,
+            released_bytes=self._pages.released_bytes,
             evictions_started=ev.started,
             evict_calls=ev.calls,
             evict_failures=ev.failures,
             pressure_events=self.pressure_events,
-            usage_scans=self._usage_scans,
+            usage_scans=self._usage.scans,
         )
 
     def check_invariants(self, *, check_zero_pages: bool = False) -> None:
@@ -1867,59 +1346,25 @@ class MemoryFile:
             raise PoisonedError(f"the MemoryFile is unusable: {self._poisoned}")
         from . import invariants
 
-        invariants.check_invariants(self)
-        if self._loader is not None:
-            self._check_pending_load()
-        if check_zero_pages:
-            invariants.check_zero_pages(self, self._zero_promised())
-
-    def _check_pending_load(self) -> None:
-        """Pages still to load are used (referenced) and known-committed: a page that
-        became waste was dropped from the load, and none is decommitted while pending."""
-        assert self._loader is not None
-        for s, e in self._loader.pending_ranges():
-            for ps, pe, huge in self._size_pieces(s, e):
-                unfree = self._unfree_huge if huge else self._unfree_small
-                if not unfree.is_fully_covered(ps, pe) or any(
-                    refs <= 0 for _, _, refs in unfree.visit_range(ps, pe)
-                ):
-                    raise InvariantError(f"pages [{ps:#x}, {pe:#x}) to load hold no reference")
-            for ms, me, ma in self._mem_acct.visit_range(s, e):
-                if not ma.known_committed or ma.waste_or_releasing:
-                    raise InvariantError(
-                        f"pages [{ms:#x}, {me:#x}) to load are not known-committed used pages"
-                    )
-
-    def _zero_promised(self) -> list[tuple[int, int]]:
-        """The page ranges that must read zero, merged and sorted: free pages (the gaps
-        of each chunk's own unfree set) and sub-released ones (unreferenced pages of
-        huge chunks with no accounting state). O(segments)."""
-        out: list[tuple[int, int]] = []
-
-        def add(s: int, e: int) -> None:
-            if out and out[-1][1] >= s:
-                out[-1] = (out[-1][0], max(out[-1][1], e))
-            else:
-                out.append((s, e))
-
-        mem_acct = self._mem_acct
-        for i, chunk in enumerate(self._chunks):
-            lo, hi = i * CHUNK_SIZE, (i + 1) * CHUNK_SIZE
-            unfree = self._unfree_huge if chunk.huge else self._unfree_small
-            pieces = list(unfree.gaps(lo, hi))
-            if chunk.huge:
-                for s, e, refs in unfree.visit_range(lo, hi):
-                    if refs:
-                        continue
-                    for ms, me, _ in mem_acct.visit_range(s, e):
-                        if s < ms:
-                            pieces.append((s, ms))
-                        s = max(s, me)
-                    if s < e:
-                        pieces.append((s, e))
-            for s, e in sorted(pieces):
-                add(max(s, lo), min(e, hi))
-        return out
+        view = self._pages.view()
+        own = self._opts.accounting is None and not self._opts.disable_memory_accounting
+        try:
+            invariants.check_invariants(
+                view, self._pages.stats(), self._accounting if own else None
+            )
+            st = self._pages.stats()
+            if (st.waste_bytes or st.releasing_bytes) and self._release.released.is_set():
+                raise InvariantError(
+                    "wait_released() would return with waste or releasing pages left"
+                )
+            if st.waste_bytes and not self._pages.has_waste:
+                raise InvariantError("waste exists but the releaser was not woken")
+            if self._loader is not None:
+                invariants.check_pending_load(view, self._loader.pending_ranges())
+            if check_zero_pages:
+                invariants.check_zero_pages(self._fd, invariants.zero_promised(view))
+        except InvariantError as e:
+            raise InvariantError(f"{e}\n{self.dump_segments()}") from e.__cause__
 
     def render_map(self, path: str | os.PathLike[str], *, width: int = 1024) -> None:
         """Write an SVG picture of the file's chunks and page states to ``path``.
@@ -1945,18 +1390,7 @@ class MemoryFile:
         (18 MB and seconds for 100k). For debugging; ``str``/``repr`` give a one-line
         summary instead. Works after close.
         """
-        parts = [f"unwaste_small:\n{self._unwaste_small}"]
-        if self._opts.expect_hugepages:
-            parts.append(f"unwaste_huge:\n{self._unwaste_huge}")
-        parts.append(f"unfree_small:\n{self._unfree_small}")
-        if self._opts.expect_hugepages:
-            parts.append(f"unfree_huge:\n{self._unfree_huge}")
-            parts.append(
-                "subreleased:\n"
-                + "".join(f"- {off:#x}: {n}\n" for off, n in sorted(self._subreleased.items()))
-            )
-        parts.append(f"mem_acct:\n{self._mem_acct}")
-        return "".join(parts)
+        return format_segments(self._pages.view(), huge_sets=self._opts.expect_hugepages)
 
     def __repr__(self) -> str:
         """One line with the page-state totals, e.g. ``<MemoryFile fd=5 size=1GiB
@@ -1965,7 +1399,7 @@ class MemoryFile:
         to log. The segments themselves: :meth:`dump_segments`."""
         if self._closed:
             return "<MemoryFile closed>"
-        st = self._stats_now()
+        st = self._pages.stats()
         b = _short_bytes
         return (
             f"<MemoryFile fd={self._fd} size={b(st.total_size)} used={b(st.used_bytes)} "
@@ -2050,6 +1484,7 @@ class _Opener(Coroutine[Any, Any, MemoryFile]):
 #: pages 26-55 µs; so below 256 KiB inline is both faster and short on the loop.
 ASYNC_PREPARE_MIN_BYTES = 256 << 10
 
+
 def _check_file(file: Any) -> FileLike | None:
     """``file`` if it is something :meth:`MemoryFile.open` takes; else ``TypeError``."""
     if file is None or isinstance(file, str | os.PathLike) or type(file) is int:
@@ -2058,6 +1493,7 @@ def _check_file(file: Any) -> FileLike | None:
     raise OptionTypeError(
         f"file must be None, a path or an fd (int), got {type(file).__name__}{hint}"
     )
+
 
 def _short_bytes(n: int) -> str:
     """``n`` bytes in binary units without a space ("1.5MiB"), for :meth:`MemoryFile.__repr__`."""
@@ -2080,60 +1516,6 @@ def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
         pieces.append((start, stop))
         start = stop
     return pieces
-
-
-def _unreferenced(unfree: SegmentSet[int], start: int, end: int) -> list[tuple[int, int]]:
-    """The runs of pages in ``[start, end)`` with no reference (free, void or dead),
-    merged, ascending. O(k log n) for k segments and gaps: the error path only."""
-    runs = sorted(
-        [(s, e) for s, e, refs in unfree.visit_range(start, end) if refs <= 0]
-        + list(unfree.gaps(start, end))
-    )
-    merged: list[tuple[int, int]] = []
-    for s, e in runs:
-        if merged and merged[-1][1] == s:
-            merged[-1] = (merged[-1][0], e)
-        else:
-            merged.append((s, e))
-    return merged
-
-
-def _describe_ranges(runs: list[tuple[int, int]], most: int = 4) -> str:
-    """``[a, b), [c, d)`` (the first ``most``, then how many more), with the total."""
-    text = ", ".join(str(FileRange(s, e)) for s, e in runs[:most])
-    if len(runs) > most:
-        text += f" and {len(runs) - most} more runs"
-    pages = sum(e - s for s, e in runs) // PAGE_SIZE
-    return f"{text} ({pages} page{'s' if pages != 1 else ''})"
-
-
-def new_unfree_set() -> SegmentSet[int]:
-    """An empty reference-count set as a MemoryFile keeps it (use it to rebuild one).
-
-    Non-merging, so that each allocation stays one segment and a whole-allocation
-    ``dec_ref``/``inc_ref`` finds its count with one dict lookup; gaps (free pages)
-    are indexed by length for allocation.
-    """
-    return SegmentSet(merge=False)
-
-
-def new_mem_acct_set() -> SegmentSet[MemAcct]:
-    """An empty accounting set as a MemoryFile keeps it (use it to rebuild one).
-
-    Non-merging like :func:`new_unfree_set`, and without a gap index: nothing looks
-    for unaccounted pages by length.
-    """
-    return SegmentSet(merge=False, gap_index=False)
-
-
-def _ref_inc(_s: int, _e: int, refs: int) -> int:
-    return refs + 1
-
-
-def _ref_recycled(s: int, e: int, refs: int) -> int:
-    if refs != 0:
-        raise InvariantError(f"waste pages [{s:#x}, {e:#x}) have refcount {refs} on recycling")
-    return 1
 
 
 def _replace(opts: MemoryFileOpts, **changes: Any) -> MemoryFileOpts:

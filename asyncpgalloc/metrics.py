@@ -48,9 +48,7 @@ collectors with the same names: give each file its own ``prefix`` (or registry).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -137,10 +135,10 @@ class MemoryFileCollector:
 
     def _take_snapshot(self) -> _Snapshot:
         mf = self._mf
-        if threading.get_ident() == mf._thread_id:
+        if mf.in_loop_thread():
             return _snapshot(mf)
         # Another thread: a MemoryFile is only touched from its loop's thread.
-        loop: asyncio.AbstractEventLoop = mf._loop
+        loop = mf.loop
         result: concurrent.futures.Future[_Snapshot] = concurrent.futures.Future()
 
         def take() -> None:

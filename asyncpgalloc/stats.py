@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .ranges import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from .memory_file import MemoryFile
-
-__all__ = ["MemoryFileCounters", "MemoryFileStats", "compute_stats"]
+__all__ = ["MemoryFileCounters", "MemoryFileStats"]
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryFileStats:
     """A snapshot of a MemoryFile's pages; every page is counted in exactly one state.
 
-    ``MemoryFile.stats()`` reads it from running totals in O(1); :func:`compute_stats`
-    recounts it from the page sets.
+    ``MemoryFile.stats()`` reads it from running totals in O(1);
+    :func:`~asyncpgalloc.pages.count_states` recounts it from the page sets.
 
     Attributes:
         total_size: bytes in the file (whole 1 GiB chunks).
@@ -73,35 +67,3 @@ class MemoryFileCounters:
     evict_failures: int
     pressure_events: int
     usage_scans: int
-
-
-def compute_stats(mf: MemoryFile) -> MemoryFileStats:
-    """Count ``mf``'s pages by state from the page sets. O(segments) on the loop; no syscall.
-
-    The reference that ``check_invariants`` compares ``mf.stats()`` (running totals)
-    to: it reads only the sets, never the totals (``known_committed_bytes`` aside,
-    which the invariants check against the accounting set separately).
-    """
-    total = mf.total_size()
-    unfree_sets = (mf._unfree_small, mf._unfree_huge)
-    used = sum(e - s for u in unfree_sets for s, e, refs in u.visit_range(0, total) if refs > 0)
-    free = sum(e - s for u in unfree_sets for s, e in u.gaps(0, total))
-    waste = sum(e - s for u in (mf._unwaste_small, mf._unwaste_huge) for s, e in u.gaps(0, total))
-    huge_chunks = sum(1 for c in mf._chunks if c.huge)
-    # A small release is finished in parts, yielding in between: its finished part
-    # is free already (a gap), the rest still releasing.
-    releasing = sum(
-        fr.length - sum(e - s for u in unfree_sets for s, e in u.gaps(fr.start, fr.end))
-        for fr in mf._releasing
-    )
-    return MemoryFileStats(
-        total_size=total,
-        used_bytes=used,
-        waste_bytes=waste,
-        releasing_bytes=releasing,
-        free_bytes=free,
-        subreleased_bytes=sum(mf._subreleased.values()) * PAGE_SIZE,
-        known_committed_bytes=mf._known_committed_bytes,
-        huge_chunks=huge_chunks,
-        small_chunks=len(mf._chunks) - huge_chunks,
-    )

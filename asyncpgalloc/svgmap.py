@@ -139,16 +139,16 @@ def snapshot(mf: MemoryFile) -> MapSnapshot:
     here (0.2-0.3 s for 100k live allocations with holes between them). Raises
     :class:`~asyncpgalloc.ClosedError` once the file is closed.
     """
-    mf._check()
-    total = mf.total_size()
-    chunk_huge = tuple(c.huge for c in mf._chunks)
+    view = mf.page_view()
+    total = view.total_size
+    chunk_huge = tuple(view.chunk_huge)
     runs = _chunk_runs(chunk_huge)
     # Whole-set iteration is ~3x cheaper than visit_range()/gaps() per segment, and
     # this is the cost paid on the loop; the void beyond the file is cut off.
-    used_s, free_s, zero_s = _scan_unfree(mf._unfree_small, total)
-    used_h, free_h, zero_h = _scan_unfree(mf._unfree_huge, total)
-    waste = sorted([*mf._unwaste_small.gaps(0, total), *mf._unwaste_huge.gaps(0, total)])
-    releasing = sorted((r.start, r.end) for r in mf._releasing)
+    used_s, free_s, zero_s = _scan_unfree(view.unfree_small, total)
+    used_h, free_h, zero_h = _scan_unfree(view.unfree_huge, total)
+    waste = sorted([*view.unwaste_small.gaps(0, total), *view.unwaste_huge.gaps(0, total)])
+    releasing = sorted((r.start, r.end) for r in view.releasing)
     # Every zero-reference page of a chunk's own size is waste, releasing or
     # sub-released (an invariant), so the sub-released pages are what is left once
     # those two, and the other size's chunks (void in this set), are taken out.
@@ -159,16 +159,16 @@ def snapshot(mf: MemoryFile) -> MapSnapshot:
     )
     known: list[tuple[int, int]] = []
     # Nothing known committed (no usage scan yet): skip a pass over every allocation.
-    for s, e, ma in mf._mem_acct if mf._known_committed_bytes else ():
+    for s, e, ma in view.mem_acct if view.known_committed_bytes else ():
         if ma.known_committed:
             if known and known[-1][1] == s:
                 s = known.pop()[0]
             known.append((s, e))
     used = sorted(used_s + used_h)
     free = sorted(free_s + free_h)
-    sub_counts = tuple(sorted(mf._subreleased.items()))
+    sub_counts = tuple(sorted(view.subreleased.items()))
     huge_chunks = sum(chunk_huge)
-    # The same definitions as compute_stats(), totalled from this pass rather than
+    # The same definitions as pages.count_states(), totalled from this pass rather than
     # paying for a second one (the tests hold the two equal).
     stats = MemoryFileStats(
         total_size=total,
@@ -177,7 +177,7 @@ def snapshot(mf: MemoryFile) -> MapSnapshot:
         releasing_bytes=_span(releasing),
         free_bytes=_span(free),
         subreleased_bytes=sum(n for _, n in sub_counts) * PAGE_SIZE,
-        known_committed_bytes=mf._known_committed_bytes,
+        known_committed_bytes=view.known_committed_bytes,
         huge_chunks=huge_chunks,
         small_chunks=len(chunk_huge) - huge_chunks,
     )

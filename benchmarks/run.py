@@ -222,7 +222,7 @@ async def scenario_churn(live: int, ops: int, reps: int) -> tuple[list[float], d
         extra = {
             "setup_us_per_alloc": _r(setup / live * 1e6),
             "file_gib": mf.total_size() // GiB,
-            "segments_unfree": len(mf._unfree_small),
+            "segments_unfree": len(mf.page_view().unfree_small),
         }
     return samples, extra
 

@@ -83,7 +83,7 @@ def fd_count() -> int:
 
 def used_ranges(mf: MemoryFile) -> list[tuple[int, int]]:
     out = []
-    for s, e, _ in mf._mem_acct:
+    for s, e, _ in mf.page_view().mem_acct:
         out.append((s, e))
     return out
 
@@ -103,7 +103,7 @@ def acct(mf: MemoryFile) -> dict[int, dict[MemoryKind, int]]:
 def same_state(a: MemoryFile, b: MemoryFile) -> None:
     assert a.dump_segments() == b.dump_segments()
     assert a.stats() == b.stats()
-    assert a._commit_seq == b._commit_seq
+    assert a.page_view().commit_seq == b.page_view().commit_seq
     assert acct(a) == acct(b)
     assert contents(a) == contents(b)
     b.check_invariants()
@@ -197,7 +197,7 @@ async def test_round_trip_huge_chunks_and_subreleased_pages(
     try:
         same_state(mf, loaded)
         assert loaded.stats().huge_chunks == 1 and loaded.stats().small_chunks == 1
-        assert loaded._subreleased == mf._subreleased
+        assert loaded.page_view().subreleased == mf.page_view().subreleased
         # Releasing the rest of the first huge page frees it whole.
         loaded.dec_ref(FileRange(huge.start, huge.start + H - 4 * P))
         await loaded.wait_released()
@@ -310,7 +310,7 @@ async def test_exclude_committed_zero_pages(mf: MemoryFile, tmp_path: Path) -> N
     usage_before = mf.total_usage()
 
     await mf.save(tmp_path / "all")
-    seq_before = mf._commit_seq
+    seq_before = mf.page_view().commit_seq
     await mf.save(tmp_path / "nz", exclude_committed_zero_pages=True)
 
     # The live file decommitted its zero pages, as decommit() does.
@@ -318,7 +318,7 @@ async def test_exclude_committed_zero_pages(mf: MemoryFile, tmp_path: Path) -> N
     assert mf.accounting.by_memcg(1) == {MemoryKind.ANONYMOUS: 16 * P}
     assert mf.accounting.by_memcg(2) == {MemoryKind.TMPFS: P}
     assert mf.total_usage() == usage_before - 39 * P
-    for _, _, ma in mf._mem_acct.visit_range(zeros.start, zeros.end):
+    for _, _, ma in mf.page_view().mem_acct.visit_range(zeros.start, zeros.end):
         assert not ma.known_committed and ma.commit_seq > seq_before
     mf.check_invariants()
     # (Less 39 pages of data; the metadata grows by a few segments.)

@@ -268,7 +268,7 @@ async def _decommit(mf: MemoryFile, held: list[FileRange], d: Path) -> None:
 
 
 async def _update_usage(mf: MemoryFile, held: list[FileRange], d: Path) -> None:
-    mf._next_commit_scan = 0.0  # not throttled
+    mf._usage.next_scan = 0.0  # not throttled
     await mf.update_usage()
 
 

@@ -10,12 +10,18 @@ interpreter (it replaces the signal handlers) on both loops.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import RecordingExecutor
+
+from asyncpgalloc import MemoryFile, MemoryFileOpts
+from asyncpgalloc.ranges import PAGE_SIZE as P
+from asyncpgalloc.segments import SegmentSet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +152,29 @@ def test_an_interrupt_never_leaves_the_file_silently_inconsistent(
     assert r.stdout.splitlines()[-1] == "ok", r.stdout
     words = r.stdout.split()
     assert int(words[words.index("interrupts") + 1]) >= 1, r.stdout
+
+
+async def test_a_poisoned_file_releases_nothing_more_and_still_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a transition is cut short the releaser stops at once: a plan made from sets
+    that may be inconsistent could punch pages still in use, and an error it met there
+    used to fail aclose() ("the releaser task failed") instead of closing."""
+    with RecordingExecutor() as ex:
+        mf = await MemoryFile.open(opts=MemoryFileOpts(executor=ex))
+        waste, other = mf.allocate(16 * P), mf.allocate(16 * P)
+        mf.dec_ref(waste)  # the releaser is woken, but has not run yet (no await)
+
+        def interrupted(*args: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(SegmentSet, "replace_value", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mf.dec_ref(other)  # an interrupt inside the transition
+        monkeypatch.undo()
+        assert mf.poisoned
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+        assert ex.release_steps() == []
+        await mf.aclose()
+        assert mf.fd == -1

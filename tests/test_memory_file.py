@@ -31,6 +31,7 @@ from asyncpgalloc import (
     OutOfMemoryError,
     ReferenceCountError,
     WrongThreadError,
+    pages,
     releaser,
 )
 from asyncpgalloc.releaser import MAX_RELEASING_BYTES, MAX_RELEASING_RANGES
@@ -296,7 +297,7 @@ async def test_adjacent_dead_allocations_are_released_together_whatever_the_orde
                 mf.dec_ref(fr)
             await mf.wait_released()
             # One range per DEAD_SLICE allocations, from the top.
-            d = releaser.DEAD_SLICE
+            d = pages.DEAD_SLICE
             tops = range(len(frs), 0, -d)
             assert ex.released_ranges() == [
                 FileRange(frs[max(0, top - d)].start, frs[top - 1].end) for top in tops
@@ -415,16 +416,16 @@ async def test_failed_punch_zeroes_by_hand(mf: MemoryFile, monkeypatch: pytest.M
 
 async def test_waste_is_accounted_as_system_until_released(mf: MemoryFile) -> None:
     fr = mf.allocate(2 * P, AllocOpts(kind=MemoryKind.PAGE_CACHE, memcg_id=7))
-    assert [(s, e, ma.kind, ma.memcg_id) for s, e, ma in mf._mem_acct] == [
+    assert [(s, e, ma.kind, ma.memcg_id) for s, e, ma in mf.page_view().mem_acct] == [
         (fr.start, fr.end, MemoryKind.PAGE_CACHE, 7)
     ]
     mf.dec_ref(FileRange(fr.start, fr.start + P))
-    assert [(ma.kind, ma.waste_or_releasing) for _, _, ma in mf._mem_acct] == [
+    assert [(ma.kind, ma.waste_or_releasing) for _, _, ma in mf.page_view().mem_acct] == [
         (MemoryKind.SYSTEM, True),
         (MemoryKind.PAGE_CACHE, False),
     ]
     await mf.wait_released()
-    assert [(s, e) for s, e, _ in mf._mem_acct] == [(fr.start + P, fr.end)]
+    assert [(s, e) for s, e, _ in mf.page_view().mem_acct] == [(fr.start + P, fr.end)]
 
 
 # ------------------------------------------------------------------- bad input

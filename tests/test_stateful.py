@@ -268,8 +268,9 @@ class MemoryFileMachine(RuleBasedStateMachine):
         finished in parts: its finished part is free already)."""
         mf = self.mf
         out = []
-        for r in mf._releasing:
-            unfree = mf._unfree_huge if mf._chunks[r.start // C].huge else mf._unfree_small
+        view = mf.page_view()
+        for r in view.releasing:
+            unfree = view.unfree(view.chunk_huge[r.start // C])
             out.append((r, [(s, e) for s, e, _ in unfree.visit_range(r.start, r.end)]))
         return out
 
@@ -279,7 +280,8 @@ class MemoryFileMachine(RuleBasedStateMachine):
         total = mf.total_size()
         if not total:
             return []
-        return [g for w in (mf._unwaste_small, mf._unwaste_huge) for g in w.gaps(0, total)]
+        view = mf.page_view()
+        return [g for w in (view.unwaste_small, view.unwaste_huge) for g in w.gaps(0, total)]
 
     def _draw_referenced_range(
         self, data: st.DataObject, max_pages: int | None = None
@@ -353,7 +355,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
             assert mf._chunks[i].huge == opts.huge, f"{fr} (huge={opts.huge}) uses chunk {i}"
         # A release step that finished meanwhile (allocate_async runs the loop) freed
         # its pages, which may then be taken: only steps still releasing must not be.
-        still = set(mf._releasing)
+        still = set(mf.page_view().releasing)
         for r, pieces in releasing_before:
             for s, e in pieces if r in still else ():
                 overlap = s < fr.end and fr.start < e
@@ -609,7 +611,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         for s, e, refs in self.refs.runs:
             assert e * P <= total, f"model page run [{s}, {e}) is beyond the file"
             for cs, ce in _chunk_pieces(s * P, e * P):
-                unfree = mf._unfree_huge if chunks[cs // C].huge else mf._unfree_small
+                unfree = mf.page_view().unfree(chunks[cs // C].huge)
                 got = list(unfree.visit_range(cs, ce))
                 assert sum(ge - gs for gs, ge, _ in got) == ce - cs and all(
                     r == refs for _, _, r in got
@@ -618,7 +620,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         # ... and no other page holds a reference.
         held = 0
         for i, chunk in enumerate(chunks):
-            unfree = mf._unfree_huge if chunk.huge else mf._unfree_small
+            unfree = mf.page_view().unfree(chunk.huge)
             held += sum(e - s for s, e, r in unfree.visit_range(i * C, (i + 1) * C) if r > 0)
         assert held == matched, f"the file holds references on {held - matched} unmodelled bytes"
 

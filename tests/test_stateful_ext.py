@@ -91,7 +91,7 @@ class ExtendedMachine(MemoryFileMachine):
     @rule()
     def update_usage(self) -> None:
         mf = self.mf
-        mf._next_commit_scan = 0.0
+        mf._usage.next_scan = 0.0
         self.runner.run(mf.update_usage())
         assert mf.accounting.total() == mf.known_committed_bytes, (
             mf.accounting.total(),
@@ -169,6 +169,26 @@ class ExtendedMachine(MemoryFileMachine):
             if u.fr is not None:
                 # Still marked: only possible if it was not evictable at start time.
                 assert not started or u.evictions == 0 or u.fr is None
+
+    def wait_released(self) -> None:
+        # Delayed eviction is ENABLED: once the releaser runs out of work it starts
+        # evictions, and a user's evict() may drop its references in the very loop
+        # turn in which wait_released() returns. Wait until the evictions are done
+        # and what they freed is released too (each user gives back once).
+        mf = self.mf
+
+        async def settle() -> None:
+            for _ in range(len(self.users) + 1):
+                await mf.wait_released()
+                await mf.wait_for_evictions()
+                st_ = mf.stats()
+                if not (st_.waste_bytes or st_.releasing_bytes):
+                    return
+
+        self.runner.run(settle())
+        super().wait_released()
+
+    wait_released = rule()(wait_released)
 
     def release_everything(self) -> None:
         # Users' references go with everything else: they must not drop them again.

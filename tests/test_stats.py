@@ -36,9 +36,9 @@ from asyncpgalloc import (
     MemoryKind,
 )
 from asyncpgalloc.metrics import MemoryFileCollector, render_metrics
-from asyncpgalloc.releaser import begin_release, finish_release, punch_all
+from asyncpgalloc.pages import count_states
+from asyncpgalloc.releaser import punch_all
 from asyncpgalloc.segments import SegmentSet
-from asyncpgalloc.stats import compute_stats
 
 T = TypeVar("T")
 P = PAGE_SIZE
@@ -333,7 +333,7 @@ async def test_stats_and_the_collector_read_no_segment(
     frs = [mf.allocate(P * (1 + i % 3)) for i in range(20_000)]
     for fr in frs[::2]:
         mf.dec_ref(fr)  # dead allocations, waiting for the releaser: never settled by stats()
-    expected = compute_stats(mf)
+    expected = count_states(mf.page_view())
     for fr in frs[1::4]:
         mf.dec_ref(fr)
     registry = CollectorRegistry(auto_describe=False)
@@ -345,7 +345,7 @@ async def test_stats_and_the_collector_read_no_segment(
     line = repr(mf)
     assert str(mf) == line
     monkeypatch.undo()
-    assert st == compute_stats(mf)
+    assert st == count_states(mf.page_view())
     assert st.used_bytes == expected.used_bytes - sum(fr.length for fr in frs[1::4])
     assert b'asyncpgalloc_bytes{state="waste"}' in text and families
     mf.check_invariants()
@@ -357,16 +357,16 @@ async def test_check_invariants_catches_running_totals_that_drift(mf: MemoryFile
     frs = [mf.allocate(P) for _ in range(10)]
     mf.dec_ref(frs[0])
     mf.check_invariants()
-    mf._used_bytes += P  # what a transition that forgot its totals would leave
+    mf._pages._used_bytes += P  # what a transition that forgot its totals would leave
     with pytest.raises(InvariantError, match="used_bytes: running 40960, recount 36864"):
         mf.check_invariants()
-    mf._used_bytes -= P
-    mf._waste_bytes -= P
-    mf._releasing_bytes += P
+    mf._pages._used_bytes -= P
+    mf._pages._waste_bytes -= P
+    mf._pages._releasing_bytes += P
     with pytest.raises(InvariantError, match=r"waste_bytes.*releasing_bytes"):
         mf.check_invariants()
-    mf._waste_bytes += P
-    mf._releasing_bytes -= P
+    mf._pages._waste_bytes += P
+    mf._pages._releasing_bytes -= P
     mf.check_invariants()
 
 
@@ -379,19 +379,19 @@ async def test_a_small_release_finished_in_parts_counts_each_page_once(
     for fr in frs:
         mf.dec_ref(fr)
     # What the releaser task does, one call at a time and with no await in between.
-    plans = begin_release(mf, 1)
+    plans = mf._pages.begin_release(1, {})
     assert len(plans) == 1 and plans[0].released == FileRange(frs[0].start, frs[-1].end)
     plan = plans[0]
     assert mf.stats().releasing_bytes == 200 * P
     mf.check_invariants()
-    punch_all(mf, plans, [0])
+    punch_all(mf._decommit_or_zero, plans, [0])
     start, end = plan.released
     mid = start + 120 * P
-    finish_release(mf, plan, start, mid)
+    mf._pages.finish_release(plan, start, mid)
     st = mf.stats()
     assert (st.releasing_bytes, st.used_bytes, st.waste_bytes) == (80 * P, 0, 0)
     mf.check_invariants()
-    finish_release(mf, plan, mid, end)
+    mf._pages.finish_release(plan, mid, end)
     assert mf.stats().releasing_bytes == 0
     assert mf.stats().free_bytes == mf.total_size()
     mf.check_invariants()

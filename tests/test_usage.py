@@ -23,10 +23,9 @@ from asyncpgalloc import (
     MemoryFile,
     MemoryFileOpts,
     MemoryKind,
-    usage,
 )
 from asyncpgalloc.blocking import run_signalling
-from asyncpgalloc.memory_file import MemAcct
+from asyncpgalloc.pages import MemAcct
 
 P = PAGE_SIZE
 T = TypeVar("T")
@@ -212,7 +211,7 @@ async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
             assert scans == 1 and mf.known_committed_bytes == 4 * P
             # A filtered scan arms the throttle too (by 7x its cost), however often
             # callers ask until then.
-            armed_until = mf._next_commit_scan
+            armed_until = mf._usage.next_scan
             assert armed_until > scan_end
             touched(mf, 4, memcg_id=1)
             # (A margin: uvloop's clock has 1 ms steps and moves between this check
@@ -319,7 +318,7 @@ def _pages(mf: MemoryFile, end: int) -> tuple[list[MemAcct | None], set[int]]:
     segment starts."""
     vals: list[MemAcct | None] = [None] * (end // P)
     starts = set()
-    for s, e, ma in mf._mem_acct.visit_range(0, end):
+    for s, e, ma in mf.page_view().mem_acct.visit_range(0, end):
         vals[s // P : e // P] = [ma] * ((e - s) // P)
         starts.add(s)
     return vals, starts
@@ -335,8 +334,7 @@ async def _check_marking(
             opts = AllocOpts(mode=mode, memcg_id=i if how == "memcg" else 0)
             made.append((mf.allocate(pages * P, opts), how))
         # As a scan does: the sequence before its mincore, then the races.
-        last_seq = mf._commit_seq
-        mf._commit_seq += 1
+        last_seq = mf._pages.begin_scan()
         for fr, how in made:
             if how == "decommit":
                 await mf.decommit(fr)  # after the scan began: must not be marked
@@ -349,7 +347,7 @@ async def _check_marking(
         hi = lo + len(resident) * P
         before, starts_before = _pages(mf, end)
         known_before = mf.known_committed_bytes
-        await usage._mark_committed(mf, lo, resident, last_seq)
+        await mf._usage._mark_committed(lo, resident, last_seq)
         after, starts_after = _pages(mf, end)
         want_known = known_before
         changes = set()
