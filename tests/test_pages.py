@@ -451,7 +451,9 @@ def test_the_core_against_a_page_model(ops: list[tuple[str, int, int]]) -> None:
             for p in range(first, last):
                 refs[p] += 1 if op == "inc" else -1
             if op == "dec":
-                allocs = [a for a in allocs if any(refs[p] for p in range(a.start // P, a.end // P))]
+                allocs = [
+                    a for a in allocs if any(refs[p] for p in range(a.start // P, a.end // P))
+                ]
         elif op == "step":
             for plan in pages.begin_release(n % 8 + 1, {}):
                 if pick % 5 == 0:
