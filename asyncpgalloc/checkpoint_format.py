@@ -318,7 +318,8 @@ class Snapshot:
     def file_size(self) -> int:
         return len(self.chunk_huge) * CHUNK_SIZE
 
-    def _lists(self) -> tuple[Sequence[tuple[int, ...]], ...]:
+    def segment_lists(self) -> tuple[Sequence[tuple[int, ...]], ...]:
+        """The five segment lists, in the order the metadata holds them."""
         return (
             self.unwaste_small,
             self.unwaste_huge,
@@ -344,7 +345,7 @@ def encode_metadata(snap: Snapshot) -> bytes:
     Raises :class:`CheckpointError` if a value does not fit in a u64 (a negative or
     huge memcg id).
     """
-    lists = snap._lists()
+    lists = snap.segment_lists()
     counts = [len(lst) for lst in lists]
     chunks = snap.chunk_huge
     try:

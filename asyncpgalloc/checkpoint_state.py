@@ -82,7 +82,7 @@ def build_state(header: Header, snap: Snapshot) -> LoadedState:
     size = snap.file_size
     for name, lst in zip(
         ("unwaste_small", "unwaste_huge", "unfree_small", "unfree_huge", "mem_acct"),
-        snap._lists(),
+        snap.segment_lists(),
         strict=False,
     ):
         _check_ranges(name, lst, size)
