@@ -8,7 +8,10 @@ before any state changes.
 
 from __future__ import annotations
 
-from .ranges import FileRange
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .ranges import FileRange
 
 __all__ = [
     "AllocatorError",
@@ -30,6 +33,7 @@ __all__ = [
     "UnsealableFileError",
     "WrongLoopError",
     "WrongThreadError",
+    "check_int_bounds",
 ]
 
 
@@ -139,3 +143,14 @@ class PagesNotLoadedError(AllocatorError):
     def __init__(self, message: str, fr: FileRange) -> None:
         super().__init__(message)
         self.range = fr
+
+
+def check_int_bounds(op: str, start: object, end: object) -> None:
+    """Raise :class:`~asyncpgalloc.RangeTypeError` unless both bounds are ``int``
+    (not ``bool``). O(1); for the slow paths: the hot paths test ``type(x) is int``
+    inline and come here only when that fails."""
+    if type(start) is not int or type(end) is not int:
+        raise RangeTypeError(
+            f"{op}: a range's start and end must be ints (byte offsets), got "
+            f"({type(start).__name__} {start!r}, {type(end).__name__} {end!r})"
+        )

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from .errors import InvalidRangeError
+from .errors import InvalidRangeError, check_int_bounds
 from .options import DelayedEviction
-from .ranges import KEY_MAX, EvictableRange, check_int_bounds
+from .ranges import KEY_MAX, EvictableRange
 from .segments import SegmentSet
 
 __all__ = ["EvictableMemoryUser", "Evictions"]

@@ -46,6 +46,7 @@ from .errors import (
     UnsealableFileError,
     WrongLoopError,
     WrongThreadError,
+    check_int_bounds,
 )
 from .eviction import EvictableMemoryUser, Evictions
 from .lending import Lent
@@ -68,7 +69,6 @@ from .ranges import (
     PAGE_SIZE,
     EvictableRange,
     FileRange,
-    check_int_bounds,
 )
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import Releaser

@@ -61,6 +61,7 @@ from .errors import (
     InvariantError,
     OutOfMemoryError,
     ReferenceCountError,
+    check_int_bounds,
 )
 from .options import AllocationMode, AllocOpts, Direction
 from .ranges import (
@@ -71,7 +72,6 @@ from .ranges import (
     PAGE_SIZE,
     PAGES_PER_HUGE_PAGE,
     FileRange,
-    check_int_bounds,
     huge_round_down,
 )
 from .segments import SegmentSet

@@ -17,7 +17,6 @@ __all__ = [
     "PAGE_SIZE",
     "EvictableRange",
     "FileRange",
-    "check_int_bounds",
     "huge_round_down",
     "huge_round_up",
     "is_huge_aligned",
@@ -65,19 +64,6 @@ def huge_round_down(x: int) -> int:
 
 def huge_round_up(x: int) -> int:
     return -(-x // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
-
-
-def check_int_bounds(op: str, start: object, end: object) -> None:
-    """Raise :class:`~asyncpgalloc.RangeTypeError` unless both bounds are ``int``
-    (not ``bool``). O(1); for the slow paths: the hot paths test ``type(x) is int``
-    inline and come here only when that fails."""
-    if type(start) is not int or type(end) is not int:
-        from .errors import RangeTypeError
-
-        raise RangeTypeError(
-            f"{op}: a range's start and end must be ints (byte offsets), got "
-            f"({type(start).__name__} {start!r}, {type(end).__name__} {end!r})"
-        )
 
 
 class FileRange(NamedTuple):

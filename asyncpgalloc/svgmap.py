@@ -37,14 +37,14 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from .ranges import CHUNK_SHIFT, CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 from .stats import MemoryFileStats
 
 if TYPE_CHECKING:
-    from .memory_file import MemoryFile
+    from .pages import PageView
     from .segments import SegmentSet
 
 __all__ = [
@@ -59,6 +59,13 @@ __all__ = [
     "snapshot",
     "write_svg",
 ]
+
+
+class Viewable(Protocol):
+    """What a map is drawn from (:class:`~asyncpgalloc.MemoryFile` is one): anything
+    that gives a read-only :class:`~asyncpgalloc.pages.PageView`."""
+
+    def page_view(self) -> PageView: ...
 
 
 class PageState(enum.Enum):
@@ -131,7 +138,7 @@ class MapSnapshot:
 # ------------------------------------------------------------------ snapshot
 
 
-def snapshot(mf: MemoryFile) -> MapSnapshot:
+def snapshot(mf: Viewable) -> MapSnapshot:
     """Copy ``mf``'s page states into a :class:`MapSnapshot`.
 
     Synchronous with no ``await``, so it is a consistent cut of the file. Cost: one
@@ -685,7 +692,7 @@ def write_svg(path: str | os.PathLike[str], text: str) -> None:
 
 
 def render_map(
-    mf: MemoryFile,
+    mf: Viewable,
     path: str | os.PathLike[str],
     *,
     width: int = DEFAULT_WIDTH,
@@ -703,7 +710,7 @@ def render_map(
 
 
 async def render_map_async(
-    mf: MemoryFile,
+    mf: Viewable,
     path: str | os.PathLike[str],
     *,
     width: int = DEFAULT_WIDTH,
