@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import errno
 import io
 import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from . import host
 from .accounting import MemoryKind
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
 from .checkpoint_format import (
@@ -65,10 +63,10 @@ from .checkpoint_io import (
 )
 from .checkpoint_scan import data_extents, punch_job, zero_ranges_job
 from .checkpoint_state import LoadedState, build_state
-from .errors import CheckpointError, ClosedError, InvariantError
+from .errors import CheckpointError, ClosedError, InvariantError, OutOfMemoryError
 from .loader import PageLoader
 from .options import MemoryFileOpts
-from .ranges import CHUNK_SIZE, PAGE_SIZE, FileRange
+from .ranges import PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
     from .memory_file import FileLike, MemoryFile
@@ -321,7 +319,7 @@ async def load_checkpoint(
                     src_fd=src_fd,
                     commit_fd=commit_fd,
                     executor=ex,
-                    views=mf._views,
+                    views=mf._map.views,
                     inc_ref=mf.inc_ref,
                     dec_ref=mf.dec_ref,
                 )
@@ -329,7 +327,7 @@ async def load_checkpoint(
                 mf._adopt_loader(loader)
             return mf
         await source.load_data(
-            header, plan_blocks(state.extents, header.block_size), dst_fd, mf._views
+            header, plan_blocks(state.extents, header.block_size), dst_fd, mf._map.views
         )
         unpack_trailer(header, await source.finish(TRAILER_SIZE))
         _check_loaded(mf)
@@ -369,28 +367,16 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
     handed over as built. Raises :class:`CheckpointError` if the chunks cannot all be
     mapped (ENOMEM: more than ``vm.max_map_count`` or the address space allows).
     """
-    from .memory_file import Chunk
-
     if state.chunk_huge:
-        host.set_file_size(mf._fd, len(state.chunk_huge) * CHUNK_SIZE)
-        mappings: list[host.ChunkMapping] = []
         try:
-            for i, huge in enumerate(state.chunk_huge):
-                mapping = host.ChunkMapping(mf._fd, i * CHUNK_SIZE, CHUNK_SIZE)
-                mappings.append(mapping)
-                mf._advise_chunk(mapping, bool(huge))
-        except BaseException as e:
-            for mapping in mappings:
-                mapping.release()
-            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
-                # Past vm.max_map_count or the address space: this checkpoint cannot
-                # be loaded here, whatever memory is free.
-                raise CheckpointError(
-                    f"checkpoint's {len(state.chunk_huge)} chunks of 1 GiB cannot all be "
-                    f"mapped in this process ({len(mappings)} were): {e}"
-                ) from e
-            raise
-        mf._chunks = [Chunk(m, bool(h)) for m, h in zip(mappings, state.chunk_huge, strict=True)]
+            mf._map.grow([bool(h) for h in state.chunk_huge])
+        except OutOfMemoryError as e:
+            # Past vm.max_map_count or the address space: this checkpoint cannot
+            # be loaded here, whatever memory is free.
+            raise CheckpointError(
+                f"checkpoint's {len(state.chunk_huge)} chunks of 1 GiB cannot all be "
+                f"mapped in this process: {e}"
+            ) from e
     # With the accounting, so that aclose() after a failed load gives exactly this back.
     mf._pages.install(
         chunk_huge=(bool(h) for h in state.chunk_huge),

@@ -27,11 +27,12 @@ import warnings
 import weakref
 from collections.abc import Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from . import host
 from .accounting import MemoryAccounting, MemoryKind
 from .blocking import BlockingRunner, finish_uncancelled
+from .chunks import Chunks
 from .errors import (
     ClosedError,
     ExecutorDroppedError,
@@ -40,7 +41,6 @@ from .errors import (
     InvalidRangeError,
     InvariantError,
     OptionTypeError,
-    OutOfMemoryError,
     PartialFillError,
     PoisonedError,
     UnsealableFileError,
@@ -62,8 +62,6 @@ from .options import (
 from .pages import PageSets, PageView, format_segments
 from .pressure import MemcgPressureWatcher
 from .ranges import (
-    CHUNK_SHIFT,
-    CHUNK_SIZE,
     HUGE_PAGE_SIZE,
     MAX_CHUNKS,
     PAGE_SIZE,
@@ -104,13 +102,6 @@ _BLOCKING_CLOSE_WAIT = 10.0
 _new_tuple = tuple.__new__
 
 
-class Chunk(NamedTuple):
-    """One 1 GiB chunk of the file: its mapping and whether it is huge-page-backed."""
-
-    mapping: host.ChunkMapping
-    huge: bool
-
-
 FileLike = str | os.PathLike[str] | int
 
 
@@ -129,7 +120,7 @@ class MemoryFile:
     _releaser_task: asyncio.Task[None]
     # Until __init__ has run (a failed construction), __del__ has nothing to close.
     _gate: object = _SHUT
-    _chunks: list[Chunk]
+    _map: Chunks
     # True unless the file is a memfd this MemoryFile created (set by _open()): a file
     # from the caller may be on a filesystem that runs out of space, where writing an
     # unbacked page through the mapping is a SIGBUS, so writes are committed first.
@@ -165,10 +156,14 @@ class MemoryFile:
 
         # The page sets and their transitions (see pages.py).
         self._pages = PageSets(self._accounting, account=self._account)
-        self._chunks = []
+        self._map = Chunks(
+            fd,
+            advise_hugepage=opts.advise_hugepage,
+            advise_no_hugepage=opts.advise_no_hugepage,
+        )
         self._release = Releaser(self._pages, self._blocking, self._decommit_or_zero)
         self._usage = UsageScanner(
-            self._pages, self._blocking, fd, self._chunk_address, lambda: self._closed
+            self._pages, self._blocking, fd, self._map.address, lambda: self._closed
         )
 
         self._evictions = Evictions(opts.delayed_eviction, self._release.wakeup.set)
@@ -379,7 +374,7 @@ class MemoryFile:
             # A release step in progress finishes its punch and its bookkeeping.
             await asyncio.wait(self._background_tasks() + self._lent_tasks)
             await self._blocking.drain()
-            if self._opts.decommit_on_destroy and self._chunks:
+            if self._opts.decommit_on_destroy and self._map.count:
                 try:
                     await self._blocking.run(host.decommit, self._fd, 0, self.total_size())
                 except (OSError, ExecutorDroppedError, RuntimeError) as e:
@@ -434,9 +429,7 @@ class MemoryFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        for chunk in self._chunks:
-            chunk.mapping.release()
-        self._chunks = []
+        self._map.release()
 
     def _poison(self, cause: BaseException) -> None:
         """A transition was cut short by ``cause`` (see :mod:`asyncpgalloc.transitions`):
@@ -487,8 +480,7 @@ class MemoryFile:
             self._loader.release()  # its fds, if its task could not (see _abandon)
         os.close(self._fd)
         self._fd = -1
-        for chunk in self._chunks:
-            chunk.mapping.release()
+        self._map.release()
         _live_files.discard(self)
         if self._own_executor is not None:
             # Nothing is queued any more: the releaser is done and calls are refused.
@@ -711,41 +703,11 @@ class MemoryFile:
     def _grow(self, length: int, huge: bool) -> None:
         """Grow the file by whole chunks so that ``length`` bytes of ``huge`` pages fit:
         ftruncate, then one mmap (and madvise) per new chunk, on the loop."""
-        old = self._chunks
+        chunks = self._map
         new_count = self._pages.plan_growth(length, huge, self._max_chunks, host.mappable_chunks())
-        old_size = len(old) * CHUNK_SIZE
-        host.grow_file(self._fd, new_count * CHUNK_SIZE)
-        mappings: list[host.ChunkMapping] = []
-        try:
-            for i in range(len(old), new_count):
-                mapping = host.ChunkMapping(self._fd, i * CHUNK_SIZE, CHUNK_SIZE)
-                mappings.append(mapping)
-                self._advise_chunk(mapping, huge)
-        except BaseException as e:
-            for mapping in mappings:
-                mapping.release()
-            host.undo_growth(self._fd, old_size)
-            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
-                raise OutOfMemoryError(
-                    f"cannot map {new_count - len(old)} more chunks of 1 GiB: {e}"
-                ) from e
-            raise
-        # Readers (executor threads) see either the old list or the new one.
-        self._chunks = old + [Chunk(m, huge) for m in mappings]
-        self._pages.add_chunks(len(mappings), huge)
-
-    def _advise_chunk(self, mapping: host.ChunkMapping, huge: bool) -> None:
-        if huge and self._opts.advise_hugepage:
-            advice, name = host.MADV_HUGEPAGE, "MADV_HUGEPAGE"
-        elif not huge and self._opts.advise_no_hugepage:
-            advice, name = host.MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"
-        else:
-            return
-        try:
-            host.madvise(mapping.addr, mapping.length, advice)
-        except OSError as e:
-            # As gVisor: the mapping still works, only the page size may differ.
-            logger.warning("madvise(%#x, %d, %s) failed: %s", mapping.addr, mapping.length, name, e)
+        added = new_count - chunks.count
+        chunks.grow([huge] * added)
+        self._pages.add_chunks(added, huge)
 
     def _prepare_pages(
         self, fr: FileRange, mode: AllocationMode, huge: bool, recycled: bool
@@ -778,7 +740,7 @@ class MemoryFile:
                 # ENOSPC surfaces here as an OSError, not as a SIGBUS on the next write.
                 host.commit(self._fd, fr.start, fr.length)
                 committed = True
-            pieces = self._address_pieces(fr)
+            pieces = self._map.address_pieces(fr)
             if host.can_populate():
                 for addr, n in pieces:
                     if not host.try_populate(addr, n):
@@ -797,7 +759,7 @@ class MemoryFile:
                     host.zero(addr, n)
                 committed = True
             elif need_huge_touch:
-                for view in self._views(fr.start, fr.end):
+                for view in self._map.views(fr.start, fr.end):
                     for i in range(0, len(view), HUGE_PAGE_SIZE):
                         view[i] = 0
         return committed
@@ -885,36 +847,16 @@ class MemoryFile:
             raise PermissionError("map_internal: EXECUTE access is never granted")
         start, end = fr
         check_int_bounds("map_internal", start, end)
-        if not 0 <= start < end <= len(self._chunks) * CHUNK_SIZE:
+        if not 0 <= start < end <= self._map.size:
             raise InvalidRangeError(f"map_internal: invalid range [{start:#x}, {end:#x})")
         aligned = FileRange(start & ~_PAGE_MASK, (end + _PAGE_MASK) & ~_PAGE_MASK)
         self._pages.referenced_pieces(aligned, "map_internal")
         if self._loader is not None:
             self._loader.check_loaded(aligned.start, aligned.end, "map_internal")
-        views = self._views(start, end)
+        views = self._map.views(start, end)
         if AccessType.WRITE in access:
             return views
         return [v.toreadonly() for v in views]
-
-    def _views(self, start: int, end: int) -> list[memoryview]:
-        """Views of ``[start, end)``, one per chunk (no checks; safe off the loop)."""
-        chunks = self._chunks
-        return [
-            chunks[s >> CHUNK_SHIFT].mapping.view(s & (CHUNK_SIZE - 1), e - s)
-            for s, e in _chunk_pieces(start, end)
-        ]
-
-    def _chunk_address(self, offset: int) -> int:
-        """Where the file's mapping holds ``offset`` (safe off the loop)."""
-        return self._chunks[offset >> CHUNK_SHIFT].mapping.addr + (offset & (CHUNK_SIZE - 1))
-
-    def _address_pieces(self, fr: FileRange) -> list[tuple[int, int]]:
-        """(address, length) of the mapping of ``fr``, one per chunk (safe off the loop)."""
-        chunks = self._chunks
-        return [
-            (chunks[s >> CHUNK_SHIFT].mapping.addr + (s & (CHUNK_SIZE - 1)), e - s)
-            for s, e in _chunk_pieces(fr.start, fr.end)
-        ]
 
     # --------------------------------------------------------------------- release
 
@@ -1289,7 +1231,7 @@ class MemoryFile:
 
     def total_size(self) -> int:
         """The file's size in bytes (whole chunks): an upper bound on what is allocatable now."""
-        return len(self._chunks) * CHUNK_SIZE
+        return self._map.size
 
     def total_usage(self) -> int:
         """Bytes the host stores for the file (``fstat().st_blocks * 512``). One fstat."""
@@ -1504,18 +1446,6 @@ def _short_bytes(n: int) -> str:
 
 def _raise(e: BaseException) -> None:
     raise e
-
-
-def _chunk_pieces(start: int, end: int) -> list[tuple[int, int]]:
-    """Split ``[start, end)`` at chunk boundaries."""
-    if start >> CHUNK_SHIFT == (end - 1) >> CHUNK_SHIFT:
-        return [(start, end)]
-    pieces = []
-    while start < end:
-        stop = min(end, ((start >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
-        pieces.append((start, stop))
-        start = stop
-    return pieces
 
 
 def _replace(opts: MemoryFileOpts, **changes: Any) -> MemoryFileOpts:

@@ -53,7 +53,6 @@ from typing import Any
 import uvloop
 
 from asyncpgalloc import (
-    CHUNK_SIZE,
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
     AccessType,
@@ -355,7 +354,7 @@ async def scenario_bytes(reps: int, size: int) -> list[Result]:
 
 def _touch(mf: MemoryFile, fr: FileRange, pattern: str) -> None:
     if pattern == "first_half":
-        for addr, n in mf._address_pieces(FileRange(fr.start, fr.start + fr.length // 2)):
+        for addr, n in mf._map.address_pieces(FileRange(fr.start, fr.start + fr.length // 2)):
             host.madvise(addr, n, host.MADV_POPULATE_WRITE)
         return
     for view in mf.map_internal(fr, AccessType.WRITE):
@@ -377,7 +376,7 @@ async def scenario_scan(reps: int, size: int, pattern: str) -> Result:
             want = size // 2
             if mf.known_committed_bytes != want:
                 raise AssertionError(f"scan found {mf.known_committed_bytes}, want {want}")
-            addr = mf._chunks[fr.start // CHUNK_SIZE].mapping.addr + fr.start % CHUNK_SIZE
+            addr = mf._map.address(fr.start)
             buf = bytearray(size // P)
             rt = _timed(lambda: host.mincore(addr, size, buf))  # noqa: B023
             if rep:

@@ -314,7 +314,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         first, last = fr.start // C, (fr.end - 1) // C
         if first != last:
             event(f"{what}: range crosses a chunk boundary")
-            if len({self.mf._chunks[i].huge for i in range(first, last + 1)}) > 1:
+            if len({self.mf.page_view().chunk_huge[i] for i in range(first, last + 1)}) > 1:
                 event(f"{what}: range spans small and huge chunks")
         if sum(1 for a in self.allocs if a.start < fr.end and fr.start < a.end) > 1:
             event(f"{what}: range spans several allocations")
@@ -324,7 +324,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
     def _allocate(self, length: int, opts: AllocOpts, large: bool) -> None:
         mf = self.mf
         before = self._snapshot()
-        chunks_before = len(mf._chunks)
+        chunks_before = len(mf.page_view().chunk_huge)
         waste_before = self._waste()
         releasing_before = self._releasing_pages()
         try:
@@ -337,7 +337,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
             )
             return
         event(f"allocate: {opts.mode.name} huge={opts.huge} large={large}")
-        if len(mf._chunks) > chunks_before:
+        if len(mf.page_view().chunk_huge) > chunks_before:
             event("allocate: the file grew")
         if fr.start // C != (fr.end - 1) // C:
             event("allocate: range crosses a chunk boundary")
@@ -351,8 +351,9 @@ class MemoryFileMachine(RuleBasedStateMachine):
             # huge-aligned: gVisor takes the waste gap's end (TOP_DOWN) or start
             # as is, so neither does the port.
             assert fr.start % H == 0, f"huge allocation {fr} is not huge-aligned"
+        chunk_huge = mf.page_view().chunk_huge
         for i in range(fr.start // C, (fr.end - 1) // C + 1):
-            assert mf._chunks[i].huge == opts.huge, f"{fr} (huge={opts.huge}) uses chunk {i}"
+            assert chunk_huge[i] == opts.huge, f"{fr} (huge={opts.huge}) uses chunk {i}"
         # A release step that finished meanwhile (allocate_async runs the loop) freed
         # its pages, which may then be taken: only steps still releasing must not be.
         still = set(mf.page_view().releasing)
@@ -588,10 +589,11 @@ class MemoryFileMachine(RuleBasedStateMachine):
         mf.check_invariants(check_zero_pages=True)
         st_ = mf.stats()
         total = mf.total_size()
-        chunks = mf._chunks
+        view = mf.page_view()
+        chunks = view.chunk_huge
         assert st_.total_size == total == len(chunks) * C == os.fstat(mf.fd).st_size
         assert st_.small_chunks + st_.huge_chunks == len(chunks) <= MAX_CHUNKS
-        assert st_.huge_chunks == sum(1 for c in chunks if c.huge)
+        assert st_.huge_chunks == sum(1 for huge in chunks if huge)
         assert total >= self.max_total_size, "the file shrank"
         self.max_total_size = total
         assert st_.used_bytes == self.refs.count() * P, (
@@ -611,7 +613,7 @@ class MemoryFileMachine(RuleBasedStateMachine):
         for s, e, refs in self.refs.runs:
             assert e * P <= total, f"model page run [{s}, {e}) is beyond the file"
             for cs, ce in _chunk_pieces(s * P, e * P):
-                unfree = mf.page_view().unfree(chunks[cs // C].huge)
+                unfree = view.unfree(chunks[cs // C])
                 got = list(unfree.visit_range(cs, ce))
                 assert sum(ge - gs for gs, ge, _ in got) == ce - cs and all(
                     r == refs for _, _, r in got
@@ -619,8 +621,8 @@ class MemoryFileMachine(RuleBasedStateMachine):
                 matched += ce - cs
         # ... and no other page holds a reference.
         held = 0
-        for i, chunk in enumerate(chunks):
-            unfree = mf.page_view().unfree(chunk.huge)
+        for i, huge in enumerate(chunks):
+            unfree = view.unfree(huge)
             held += sum(e - s for s, e, r in unfree.visit_range(i * C, (i + 1) * C) if r > 0)
         assert held == matched, f"the file holds references on {held - matched} unmodelled bytes"
 
