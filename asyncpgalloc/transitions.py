@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .errors import InvariantError
 
@@ -65,10 +65,11 @@ def guarded(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P
 
 
 def guarded_async(
-    method: Callable[Concatenate[S, P], Awaitable[R]],
-) -> Callable[Concatenate[S, P], Awaitable[R]]:
+    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
     """As :func:`guarded` for a coroutine method: its synchronous steps between awaits
-    are transitions too."""
+    are transitions too. The guarded method still returns a coroutine (typed so:
+    ``asyncio.run`` and ``create_task`` take it)."""
 
     @functools.wraps(method)
     async def guard(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:

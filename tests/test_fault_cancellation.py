@@ -200,7 +200,7 @@ async def test_cancellation_fuzz(tmp_path: Path) -> None:
         st = mf.stats()
         assert st.used_bytes == sum(fr.length for fr in fuzz.held), st
         # Every page that is not held reads zero when handed out again.
-        fresh = []
+        fresh: list[FileRange] = []
         while st.free_bytes and len(fresh) < 64:
             fr = mf.allocate(min(st.free_bytes, 16 << 20), AllocOpts(mode=AllocationMode.COMMIT))
             assert reads_byte(mf, fr, 0), f"fresh {fr} not zero"

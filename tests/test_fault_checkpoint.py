@@ -20,8 +20,9 @@ import random
 import resource
 import struct
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import pytest
@@ -292,7 +293,7 @@ async def test_truncation_at_every_offset(
     header, _, _ = checkpoint_parts(raw)
     # describe_checkpoint's truncation checks are cheap and tested in test_checkpoint.
     load = Loads(tmp_path / "cut", source, inspect=False)
-    cuts = range(len(raw))
+    cuts: Sequence[int] = range(len(raw))
     if source == "aiofiles":
         # Each cut inside the page data builds a file and takes the same path (a short
         # readinto); every 64th of them keeps this test's time reasonable.
@@ -395,31 +396,36 @@ async def test_forged_metadata_words_with_valid_checksums(
     assert load.refused > load.loaded
 
 
-def _lists(snap: Snapshot) -> dict[str, list[tuple[int, ...]]]:
+def _lists(snap: Snapshot) -> dict[str, list[Any]]:
     names = ("unwaste_small", "unwaste_huge", "unfree_small", "unfree_huge", "mem_acct")
     return {n: list(getattr(snap, n)) for n in (*names, "subreleased")}
+
+
+def _with(snap: Snapshot, name: str, value: Any) -> Snapshot:
+    """``snap`` with its field ``name`` replaced (any value: these are forgeries)."""
+    return dataclasses.replace(snap, **{name: value})
 
 
 def _structural_forgeries(snap: Snapshot) -> Iterator[tuple[str, Snapshot]]:
     """Whole-entry changes that keep the counts and the metadata length consistent."""
     for name, entries in _lists(snap).items():
         if entries:
-            yield f"{name}: reversed", dataclasses.replace(snap, **{name: entries[::-1]})
-            yield f"{name}: doubled", dataclasses.replace(snap, **{name: entries + entries})
-            yield f"{name}: emptied", dataclasses.replace(snap, **{name: []})
+            yield f"{name}: reversed", _with(snap, name, entries[::-1])
+            yield f"{name}: doubled", _with(snap, name, entries + entries)
+            yield f"{name}: emptied", _with(snap, name, [])
             first = entries[0]
             empty = (first[0], first[0], *first[2:])
-            yield f"{name}: empty entry", dataclasses.replace(snap, **{name: [empty, *entries]})
+            yield f"{name}: empty entry", _with(snap, name, [empty, *entries])
             inverted = (first[1], first[0], *first[2:])
-            yield f"{name}: inverted", dataclasses.replace(snap, **{name: [inverted, *entries[1:]]})
+            yield f"{name}: inverted", _with(snap, name, [inverted, *entries[1:]])
             wide = (first[0], first[1] + P, *first[2:])
-            yield f"{name}: overlapping", dataclasses.replace(snap, **{name: [wide, *entries[1:]]})
+            yield f"{name}: overlapping", _with(snap, name, [wide, *entries[1:]])
             top = (2**64 - 2 * P, 2**64 - P, *first[2:])
-            yield f"{name}: at 2**64", dataclasses.replace(snap, **{name: [*entries, top]})
+            yield f"{name}: at 2**64", _with(snap, name, [*entries, top])
     for refs in (0, 2**63 - 1, 2**63, 2**64 - 1):
         for name in ("unfree_small", "unfree_huge"):
             entries = [(s, e, refs) for s, e, _ in getattr(snap, name)]
-            yield f"{name}: refs {refs}", dataclasses.replace(snap, **{name: entries})
+            yield f"{name}: refs {refs}", _with(snap, name, entries)
     for info in (0x7, 0xFF, 0x1FF, 1 << 9, 1 << 10, 2**64 - 1):
         entries = [(s, e, m, q, info) for s, e, m, q, _ in snap.mem_acct]
         yield f"mem_acct: info {info:#x}", dataclasses.replace(snap, mem_acct=entries)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
 
 import aiofiles
 import pytest
@@ -35,7 +35,7 @@ async def fifo(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
         os.close(w)
 
 
-def open_raw(path: Path) -> BinaryIO:
+def open_raw(path: Path) -> io.FileIO:
     """The FIFO's read end as a raw (unbuffered, blocking) file, for a source's thread."""
     return open(path, "rb", buffering=0)
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 
+import test_stateful as base
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
+from test_stateful import MemoryFileMachine, P, _pages, directions, kinds, memcg_ids, modes
 
 from asyncpgalloc import (
     AllocationMode,
@@ -34,8 +36,6 @@ from asyncpgalloc import (
     FileRange,
     MemoryKind,
 )
-from tests import test_stateful as base
-from tests.test_stateful import MemoryFileMachine, P, _pages, directions, kinds, memcg_ids, modes
 
 SOAK = os.environ.get("ASYNCPGALLOC_SOAK") == "1"
 
