@@ -29,16 +29,23 @@ import io
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import host
 from .accounting import MemoryKind
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
 from .checkpoint_format import (
+    FLAG_PAGES_FILE,
     FLAG_ZERO_PAGES_EXCLUDED,
     HEADER_SIZE,
+    PAGES_REF_SIZE,
+    SEGMENT_HEADER_SIZE,
     TRAILER_SIZE,
+    Block,
     Header,
+    PagesRef,
+    Segment,
     Snapshot,
     block_seed,
     committed_extents,
@@ -62,12 +69,14 @@ from .checkpoint_io import (
     StreamSink,
     StreamSource,
     reopen,
+    write_blocks,
 )
 from .checkpoint_scan import data_extents, punch_job, zero_ranges_job
 from .checkpoint_state import LoadedState, build_state
 from .errors import CheckpointError, ClosedError, InvariantError
 from .loader import PageLoader
 from .options import MemoryFileOpts
+from .pages_file import PagesFile, check_segment
 from .ranges import CHUNK_SIZE, PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
@@ -96,12 +105,22 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def save_checkpoint(
-    mf: MemoryFile, dst: CheckpointDestination, *, exclude_committed_zero_pages: bool = False
+    mf: MemoryFile,
+    dst: CheckpointDestination,
+    *,
+    exclude_committed_zero_pages: bool = False,
+    pages_file: PagesFile | None = None,
 ) -> None:
     """See :meth:`MemoryFile.save`."""
     mf._check()
     if not isinstance(dst, str | os.PathLike | AsyncBinaryWriter):
         raise TypeError(f"save: {type(dst).__name__} is neither a path nor an async binary file")
+    if pages_file is not None:
+        if not isinstance(pages_file, PagesFile):
+            kind = type(pages_file).__name__
+            raise TypeError(f"save: pages_file must be a PagesFile, not {kind}")
+        if not pages_file.writable or pages_file.closed:
+            raise CheckpointError(f"save: {pages_file!r} is not open for saving")
     # As gVisor's SaveTo: a load still running finishes first (or its error is ours).
     await mf.wait_loaded()
     _check_evictions(mf)
@@ -124,16 +143,25 @@ async def save_checkpoint(
         _live(mf)
         _check_evictions(mf)
         snap, metadata = await runner.run(_encode_released, _snapshot(mf))
+        flags = FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0
         header = Header.make(
-            flags=FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0,
+            flags=flags | (FLAG_PAGES_FILE if pages_file is not None else 0),
             file_size=snap.file_size,
             metadata=metadata,
             data_length=snap.known_committed_bytes,
         )
-        await sink.write(header.pack() + metadata)
-        del metadata
-        extents = committed_extents(snap.mem_acct)
-        await sink.write_data(src_fd, plan_blocks(extents, header.block_size), header)
+        blocks = plan_blocks(committed_extents(snap.mem_acct), header.block_size)
+        if pages_file is None:
+            await sink.write(header.pack() + metadata)
+            del metadata
+            await sink.write_data(src_fd, blocks, header)
+        else:
+            # Reserved in turn, on the loop: concurrent saves write disjoint segments.
+            offset = pages_file.reserve(Segment.length(header))
+            ref = PagesRef(pages_file.identity, offset)
+            await sink.write(header.pack() + metadata + ref.pack(header))
+            del metadata
+            await _write_segment(runner, pages_file, src_fd, blocks, header, offset)
         await sink.write(pack_trailer(header))
         await sink.commit()
     except BaseException as e:
@@ -147,6 +175,23 @@ async def save_checkpoint(
         if src_fd >= 0:
             os.close(src_fd)
         ex.shutdown(wait=False)
+
+
+async def _write_segment(
+    runner: BlockingRunner,
+    pages_file: PagesFile,
+    src_fd: int,
+    blocks: Iterable[Block],
+    header: Header,
+    offset: int,
+) -> None:
+    """Write a checkpoint's segment at ``offset`` of ``pages_file`` and fsync it (in the
+    save's executor): its header, then the blocks as :func:`write_blocks` does."""
+    fd = pages_file.fileno()
+    head = Segment.of(header, offset).pack(pages_file.identity)
+    await runner.run(os.pwrite, fd, head, offset)
+    await write_blocks(runner, fd, src_fd, blocks, header, offset + SEGMENT_HEADER_SIZE)
+    await runner.run(os.fsync, fd)
 
 
 def _check_evictions(mf: MemoryFile) -> None:
@@ -270,14 +315,17 @@ async def load_checkpoint(
     file: FileLike | None = None,
     *,
     async_pages: bool = False,
+    pages_file: PagesFile | None = None,
 ) -> MemoryFile:
     """See :meth:`MemoryFile.load`."""
     if not isinstance(src, str | os.PathLike | AsyncBinaryReader):
         raise TypeError(f"load: {type(src).__name__} is neither a path nor an async binary file")
-    if async_pages and not isinstance(src, str | os.PathLike):
+    if pages_file is not None and not isinstance(pages_file, PagesFile):
+        raise TypeError(f"load: pages_file must be a PagesFile, not {type(pages_file).__name__}")
+    if async_pages and pages_file is None and not isinstance(src, str | os.PathLike):
         raise TypeError(
-            "load(async_pages=True) reads page blocks in any order: src must be a path, "
-            f"not {type(src).__name__}"
+            "load(async_pages=True) reads page blocks in any order: src must be a path "
+            f"(or its pages in a pages file), not {type(src).__name__}"
         )
     ex = _executor()
     keep_ex = False  # handed to the page loader
@@ -295,8 +343,15 @@ async def load_checkpoint(
     mf: MemoryFile | None = None
     dst_fd = -1
     src_fd = -1
+    pages: Source | None = None  # the pages file's data, for a checkpoint that has one
     try:
         header = Header.unpack(await source.read_exact(HEADER_SIZE))
+        if header.pages_file != (pages_file is not None):
+            raise CheckpointError(
+                "the checkpoint's pages are in a pages file: load it with pages_file="
+                if header.pages_file
+                else "the checkpoint holds its own pages: load it without pages_file"
+            )
         left = source.remaining()
         if left is not None and left != header.total_length - HEADER_SIZE:
             raise CheckpointError(
@@ -311,22 +366,31 @@ async def load_checkpoint(
         header.check_metadata(metadata)
         state = await runner.run(_parse, header, metadata)
         del metadata
-        if async_pages:
+        data_offset = header.data_offset
+        if pages_file is not None:
+            ref = PagesRef.unpack(header, await source.read_exact(PAGES_REF_SIZE))
+            unpack_trailer(header, await source.finish(TRAILER_SIZE))
+            pages = FdSource(reopen(pages_file.fileno(), os.O_RDONLY), runner)
+            data_offset = await runner.run(
+                check_segment, pages_file.fileno(), pages_file.identity, header, ref
+            )
+            pages.seek(data_offset)
+        elif async_pages:
             assert isinstance(source, FdSource)
             # The trailer first: a truncated checkpoint fails here, not in the loader.
             unpack_trailer(header, await source.read_trailer(header, TRAILER_SIZE))
+        data = pages if pages is not None else source
 
         # Everything is checked: from here on, build.
         mf = await cls._open(file, opts)
         _install(mf, state)
         dst_fd = reopen(mf._fd, os.O_RDWR)
         if async_pages:
-            assert isinstance(source, FdSource)
+            assert isinstance(data, FdSource)
             _check_loaded(mf)
             if state.extents:
-                data_offset = header.data_offset
                 blocks = list(plan_blocks(state.extents, header.block_size))
-                src_fd = source.detach()
+                src_fd = data.detach()
                 # A caller's file may fill up: the loader fallocates before it writes.
                 commit_fd, dst_fd = (dst_fd, -1) if file is not None else (-1, dst_fd)
                 loader = PageLoader(
@@ -343,10 +407,11 @@ async def load_checkpoint(
                 src_fd, keep_ex = -1, True  # the loader's now
                 mf._adopt_loader(loader)
             return mf
-        await source.load_data(
+        await data.load_data(
             header, plan_blocks(state.extents, header.block_size), dst_fd, mf._views
         )
-        unpack_trailer(header, await source.finish(TRAILER_SIZE))
+        if pages is None:
+            unpack_trailer(header, await source.finish(TRAILER_SIZE))
         _check_loaded(mf)
         return mf
     except BaseException:
@@ -358,6 +423,8 @@ async def load_checkpoint(
             if fd >= 0:
                 os.close(fd)
         source.close()
+        if pages is not None:
+            pages.close()
         if not keep_ex:
             ex.shutdown(wait=False)
 

@@ -90,6 +90,7 @@ from .usage import run_usage_refresher, update_usage
 if TYPE_CHECKING:
     from .checkpoint import CheckpointDestination, CheckpointSource
     from .loader import LoadProgress, PageLoader
+    from .pages_file import PagesFile
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
 
@@ -1541,7 +1542,11 @@ class MemoryFile:
 
     @guarded_async
     async def save(
-        self, dst: CheckpointDestination, *, exclude_committed_zero_pages: bool = False
+        self,
+        dst: CheckpointDestination,
+        *,
+        exclude_committed_zero_pages: bool = False,
+        pages_file: PagesFile | None = None,
     ) -> None:
         """Write a checkpoint of the file to ``dst``: a path, or an ``aiofiles`` file
         opened ``"wb"`` (written at its position, flushed, neither fsynced nor closed).
@@ -1561,11 +1566,21 @@ class MemoryFile:
         rename: one journal commit); a failure or cancellation leaves neither the
         file nor the temporary. Writers should be quiesced: pages are copied after
         the snapshot. See :mod:`asyncpgalloc.checkpoint`.
+
+        With ``pages_file`` (a :class:`~asyncpgalloc.PagesFile` from
+        :meth:`PagesFile.create <asyncpgalloc.PagesFile.create>`), ``dst`` gets the
+        header, metadata and a reference to the pages, which go into the shared pages
+        file at the next offset it hands out (fsynced before ``dst`` is committed);
+        several saves of different files may share it at once. See
+        :mod:`asyncpgalloc.pages_file`.
         """
         from .checkpoint import save_checkpoint
 
         await save_checkpoint(
-            self, dst, exclude_committed_zero_pages=exclude_committed_zero_pages
+            self,
+            dst,
+            exclude_committed_zero_pages=exclude_committed_zero_pages,
+            pages_file=pages_file,
         )
 
     @classmethod
@@ -1576,6 +1591,7 @@ class MemoryFile:
         *,
         file: FileLike | None = None,
         async_pages: bool = False,
+        pages_file: PagesFile | None = None,
     ) -> MemoryFile:
         """Open a new MemoryFile (on ``file``, a new memfd by default) holding the
         checkpoint ``src`` (a path, or an ``aiofiles`` file opened ``"rb"``, read from
@@ -1603,11 +1619,23 @@ class MemoryFile:
         fails later fails every waiter with the same ``CheckpointError`` (see
         :mod:`asyncpgalloc.loader`); the file stays open, its unloaded pages
         unreadable.
+
+        A checkpoint saved with ``pages_file`` needs the same pages file, opened with
+        :meth:`PagesFile.open <asyncpgalloc.PagesFile.open>`; its identity and the
+        segment at the recorded offset are checked before anything is mapped (the
+        wrong pages file, a wrong offset or a truncated one raise ``CheckpointError``).
+        ``src`` may then be an aiofiles file even with ``async_pages``: the pages are
+        read from the pages file.
         """
         from .checkpoint import load_checkpoint
 
         return await load_checkpoint(
-            cls, src, check_file_opts(opts), _check_file(file), async_pages=async_pages
+            cls,
+            src,
+            check_file_opts(opts),
+            _check_file(file),
+            async_pages=async_pages,
+            pages_file=pages_file,
         )
 
     def _adopt_loader(self, loader: PageLoader) -> None:
