@@ -76,7 +76,7 @@ from .checkpoint_state import LoadedState, build_state
 from .errors import CheckpointError, ClosedError, InvariantError
 from .loader import PageLoader
 from .options import MemoryFileOpts
-from .pages_file import PagesFile, check_segment
+from .pages_file import PagesFile, check_segment, read_identity
 from .ranges import CHUNK_SIZE, PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
@@ -496,29 +496,60 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _verify_data(f: io.BufferedReader, header: Header, on_disk: int) -> tuple[int, bool]:
-    """Check the CRC of every data block present in ``f`` and, if the file is whole,
-    its trailer: returns (blocks checked, trailer checked). Raises
+def _verify_blocks(f: io.BufferedReader, header: Header, offset: int) -> int:
+    """Check the CRC of every data block present in ``f`` from ``offset`` on: the number
+    checked (fewer than ``header.blocks`` if ``f`` ends early). Raises
     :class:`CheckpointError` at the first mismatch. Blocking; reads the data once,
     sequentially, one block (1 MiB) at a time."""
-    f.seek(header.data_offset)
+    f.seek(offset)
     buf = bytearray(header.block_size + 4)
     checked = 0
     for index in range(header.blocks):
         n = min(header.block_size, header.data_length - index * header.block_size)
         view = memoryview(buf)[: n + 4]
         if f.readinto(view) != n + 4:
-            return checked, False  # truncated: the rest is missing
+            return checked  # truncated: the rest is missing
         if crc(view[:n], block_seed(header.crc, index)) != unpack_crc(view[n:]):
             raise CheckpointError(f"checkpoint data block {index} checksum mismatch")
         checked += 1
-    if on_disk != header.total_length:
+    return checked
+
+
+def _verify_data(f: io.BufferedReader, header: Header, on_disk: int) -> tuple[int, bool]:
+    """Check every data block present in ``f`` and, if the file is whole, its trailer:
+    returns (blocks checked, trailer checked). Blocking, as :func:`_verify_blocks`."""
+    checked = _verify_blocks(f, header, header.data_offset)
+    if checked < header.blocks or on_disk != header.total_length:
         return checked, False
     unpack_trailer(header, f.read(TRAILER_SIZE))
     return checked, True
 
 
-def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
+def _verify_pages_file(
+    f: io.BufferedReader, header: Header, on_disk: int, pages_path: str, verify_data: bool
+) -> str:
+    """Check a checkpoint's pages reference and trailer in ``f``, then its segment in the
+    pages file ``pages_path`` (and with ``verify_data`` every block's CRC there): the
+    data check's summary. Raises :class:`CheckpointError`; blocking."""
+    f.seek(header.data_offset)
+    ref = PagesRef.unpack(header, f.read(PAGES_REF_SIZE))
+    if on_disk != header.total_length:
+        raise CheckpointError(
+            f"checkpoint is {on_disk} bytes, its header says {header.total_length}"
+        )
+    unpack_trailer(header, f.read(TRAILER_SIZE))
+    with open(pages_path, "rb") as pf:
+        start = check_segment(pf.fileno(), read_identity(pf.fileno()), header, ref)
+        where = f"pages file {pages_path} at offset {ref.offset:#x}"
+        if not verify_data:
+            return f"in {where}, checksums not read"
+        _verify_blocks(pf, header, start)  # check_segment saw every block there
+    return f"in {where}, checksums OK"
+
+
+def describe_checkpoint(
+    path: str, *, verify_data: bool = True, pages_file: str | None = None
+) -> str:
     """A human-readable summary of the checkpoint at ``path``: header and metadata.
 
     Synchronous and blocking: reads the header and the metadata and checks their
@@ -527,7 +558,10 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
     about the speed of a sequential read of the file. Raises
     :class:`CheckpointError` for a damaged file (a data block that does not match
     its CRC included), ``OSError`` if it cannot be read. A truncated file is not an
-    error: the summary says so, and how many blocks it could check.
+    error: the summary says so, and how many blocks it could check. A checkpoint
+    whose pages are in a pages file needs its path as ``pages_file``: its identity,
+    segment and (with ``verify_data``) blocks are checked there; a truncated pages
+    file is an error.
     """
     with open(path, "rb") as f:
         on_disk = os.fstat(f.fileno()).st_size
@@ -538,7 +572,15 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
         header.check_metadata(metadata)
         snap = decode_metadata(header, metadata)
         build_state(header, snap)
-        if verify_data:
+        if header.pages_file != (pages_file is not None):
+            raise CheckpointError(
+                "its pages are in a pages file: give its path (--pages-file)"
+                if header.pages_file
+                else "it holds its own pages: no pages file is needed"
+            )
+        if pages_file is not None:
+            data_check = _verify_pages_file(f, header, on_disk, pages_file, verify_data)
+        elif verify_data:
             checked, trailer = _verify_data(f, header, on_disk)
             data_check = (
                 "checksums OK"
@@ -569,7 +611,14 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
             else f"{on_disk - header.total_length} bytes of trailing data"
         )
     )
-    flags = "zero pages excluded" if header.flags & FLAG_ZERO_PAGES_EXCLUDED else "none"
+    flags = ", ".join(
+        name
+        for flag, name in (
+            (FLAG_ZERO_PAGES_EXCLUDED, "zero pages excluded"),
+            (FLAG_PAGES_FILE, "pages in a pages file"),
+        )
+        if header.flags & flag
+    ) or "none"
     lines = [
         f"asyncpgalloc checkpoint {path}",
         f"  format version:     {header.version} (flags: {flags})",
@@ -618,9 +667,16 @@ def inspect_main(argv: list[str]) -> int:
         action="store_true",
         help="check only the header and metadata, not the page data's checksums",
     )
+    parser.add_argument(
+        "--pages-file", metavar="PAGES", help="the pages file holding the checkpoint's pages"
+    )
     args = parser.parse_args(argv)
     try:
-        sys.stdout.write(describe_checkpoint(args.file, verify_data=not args.no_data))
+        sys.stdout.write(
+            describe_checkpoint(
+                args.file, verify_data=not args.no_data, pages_file=args.pages_file
+            )
+        )
     except (CheckpointError, OSError) as e:
         print(f"inspect: {args.file}: {e}", file=sys.stderr)
         return 1
