@@ -261,6 +261,8 @@ class MemoryFile:
         self._lent_tasks: list[asyncio.Task[None]] = []
         # The page loader of a load(async_pages=True), while it exists (see loader.py).
         self._loader: PageLoader | None = None
+        # Saves in progress: update_usage does nothing meanwhile (see save).
+        self._saves = 0
         # The entry check of every call: the loop while the file is usable from it,
         # _SHUT once it is not (see _check). One identity test on the hot paths.
         # Set last: until then __del__ leaves the fd to _open.
@@ -1534,8 +1536,13 @@ class MemoryFile:
         never touched are invisible to ``mincore`` and stay unknown (those of a ``COMMIT``
         allocation are known from the start). Raises ``OSError`` if
         mincore fails, leaving the accounting as it was for the pages not yet marked.
+
+        While a :meth:`save` runs it does nothing and returns False, ``force`` or not,
+        as gVisor's ``UpdateUsage`` during a save: the save marks committed pages itself.
         """
         self._check()
+        if self._saves:
+            return False
         return await update_usage(self, memcg_ids, force)
 
     # ------------------------------------------------------------------ checkpoint
@@ -1565,7 +1572,8 @@ class MemoryFile:
         directory, fsynced, renamed and the directory fsynced (on the loop, with the
         rename: one journal commit); a failure or cancellation leaves neither the
         file nor the temporary. Writers should be quiesced: pages are copied after
-        the snapshot. See :mod:`asyncpgalloc.checkpoint`.
+        the snapshot. See :mod:`asyncpgalloc.checkpoint`. While it runs,
+        :meth:`update_usage` does nothing (returns False).
 
         With ``pages_file`` (a :class:`~asyncpgalloc.PagesFile` from
         :meth:`PagesFile.create <asyncpgalloc.PagesFile.create>`), ``dst`` gets the
@@ -1576,12 +1584,16 @@ class MemoryFile:
         """
         from .checkpoint import save_checkpoint
 
-        await save_checkpoint(
-            self,
-            dst,
-            exclude_committed_zero_pages=exclude_committed_zero_pages,
-            pages_file=pages_file,
-        )
+        self._saves += 1
+        try:
+            await save_checkpoint(
+                self,
+                dst,
+                exclude_committed_zero_pages=exclude_committed_zero_pages,
+                pages_file=pages_file,
+            )
+        finally:
+            self._saves -= 1
 
     @classmethod
     async def load(
