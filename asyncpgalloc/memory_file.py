@@ -83,7 +83,7 @@ from .ranges import (
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import run_releaser
 from .segments import SegmentSet
-from .stats import MemoryFileCounters, MemoryFileStats, compute_stats
+from .stats import MemoryFileCounters, MemoryFileStats, compute_stats, load_fields
 from .transitions import guarded, guarded_async, splits_state
 from .usage import run_usage_refresher, update_usage
 
@@ -1871,6 +1871,7 @@ class MemoryFile:
             known_committed_bytes=self._known_committed_bytes,
             huge_chunks=self._huge_chunks,
             small_chunks=n_chunks - self._huge_chunks,
+            **load_fields(None if self._loader is None else self._loader.progress()),
         )
 
     def counters(self) -> MemoryFileCounters:

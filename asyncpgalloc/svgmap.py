@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
 from .ranges import CHUNK_SHIFT, CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from .stats import MemoryFileStats
+from .stats import MemoryFileStats, load_fields
 
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
@@ -180,6 +180,7 @@ def snapshot(mf: MemoryFile) -> MapSnapshot:
         known_committed_bytes=mf._known_committed_bytes,
         huge_chunks=huge_chunks,
         small_chunks=len(chunk_huge) - huge_chunks,
+        **load_fields(mf.load_progress()),
     )
     return MapSnapshot(
         chunk_huge=chunk_huge,
