@@ -391,14 +391,13 @@ async def load_checkpoint(
             if state.extents:
                 blocks = list(plan_blocks(state.extents, header.block_size))
                 src_fd = data.detach()
-                # A caller's file may fill up: the loader fallocates before it writes.
-                commit_fd, dst_fd = (dst_fd, -1) if file is not None else (-1, dst_fd)
+                loader_fd, dst_fd = dst_fd, -1
                 loader = PageLoader(
                     header=header,
                     blocks=blocks,
                     data_offset=data_offset,
                     src_fd=src_fd,
-                    commit_fd=commit_fd,
+                    dst_fd=loader_fd,
                     executor=ex,
                     views=mf._views,
                     inc_ref=mf.inc_ref,

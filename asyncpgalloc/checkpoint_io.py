@@ -50,6 +50,7 @@ __all__ = [
     "batches",
     "reopen",
     "run_pipelined",
+    "sendfile_piece",
     "together",
     "write_blocks",
 ]
@@ -471,6 +472,22 @@ class FdSource(Source):
             self._fd = -1
 
 
+def sendfile_piece(out: int, src_fd: int, pos: int, off: int, n: int) -> int:
+    """Copy ``n`` bytes at ``pos`` of ``src_fd`` to ``off`` of ``out`` (a file description
+    of the caller's own: its offset moves) with ``sendfile``: the kernel copies from the
+    source's page cache into the memory file's pages, none zeroed first as a fault
+    through the mapping would. **Blocking**. Returns the position after them; raises
+    CheckpointError at EOF."""
+    os.lseek(out, off, os.SEEK_SET)
+    while n:
+        sent = os.sendfile(out, src_fd, pos, n)
+        if sent == 0:
+            raise CheckpointError("truncated checkpoint: data ends early")
+        pos += sent
+        n -= sent
+    return pos
+
+
 def _load_batch_job(
     src_fd: int, dst_fd: int, batch: list[Block], header: Header, base: int, views: Views
 ) -> None:
@@ -483,14 +500,7 @@ def _load_batch_job(
             pos = base + block.number * (header.block_size + 4)
             crc = block_seed(header.crc, block.number)
             for off, n in block.pieces:
-                os.lseek(out, off, os.SEEK_SET)
-                left = n
-                while left:
-                    sent = os.sendfile(out, src_fd, pos, left)
-                    if sent == 0:
-                        raise CheckpointError("truncated checkpoint: data ends early")
-                    pos += sent
-                    left -= sent
+                pos = sendfile_piece(out, src_fd, pos, off, n)
                 for v in views(off, off + n):
                     crc = crc32c(v, crc)
             raw = os.pread(src_fd, 4, pos)
