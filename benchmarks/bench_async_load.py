@@ -98,7 +98,10 @@ class Lag:
         return lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3, lags[-1] * 1e3
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every repetition's figures: ``times`` (seconds by op), ``vs_read`` (per-repetition
+    ratios), ``lag_p99``/``lag_max``/``idle_p99``/``idle_max`` (ms), ``size``,
+    ``dropped`` (whether the page cache could be dropped)."""
     path = os.path.join(args.dir, "bench_async_load.ckpt")
     times: dict[str, list[float]] = {
         k: []
@@ -187,6 +190,25 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    return {
+        "times": times,
+        "vs_read": vs_read,
+        "lag_p99": lag_p99,
+        "lag_max": lag_max,
+        "idle_p99": idle_p99,
+        "idle_max": idle_max,
+        "size": size,
+        "dropped": dropped,
+    }
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    m = await measure(args)
+    times: dict[str, list[float]] = m["times"]
+    vs_read: dict[str, list[float]] = m["vs_read"]
+    lag_p99, lag_max = m["lag_p99"], m["lag_max"]
+    idle_p99, idle_max = m["idle_p99"], m["idle_max"]
+    size, dropped = m["size"], m["dropped"]
     out: list[dict[str, Any]] = []
     for op, ts in times.items():
         med = statistics.median(ts)
