@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import pytest
@@ -65,3 +66,105 @@ async def test_a_failed_save_lets_update_usage_scan_again(tmp_path: Path) -> Non
             await mf.save(tmp_path / "missing" / "ckpt")
         fill(mf, mf.allocate(PAGE_SIZE), 1)
         assert await mf.update_usage(force=True) is True
+
+
+def test_a_path_save_reads_the_next_batch_while_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one block per batch, the write of block 0 is held in its thread until block 1
+    has been read and checksummed in the other: they overlap (else this times out)."""
+    import threading
+
+    import asyncpgalloc.checkpoint_io as cio
+
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    filled: list[int] = []
+    second = threading.Event()
+    overlapped: list[bool] = []
+    real_fill, real_write = cio._fill_block, cio._pwrite_all
+
+    def fill_block(src_fd: int, block: cio.Block, header_crc: int, mv: memoryview) -> int:
+        filled.append(block.number)
+        n = real_fill(src_fd, block, header_crc, mv)
+        if block.number == 1:
+            second.set()
+        return n
+
+    lock = threading.Lock()
+    held: list[int] = []
+
+    def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+        with lock:
+            first = len(data) == MiB + 4 and not held  # the first block written
+            if first:
+                held.append(offset)
+        if first:
+            overlapped.append(second.wait(10))
+        real_write(fd, data, offset)
+
+    monkeypatch.setattr(cio, "_fill_block", fill_block)
+    monkeypatch.setattr(cio, "_pwrite_all", pwrite_all)
+
+    async def main() -> None:
+        async with MemoryFile.open() as mf:
+            frs = [mf.allocate(MiB) for _ in range(4)]
+            for i, fr in enumerate(frs):
+                fill(mf, fr, i + 1)
+            await mf.save(tmp_path / "ckpt")
+        async with await MemoryFile.load(tmp_path / "ckpt") as back:
+            for i, fr in enumerate(frs):
+                assert b"".join(v.tobytes() for v in back.map_internal(fr)) == bytes(
+                    [i + 1]
+                ) * MiB
+
+    asyncio.run(main())
+    assert overlapped == [True] and sorted(filled) == [0, 1, 2, 3]
+
+
+async def test_a_stream_save_fills_the_next_batch_while_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aiofiles save: the write of batch 0 awaits until batch 1 has been read and
+    checksummed in the executor."""
+    import threading
+
+    import asyncpgalloc.checkpoint_io as cio
+
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    second = threading.Event()
+    real_fill = cio._fill_batch_job
+
+    def fill_batch(src_fd: int, batch: list[cio.Block], header_crc: int, buf: bytearray) -> int:
+        n = real_fill(src_fd, batch, header_crc, buf)
+        if batch[0].number == 1:
+            second.set()
+        return n
+
+    monkeypatch.setattr(cio, "_fill_batch_job", fill_batch)
+    overlapped: list[bool] = []
+
+    class Writer:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        async def write(self, b: Any, /) -> int:
+            if len(b) == MiB + 4 and not overlapped:
+                for _ in range(10_000):
+                    if second.is_set():
+                        break
+                    await asyncio.sleep(0.001)
+                overlapped.append(second.is_set())
+            n: int = await self.f.write(b)
+            return n
+
+        async def flush(self) -> None:
+            await self.f.flush()
+
+    async with MemoryFile.open() as mf:
+        for i in range(3):
+            fill(mf, mf.allocate(MiB), i + 1)
+        async with aiofiles.open(tmp_path / "ckpt", "wb") as f:
+            await mf.save(Writer(f))
+    assert overlapped == [True]
+    async with await MemoryFile.load(tmp_path / "ckpt") as back:
+        assert back.stats().used_bytes == 3 * MiB
