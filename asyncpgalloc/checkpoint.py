@@ -134,7 +134,7 @@ async def save_checkpoint(
     except BaseException:
         ex.shutdown()
         raise
-    src_fd = -1
+    src_fd = pages_fd = -1
     try:
         src_fd = reopen(mf._fd, os.O_RDWR)
         await _mark_data_committed(mf, src_fd)
@@ -156,12 +156,16 @@ async def save_checkpoint(
             del metadata
             await sink.write_data(src_fd, blocks, header)
         else:
-            # Reserved in turn, on the loop: concurrent saves write disjoint segments.
+            # Reserved in turn, on the loop: concurrent saves write disjoint segments,
+            # each through a description of its own (closing the PagesFile meanwhile
+            # cannot hand the fd number its threads write to to someone else).
             offset = pages_file.reserve(Segment.length(header))
-            ref = PagesRef(pages_file.identity, offset)
+            pages_fd = reopen(pages_file.fileno(), os.O_WRONLY)
+            identity = pages_file.identity
+            ref = PagesRef(identity, offset)
             await sink.write(header.pack() + metadata + ref.pack(header))
             del metadata
-            await _write_segment(runner, pages_file, src_fd, blocks, header, offset)
+            await _write_segment(runner, pages_fd, identity, src_fd, blocks, header, offset)
         await sink.write(pack_trailer(header))
         await sink.commit()
     except BaseException as e:
@@ -172,23 +176,25 @@ async def save_checkpoint(
         sink.abort()
         raise
     finally:
-        if src_fd >= 0:
-            os.close(src_fd)
+        for fd in (src_fd, pages_fd):
+            if fd >= 0:
+                os.close(fd)
         ex.shutdown(wait=False)
 
 
 async def _write_segment(
     runner: BlockingRunner,
-    pages_file: PagesFile,
+    fd: int,
+    identity: bytes,
     src_fd: int,
     blocks: Iterable[Block],
     header: Header,
     offset: int,
 ) -> None:
-    """Write a checkpoint's segment at ``offset`` of ``pages_file`` and fsync it (in the
-    save's executor): its header, then the blocks as :func:`write_blocks` does."""
-    fd = pages_file.fileno()
-    head = Segment.of(header, offset).pack(pages_file.identity)
+    """Write a checkpoint's segment at ``offset`` of the pages file ``fd`` (of
+    ``identity``) and fsync it, in the save's executor: its header, then the blocks as
+    :func:`write_blocks` does."""
+    head = Segment.of(header, offset).pack(identity)
     await runner.run(os.pwrite, fd, head, offset)
     await write_blocks(runner, fd, src_fd, blocks, header, offset + SEGMENT_HEADER_SIZE)
     await runner.run(os.fsync, fd)

@@ -122,6 +122,11 @@ class PagesFile:
         return self._writable
 
     @property
+    def next_offset(self) -> int:
+        """The offset the next :meth:`reserve` hands out (the end of what is reserved)."""
+        return self._next
+
+    @property
     def closed(self) -> bool:
         return self._fd < 0
 

@@ -345,3 +345,22 @@ def test_cli_inspect_and_restore_take_a_pages_file(
     assert cli.main(["restore", str(metas[1]), "--pages-file", str(pages_path)]) == 1
     assert "block 0 checksum mismatch" in capsys.readouterr().err
     assert cli.main(["inspect", str(metas[0]), "--pages-file", str(pages_path), "--no-data"]) == 0
+
+
+async def test_closing_the_pages_file_mid_save_is_harmless(tmp_path: Path) -> None:
+    """The save writes through a description of its own: closing the PagesFile while
+    it runs neither breaks it nor lets its threads write to a reused fd number."""
+    mfs, frs = await make_files()
+    try:
+        pages = await PagesFile.create(tmp_path / "pages")
+        save = asyncio.ensure_future(mfs[2].save(tmp_path / "meta", pages_file=pages))
+        while pages.next_offset == PAGES_HEADER_SIZE:  # until the save reserved its segment
+            await asyncio.sleep(0)
+        await pages.aclose()
+        await save
+    finally:
+        for mf in mfs:
+            await mf.aclose()
+    pages = await PagesFile.open(tmp_path / "pages")
+    async with pages, await MemoryFile.load(tmp_path / "meta", pages_file=pages) as mf:
+        check(mf, 2, frs[2])
