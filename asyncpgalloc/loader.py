@@ -126,10 +126,18 @@ class PageLoader:
         self._dec_ref = dec_ref
         self._pending: SegmentSet[None] = SegmentSet()
         total = 0
+        # One insert per run of contiguous pieces (an extent), not one per block.
+        run_start = run_end = -1
         for b in self._blocks:
             for off, n in b.pieces:
-                self._pending.insert_range(off, off + n, None)
+                if off != run_end:
+                    if run_end > run_start:
+                        self._pending.insert_range(run_start, run_end, None)
+                    run_start = off
+                run_end = off + n
                 total += n
+        if run_end > run_start:
+            self._pending.insert_range(run_start, run_end, None)
         self._total = total
         self._pending_bytes = total
         self._loaded = 0
