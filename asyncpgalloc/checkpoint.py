@@ -376,9 +376,11 @@ async def load_checkpoint(
         if pages_file is not None:
             ref = PagesRef.unpack(header, await source.read_exact(PAGES_REF_SIZE))
             unpack_trailer(header, await source.finish(TRAILER_SIZE))
-            pages = FdSource(reopen(pages_file.fileno(), os.O_RDONLY), runner)
+            # A description of the load's own: the PagesFile may be closed meanwhile.
+            pages_fd = reopen(pages_file.fileno(), os.O_RDONLY)
+            pages = FdSource(pages_fd, runner)
             data_offset = await runner.run(
-                check_segment, pages_file.fileno(), pages_file.identity, header, ref
+                check_segment, pages_fd, pages_file.identity, header, ref
             )
             pages.seek(data_offset)
         elif async_pages:
