@@ -11,7 +11,9 @@ metadata and the contents of the known-committed pages only (see
 allocations and frees that never stop, there is always some waste. ``load`` reads
 and checks the header and the metadata before it creates or maps anything, then
 builds a MemoryFile through ``MemoryFile._open`` (so its releaser and options work
-as for any other) and copies the pages in off the loop.
+as for any other) and copies the pages in off the loop. With a shared pages file
+(:mod:`asyncpgalloc.pages_file`), the pages go to (and come from) the segment the
+pages file handed out, and the checkpoint keeps a reference to it instead.
 
 What a save sees: the snapshot is one instant, after which pages are copied. Pages
 freed, decommitted or reused meanwhile never corrupt the live file nor make the
