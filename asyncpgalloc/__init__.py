@@ -32,6 +32,7 @@ from .options import AllocOpts as AllocOpts
 from .options import DelayedEviction as DelayedEviction
 from .options import Direction as Direction
 from .options import MemoryFileOpts as MemoryFileOpts
+from .pages_file import PagesFile as PagesFile
 from .pressure import MemcgPressureWatcher as MemcgPressureWatcher
 from .pressure import PressureWatcherError as PressureWatcherError
 from .ranges import CHUNK_SIZE as CHUNK_SIZE
@@ -75,6 +76,7 @@ __all__ = (
     "MemoryKind",
     "OptionTypeError",
     "OutOfMemoryError",
+    "PagesFile",
     "PagesNotLoadedError",
     "PartialFillError",
     "PoisonedError",

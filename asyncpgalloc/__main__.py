@@ -5,11 +5,12 @@ Subcommands (``python -m asyncpgalloc COMMAND --help`` for each):
 - ``demo [ARGS...]``: ``examples/sandbox_supervisor.py`` with ARGS;
 - ``bench [--script NAME] [ARGS...]``: the scripts in ``benchmarks/`` with ARGS;
 - ``map CHECKPOINT -o OUT.svg``: an SVG map of a checkpoint's pages;
-- ``inspect CHECKPOINT [--no-data]``: a checkpoint's header and a summary of its
-  contents, after checking every checksum (page data too, unless ``--no-data``);
-- ``restore CHECKPOINT [--no-progress]``: load it with ``async_pages=True`` into a new
-  memfd (a ``rich`` progress bar while the pages stream in), check the result, print a
-  summary.
+- ``inspect CHECKPOINT [--no-data] [--pages-file PAGES]``: a checkpoint's header and a
+  summary of its contents, after checking every checksum (page data too, unless
+  ``--no-data``; in ``PAGES`` for a checkpoint saved with a shared pages file);
+- ``restore CHECKPOINT [--no-progress] [--pages-file PAGES]``: load it with
+  ``async_pages=True`` into a new memfd (a ``rich`` progress bar while the pages stream
+  in), check the result, print a summary.
 
 ``python -m asyncpgalloc --version`` prints the version.
 
@@ -194,18 +195,28 @@ def _map(args: argparse.Namespace, extra: list[str]) -> int:
 def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from .checkpoint import inspect_main
 
-    return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else [])])
+    pages = ["--pages-file", args.pages_file] if args.pages_file else []
+    return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else []), *pages])
 
 
-async def _restore_checkpoint(path: str, show_progress: bool) -> str:
-    """Load ``path`` with async page loading, wait for every page (with a progress bar
-    if ``show_progress`` and ``rich`` is installed), check the invariants; the summary."""
+async def _restore_checkpoint(
+    path: str, show_progress: bool, pages_path: str | None = None
+) -> str:
+    """Load ``path`` (its pages from the pages file ``pages_path`` if given) with async
+    page loading, wait for every page (with a progress bar if ``show_progress`` and
+    ``rich`` is installed), check the invariants; the summary."""
     import time
 
     from .memory_file import MemoryFile
+    from .pages_file import PagesFile
 
     t0 = time.perf_counter()
-    mf = await MemoryFile.load(path, async_pages=True)
+    pages = None if pages_path is None else await PagesFile.open(pages_path)
+    try:
+        mf = await MemoryFile.load(path, async_pages=True, pages_file=pages)
+    finally:
+        if pages is not None:
+            pages.close()  # the load reads through a description of its own
     returned = time.perf_counter() - t0
     try:
         done = asyncio.ensure_future(mf.wait_loaded())
@@ -253,7 +264,11 @@ def _restore(args: argparse.Namespace, extra: list[str]) -> int:
 
     try:
         summary = asyncio.run(
-            _restore_checkpoint(args.checkpoint, not args.no_progress and sys.stderr.isatty())
+            _restore_checkpoint(
+                args.checkpoint,
+                not args.no_progress and sys.stderr.isatty(),
+                args.pages_file,
+            )
         )
     except (AllocatorError, OSError) as e:
         return _fail(f"restore: {args.checkpoint}: {e}", EXIT_FAILED)
@@ -353,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check only the header and metadata, not the page data's checksums",
     )
+    inspect.add_argument(
+        "--pages-file", metavar="PAGES", help="the pages file holding the checkpoint's pages"
+    )
     inspect.set_defaults(parser=inspect, run=_inspect, passes_args=False)
 
     restore = sub.add_parser(
@@ -367,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file")
     restore.add_argument("--no-progress", action="store_true", help="no progress bar")
+    restore.add_argument(
+        "--pages-file", metavar="PAGES", help="the pages file holding the checkpoint's pages"
+    )
     restore.set_defaults(parser=restore, run=_restore, passes_args=False)
     return parser
 

@@ -11,7 +11,9 @@ metadata and the contents of the known-committed pages only (see
 allocations and frees that never stop, there is always some waste. ``load`` reads
 and checks the header and the metadata before it creates or maps anything, then
 builds a MemoryFile through ``MemoryFile._open`` (so its releaser and options work
-as for any other) and copies the pages in off the loop.
+as for any other) and copies the pages in off the loop. With a shared pages file
+(:mod:`asyncpgalloc.pages_file`), the pages go to (and come from) the segment the
+pages file handed out, and the checkpoint keeps a reference to it instead.
 
 What a save sees: the snapshot is one instant, after which pages are copied. Pages
 freed, decommitted or reused meanwhile never corrupt the live file nor make the
@@ -28,15 +30,22 @@ import io
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .accounting import MemoryKind
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
 from .checkpoint_format import (
+    FLAG_PAGES_FILE,
     FLAG_ZERO_PAGES_EXCLUDED,
     HEADER_SIZE,
+    PAGES_REF_SIZE,
+    SEGMENT_HEADER_SIZE,
     TRAILER_SIZE,
+    Block,
     Header,
+    PagesRef,
+    Segment,
     Snapshot,
     block_seed,
     committed_extents,
@@ -60,12 +69,14 @@ from .checkpoint_io import (
     StreamSink,
     StreamSource,
     reopen,
+    write_blocks,
 )
 from .checkpoint_scan import data_extents, punch_job, zero_ranges_job
 from .checkpoint_state import LoadedState, build_state
 from .errors import CheckpointError, ClosedError, InvariantError, OutOfMemoryError
 from .loader import PageLoader
 from .options import MemoryFileOpts
+from .pages_file import PagesFile, check_segment, read_identity
 from .ranges import PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
@@ -94,12 +105,22 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def save_checkpoint(
-    mf: MemoryFile, dst: CheckpointDestination, *, exclude_committed_zero_pages: bool = False
+    mf: MemoryFile,
+    dst: CheckpointDestination,
+    *,
+    exclude_committed_zero_pages: bool = False,
+    pages_file: PagesFile | None = None,
 ) -> None:
     """See :meth:`MemoryFile.save`."""
     mf._check()
     if not isinstance(dst, str | os.PathLike | AsyncBinaryWriter):
         raise TypeError(f"save: {type(dst).__name__} is neither a path nor an async binary file")
+    if pages_file is not None:
+        if not isinstance(pages_file, PagesFile):
+            kind = type(pages_file).__name__
+            raise TypeError(f"save: pages_file must be a PagesFile, not {kind}")
+        if not pages_file.writable or pages_file.closed:
+            raise CheckpointError(f"save: {pages_file!r} is not open for saving")
     # As gVisor's SaveTo: a load still running finishes first (or its error is ours).
     await mf.wait_loaded()
     _check_evictions(mf)
@@ -113,7 +134,7 @@ async def save_checkpoint(
     except BaseException:
         ex.shutdown()
         raise
-    src_fd = -1
+    src_fd = pages_fd = -1
     try:
         src_fd = reopen(mf._fd, os.O_RDWR)
         await _mark_data_committed(mf, src_fd)
@@ -122,16 +143,29 @@ async def save_checkpoint(
         _live(mf)
         _check_evictions(mf)
         snap, metadata = await runner.run(_encode_released, _snapshot(mf))
+        flags = FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0
         header = Header.make(
-            flags=FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0,
+            flags=flags | (FLAG_PAGES_FILE if pages_file is not None else 0),
             file_size=snap.file_size,
             metadata=metadata,
             data_length=snap.known_committed_bytes,
         )
-        await sink.write(header.pack() + metadata)
-        del metadata
-        extents = committed_extents(snap.mem_acct)
-        await sink.write_data(src_fd, plan_blocks(extents, header.block_size), header)
+        blocks = plan_blocks(committed_extents(snap.mem_acct), header.block_size)
+        if pages_file is None:
+            await sink.write(header.pack() + metadata)
+            del metadata
+            await sink.write_data(src_fd, blocks, header)
+        else:
+            # Reserved in turn, on the loop: concurrent saves write disjoint segments,
+            # each through a description of its own (closing the PagesFile meanwhile
+            # cannot hand the fd number its threads write to to someone else).
+            offset = pages_file.reserve(Segment.length(header))
+            pages_fd = reopen(pages_file.fileno(), os.O_WRONLY)
+            identity = pages_file.identity
+            ref = PagesRef(identity, offset)
+            await sink.write(header.pack() + metadata + ref.pack(header))
+            del metadata
+            await _write_segment(runner, pages_fd, identity, src_fd, blocks, header, offset)
         await sink.write(pack_trailer(header))
         await sink.commit()
     except BaseException as e:
@@ -142,9 +176,28 @@ async def save_checkpoint(
         sink.abort()
         raise
     finally:
-        if src_fd >= 0:
-            os.close(src_fd)
+        for fd in (src_fd, pages_fd):
+            if fd >= 0:
+                os.close(fd)
         ex.shutdown(wait=False)
+
+
+async def _write_segment(
+    runner: BlockingRunner,
+    fd: int,
+    identity: bytes,
+    src_fd: int,
+    blocks: Iterable[Block],
+    header: Header,
+    offset: int,
+) -> None:
+    """Write a checkpoint's segment at ``offset`` of the pages file ``fd`` (of
+    ``identity``) and fsync it, in the save's executor: its header, then the blocks as
+    :func:`write_blocks` does."""
+    head = Segment.of(header, offset).pack(identity)
+    await runner.run(os.pwrite, fd, head, offset)
+    await write_blocks(runner, fd, src_fd, blocks, header, offset + SEGMENT_HEADER_SIZE)
+    await runner.run(os.fsync, fd)
 
 
 def _check_evictions(mf: MemoryFile) -> None:
@@ -253,14 +306,17 @@ async def load_checkpoint(
     file: FileLike | None = None,
     *,
     async_pages: bool = False,
+    pages_file: PagesFile | None = None,
 ) -> MemoryFile:
     """See :meth:`MemoryFile.load`."""
     if not isinstance(src, str | os.PathLike | AsyncBinaryReader):
         raise TypeError(f"load: {type(src).__name__} is neither a path nor an async binary file")
-    if async_pages and not isinstance(src, str | os.PathLike):
+    if pages_file is not None and not isinstance(pages_file, PagesFile):
+        raise TypeError(f"load: pages_file must be a PagesFile, not {type(pages_file).__name__}")
+    if async_pages and pages_file is None and not isinstance(src, str | os.PathLike):
         raise TypeError(
-            "load(async_pages=True) reads page blocks in any order: src must be a path, "
-            f"not {type(src).__name__}"
+            "load(async_pages=True) reads page blocks in any order: src must be a path "
+            f"(or its pages in a pages file), not {type(src).__name__}"
         )
     ex = _executor()
     keep_ex = False  # handed to the page loader
@@ -278,8 +334,15 @@ async def load_checkpoint(
     mf: MemoryFile | None = None
     dst_fd = -1
     src_fd = -1
+    pages: Source | None = None  # the pages file's data, for a checkpoint that has one
     try:
         header = Header.unpack(await source.read_exact(HEADER_SIZE))
+        if header.pages_file != (pages_file is not None):
+            raise CheckpointError(
+                "the checkpoint's pages are in a pages file: load it with pages_file="
+                if header.pages_file
+                else "the checkpoint holds its own pages: load it without pages_file"
+            )
         left = source.remaining()
         if left is not None and left != header.total_length - HEADER_SIZE:
             raise CheckpointError(
@@ -294,30 +357,40 @@ async def load_checkpoint(
         header.check_metadata(metadata)
         state = await runner.run(_parse, header, metadata)
         del metadata
-        if async_pages:
+        data_offset = header.data_offset
+        if pages_file is not None:
+            ref = PagesRef.unpack(header, await source.read_exact(PAGES_REF_SIZE))
+            unpack_trailer(header, await source.finish(TRAILER_SIZE))
+            # A description of the load's own: the PagesFile may be closed meanwhile.
+            pages_fd = reopen(pages_file.fileno(), os.O_RDONLY)
+            pages = FdSource(pages_fd, runner)
+            data_offset = await runner.run(
+                check_segment, pages_fd, pages_file.identity, header, ref
+            )
+            pages.seek(data_offset)
+        elif async_pages:
             assert isinstance(source, FdSource)
             # The trailer first: a truncated checkpoint fails here, not in the loader.
             unpack_trailer(header, await source.read_trailer(header, TRAILER_SIZE))
+        data = pages if pages is not None else source
 
         # Everything is checked: from here on, build.
         mf = await cls._open(file, opts)
         _install(mf, state)
         dst_fd = reopen(mf._fd, os.O_RDWR)
         if async_pages:
-            assert isinstance(source, FdSource)
+            assert isinstance(data, FdSource)
             _check_loaded(mf)
             if state.extents:
-                data_offset = header.data_offset
                 blocks = list(plan_blocks(state.extents, header.block_size))
-                src_fd = source.detach()
-                # A caller's file may fill up: the loader fallocates before it writes.
-                commit_fd, dst_fd = (dst_fd, -1) if file is not None else (-1, dst_fd)
+                src_fd = data.detach()
+                loader_fd, dst_fd = dst_fd, -1
                 loader = PageLoader(
                     header=header,
                     blocks=blocks,
                     data_offset=data_offset,
                     src_fd=src_fd,
-                    commit_fd=commit_fd,
+                    dst_fd=loader_fd,
                     executor=ex,
                     views=mf._map.views,
                     inc_ref=mf.inc_ref,
@@ -326,10 +399,11 @@ async def load_checkpoint(
                 src_fd, keep_ex = -1, True  # the loader's now
                 mf._adopt_loader(loader)
             return mf
-        await source.load_data(
+        await data.load_data(
             header, plan_blocks(state.extents, header.block_size), dst_fd, mf._map.views
         )
-        unpack_trailer(header, await source.finish(TRAILER_SIZE))
+        if pages is None:
+            unpack_trailer(header, await source.finish(TRAILER_SIZE))
         _check_loaded(mf)
         return mf
     except BaseException:
@@ -341,6 +415,8 @@ async def load_checkpoint(
             if fd >= 0:
                 os.close(fd)
         source.close()
+        if pages is not None:
+            pages.close()
         if not keep_ex:
             ex.shutdown(wait=False)
 
@@ -399,29 +475,60 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _verify_data(f: io.BufferedReader, header: Header, on_disk: int) -> tuple[int, bool]:
-    """Check the CRC of every data block present in ``f`` and, if the file is whole,
-    its trailer: returns (blocks checked, trailer checked). Raises
+def _verify_blocks(f: io.BufferedReader, header: Header, offset: int) -> int:
+    """Check the CRC of every data block present in ``f`` from ``offset`` on: the number
+    checked (fewer than ``header.blocks`` if ``f`` ends early). Raises
     :class:`CheckpointError` at the first mismatch. Blocking; reads the data once,
     sequentially, one block (1 MiB) at a time."""
-    f.seek(header.data_offset)
+    f.seek(offset)
     buf = bytearray(header.block_size + 4)
     checked = 0
     for index in range(header.blocks):
         n = min(header.block_size, header.data_length - index * header.block_size)
         view = memoryview(buf)[: n + 4]
         if f.readinto(view) != n + 4:
-            return checked, False  # truncated: the rest is missing
+            return checked  # truncated: the rest is missing
         if crc(view[:n], block_seed(header.crc, index)) != unpack_crc(view[n:]):
             raise CheckpointError(f"checkpoint data block {index} checksum mismatch")
         checked += 1
-    if on_disk != header.total_length:
+    return checked
+
+
+def _verify_data(f: io.BufferedReader, header: Header, on_disk: int) -> tuple[int, bool]:
+    """Check every data block present in ``f`` and, if the file is whole, its trailer:
+    returns (blocks checked, trailer checked). Blocking, as :func:`_verify_blocks`."""
+    checked = _verify_blocks(f, header, header.data_offset)
+    if checked < header.blocks or on_disk != header.total_length:
         return checked, False
     unpack_trailer(header, f.read(TRAILER_SIZE))
     return checked, True
 
 
-def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
+def _verify_pages_file(
+    f: io.BufferedReader, header: Header, on_disk: int, pages_path: str, verify_data: bool
+) -> str:
+    """Check a checkpoint's pages reference and trailer in ``f``, then its segment in the
+    pages file ``pages_path`` (and with ``verify_data`` every block's CRC there): the
+    data check's summary. Raises :class:`CheckpointError`; blocking."""
+    f.seek(header.data_offset)
+    ref = PagesRef.unpack(header, f.read(PAGES_REF_SIZE))
+    if on_disk != header.total_length:
+        raise CheckpointError(
+            f"checkpoint is {on_disk} bytes, its header says {header.total_length}"
+        )
+    unpack_trailer(header, f.read(TRAILER_SIZE))
+    with open(pages_path, "rb") as pf:
+        start = check_segment(pf.fileno(), read_identity(pf.fileno()), header, ref)
+        where = f"pages file {pages_path} at offset {ref.offset:#x}"
+        if not verify_data:
+            return f"in {where}, checksums not read"
+        _verify_blocks(pf, header, start)  # check_segment saw every block there
+    return f"in {where}, checksums OK"
+
+
+def describe_checkpoint(
+    path: str, *, verify_data: bool = True, pages_file: str | None = None
+) -> str:
     """A human-readable summary of the checkpoint at ``path``: header and metadata.
 
     Synchronous and blocking: reads the header and the metadata and checks their
@@ -430,7 +537,10 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
     about the speed of a sequential read of the file. Raises
     :class:`CheckpointError` for a damaged file (a data block that does not match
     its CRC included), ``OSError`` if it cannot be read. A truncated file is not an
-    error: the summary says so, and how many blocks it could check.
+    error: the summary says so, and how many blocks it could check. A checkpoint
+    whose pages are in a pages file needs its path as ``pages_file``: its identity,
+    segment and (with ``verify_data``) blocks are checked there; a truncated pages
+    file is an error.
     """
     with open(path, "rb") as f:
         on_disk = os.fstat(f.fileno()).st_size
@@ -441,7 +551,15 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
         header.check_metadata(metadata)
         snap = decode_metadata(header, metadata)
         build_state(header, snap)
-        if verify_data:
+        if header.pages_file != (pages_file is not None):
+            raise CheckpointError(
+                "its pages are in a pages file: give its path (--pages-file)"
+                if header.pages_file
+                else "it holds its own pages: no pages file is needed"
+            )
+        if pages_file is not None:
+            data_check = _verify_pages_file(f, header, on_disk, pages_file, verify_data)
+        elif verify_data:
             checked, trailer = _verify_data(f, header, on_disk)
             data_check = (
                 "checksums OK"
@@ -472,7 +590,14 @@ def describe_checkpoint(path: str, *, verify_data: bool = True) -> str:
             else f"{on_disk - header.total_length} bytes of trailing data"
         )
     )
-    flags = "zero pages excluded" if header.flags & FLAG_ZERO_PAGES_EXCLUDED else "none"
+    flags = ", ".join(
+        name
+        for flag, name in (
+            (FLAG_ZERO_PAGES_EXCLUDED, "zero pages excluded"),
+            (FLAG_PAGES_FILE, "pages in a pages file"),
+        )
+        if header.flags & flag
+    ) or "none"
     lines = [
         f"asyncpgalloc checkpoint {path}",
         f"  format version:     {header.version} (flags: {flags})",
@@ -521,9 +646,16 @@ def inspect_main(argv: list[str]) -> int:
         action="store_true",
         help="check only the header and metadata, not the page data's checksums",
     )
+    parser.add_argument(
+        "--pages-file", metavar="PAGES", help="the pages file holding the checkpoint's pages"
+    )
     args = parser.parse_args(argv)
     try:
-        sys.stdout.write(describe_checkpoint(args.file, verify_data=not args.no_data))
+        sys.stdout.write(
+            describe_checkpoint(
+                args.file, verify_data=not args.no_data, pages_file=args.pages_file
+            )
+        )
     except (CheckpointError, OSError) as e:
         print(f"inspect: {args.file}: {e}", file=sys.stderr)
         return 1

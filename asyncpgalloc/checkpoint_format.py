@@ -11,6 +11,27 @@ A checkpoint is, in order (every integer little-endian)::
                 followed by a u32 CRC seeded with the block index and the header CRC
     trailer     24 bytes: magic, block count, CRC
 
+With the flag ``FLAG_PAGES_FILE`` (``save(dst, pages_file=...)``) the data is not in
+the checkpoint but in a shared *pages file* (:mod:`asyncpgalloc.pages_file`), and a
+40-byte pages reference takes its place: magic ``APGAPREF``, the pages file's 16-byte
+identity, the offset of this checkpoint's segment in it (u64), and a u32 CRC seeded
+with the header CRC, then 4 zero bytes. A pages file is::
+
+    file header 4096 bytes: magic ``APGAPAGS``, version (u32), header size (u32),
+                identity (16 random bytes), u32 CRC of what precedes it, zeros
+    segments    one per saved checkpoint, each at a 4096-aligned offset handed out
+                in turn: a 40-byte segment header (magic ``APGASEGM``, the
+                checkpoint header's CRC (u32), its block count (u32), its data
+                length (u64), the segment's own offset (u64), a u32 CRC seeded with
+                the identity's CRC, 4 zero bytes), then the data blocks exactly as
+                in a checkpoint (each with its CRC seeded by block index and header
+                CRC), then zeros up to the next 4096 boundary
+
+So a checkpoint loaded with the wrong pages file (identity), at the wrong offset or
+against another checkpoint's segment (segment header), or with a pages file cut
+short (its size), is refused before anything is mapped; a damaged block fails its
+CRC as in a self-contained checkpoint.
+
 So a checkpoint's size follows committed memory, not the sparse file, and every byte
 is covered by a CRC-32C (the ``crc32c`` package: SSE4.2/ARMv8 instructions, ~12.8
 GB/s here against zlib.crc32's ~3.2, with the GIL released; it detects corruption, not
@@ -43,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_SIZE",
+    "FLAG_PAGES_FILE",
     "FLAG_ZERO_PAGES_EXCLUDED",
     "HEADER_SIZE",
     "KINDS",
@@ -51,10 +73,15 @@ __all__ = [
     "MAGIC",
     "MAX_CHUNKS_LOADABLE",
     "MAX_METADATA_BYTES",
+    "PAGES_HEADER_SIZE",
+    "PAGES_REF_SIZE",
+    "SEGMENT_HEADER_SIZE",
     "TRAILER_SIZE",
     "VERSION",
     "Block",
     "Header",
+    "PagesRef",
+    "Segment",
     "Snapshot",
     "block_seed",
     "committed_extents",
@@ -62,9 +89,11 @@ __all__ = [
     "decode_metadata",
     "encode_metadata",
     "merged",
+    "pack_pages_header",
     "pack_trailer",
     "plan_blocks",
     "released",
+    "unpack_pages_header",
     "unpack_trailer",
 ]
 
@@ -75,7 +104,9 @@ VERSION = 1
 BLOCK_SIZE = 1 << 20
 _MAX_BLOCK_SIZE = 64 << 20
 FLAG_ZERO_PAGES_EXCLUDED = 1
-_KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED
+#: The page data is in a shared pages file; a pages reference replaces it.
+FLAG_PAGES_FILE = 2
+_KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED | FLAG_PAGES_FILE
 #: Metadata is read whole into memory: about 40 bytes per segment, so this allows
 #: tens of millions of segments while bounding what a forged length can make us read.
 MAX_METADATA_BYTES = 1 << 30
@@ -234,13 +265,25 @@ class Header:
 
     @property
     def data_offset(self) -> int:
-        """Offset of the first data block in the checkpoint."""
+        """Offset of the first data block in the checkpoint (of the pages reference, for
+        one whose data is in a pages file)."""
         return HEADER_SIZE + self.metadata_length
+
+    @property
+    def pages_file(self) -> bool:
+        """True if the page data is in a shared pages file (``FLAG_PAGES_FILE``)."""
+        return bool(self.flags & FLAG_PAGES_FILE)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the data blocks with their CRCs, wherever they are."""
+        return self.data_length + _CRC.size * self.blocks
 
     @property
     def total_length(self) -> int:
         """Bytes of the whole checkpoint, trailer included."""
-        return self.data_offset + self.data_length + _CRC.size * self.blocks + TRAILER_SIZE
+        body = PAGES_REF_SIZE if self.pages_file else self.data_bytes
+        return self.data_offset + body + TRAILER_SIZE
 
     def check_metadata(self, metadata: bytes | memoryview) -> None:
         if len(metadata) != self.metadata_length:
@@ -273,6 +316,112 @@ def unpack_trailer(header: Header, raw: bytes) -> None:
         raise CheckpointError("checkpoint trailer is corrupt")
     if raw[_TRAILER.size + _CRC.size :] != bytes(4):
         raise CheckpointError("checkpoint trailer is corrupt")
+
+
+# ------------------------------------------------------------------------ pages files
+
+PAGES_MAGIC = b"APGAPAGS"
+PAGES_VERSION = 1
+#: The pages file's header, padded so that the first segment is page-aligned.
+PAGES_HEADER_SIZE = 4096
+SEGMENT_ALIGN = 4096
+_PAGES_HEADER = struct.Struct("<8sII16s")
+_REF_MAGIC = b"APGAPREF"
+_REF = struct.Struct("<8s16sQ")
+PAGES_REF_SIZE = _REF.size + _CRC.size + 4
+_SEGMENT_MAGIC = b"APGASEGM"
+_SEGMENT = struct.Struct("<8sIIQQ")
+SEGMENT_HEADER_SIZE = _SEGMENT.size + _CRC.size + 4
+
+
+def pack_pages_header(identity: bytes) -> bytes:
+    """The 4096-byte header of a new pages file with ``identity`` (16 bytes)."""
+    body = _PAGES_HEADER.pack(PAGES_MAGIC, PAGES_VERSION, PAGES_HEADER_SIZE, identity)
+    raw = body + _CRC.pack(_crc(body))
+    return raw + bytes(PAGES_HEADER_SIZE - len(raw))
+
+
+def unpack_pages_header(raw: bytes) -> bytes:
+    """Check a pages file's header; its identity. Raises :class:`CheckpointError`."""
+    if len(raw) < _PAGES_HEADER.size + _CRC.size:
+        raise CheckpointError(f"truncated pages file: {len(raw)}-byte header")
+    magic, version, size, identity = _PAGES_HEADER.unpack_from(raw)
+    if magic != PAGES_MAGIC:
+        raise CheckpointError(f"not an asyncpgalloc pages file (magic {magic!r})")
+    if version != PAGES_VERSION:
+        raise CheckpointError(
+            f"pages file format version {version} is not supported (this is {PAGES_VERSION})"
+        )
+    (value,) = _CRC.unpack_from(raw, _PAGES_HEADER.size)
+    if value != _crc(raw[: _PAGES_HEADER.size]) or size != PAGES_HEADER_SIZE:
+        raise CheckpointError("pages file header checksum mismatch")
+    ident: bytes = identity
+    return ident
+
+
+class PagesRef(NamedTuple):
+    """Where a checkpoint's data is: the pages file's identity and the segment's offset."""
+
+    identity: bytes
+    offset: int
+
+    def pack(self, header: Header) -> bytes:
+        body = _REF.pack(_REF_MAGIC, self.identity, self.offset)
+        return body + _CRC.pack(_crc(body, header.crc)) + bytes(4)
+
+    @classmethod
+    def unpack(cls, header: Header, raw: bytes) -> PagesRef:
+        """Check the pages reference of ``header``'s checkpoint. Raises CheckpointError."""
+        if len(raw) != PAGES_REF_SIZE:
+            raise CheckpointError("truncated checkpoint: no pages reference")
+        magic, identity, offset = _REF.unpack_from(raw)
+        (value,) = _CRC.unpack_from(raw, _REF.size)
+        if magic != _REF_MAGIC or value != _crc(raw[: _REF.size], header.crc) or any(raw[-4:]):
+            raise CheckpointError("checkpoint pages reference is corrupt")
+        if offset < PAGES_HEADER_SIZE or offset % SEGMENT_ALIGN:
+            raise CheckpointError(f"bad pages file offset {offset:#x}")
+        return cls(identity, offset)
+
+
+class Segment(NamedTuple):
+    """One checkpoint's data in a pages file: its header's fields."""
+
+    header_crc: int
+    blocks: int
+    data_length: int
+    offset: int
+
+    @classmethod
+    def of(cls, header: Header, offset: int) -> Segment:
+        return cls(header.crc, header.blocks, header.data_length, offset)
+
+    @staticmethod
+    def length(header: Header) -> int:
+        """Bytes a segment of ``header``'s checkpoint takes, padding included."""
+        n = SEGMENT_HEADER_SIZE + header.data_bytes
+        return -(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN
+
+    def pack(self, identity: bytes) -> bytes:
+        body = _SEGMENT.pack(_SEGMENT_MAGIC, *self)
+        return body + _CRC.pack(_crc(body, _crc(identity))) + bytes(4)
+
+    def check(self, identity: bytes, raw: bytes) -> None:
+        """Check that ``raw`` is this segment's header in the pages file of ``identity``;
+        raises :class:`CheckpointError` naming what differs."""
+        if len(raw) != SEGMENT_HEADER_SIZE:
+            raise CheckpointError(f"truncated pages file: no segment at {self.offset:#x}")
+        body = raw[: _SEGMENT.size]
+        magic, *fields = _SEGMENT.unpack(body)
+        (value,) = _CRC.unpack_from(raw, _SEGMENT.size)
+        if magic != _SEGMENT_MAGIC or value != _crc(body, _crc(identity)):
+            raise CheckpointError(
+                f"no checkpoint's pages at offset {self.offset:#x} of the pages file"
+            )
+        if tuple(fields) != tuple(self):
+            raise CheckpointError(
+                f"the pages at offset {self.offset:#x} of the pages file belong to another "
+                "checkpoint"
+            )
 
 
 def block_seed(header_crc: int, index: int) -> int:

@@ -50,7 +50,9 @@ __all__ = [
     "batches",
     "reopen",
     "run_pipelined",
+    "sendfile_piece",
     "together",
+    "write_blocks",
 ]
 
 T = TypeVar("T")
@@ -197,6 +199,40 @@ def _fill_batch_job(src_fd: int, batch: list[Block], header_crc: int, buf: bytea
 Views = Callable[[int, int], list[memoryview]]
 
 
+async def write_blocks(
+    runner: BlockingRunner,
+    dst_fd: int,
+    src_fd: int,
+    blocks: Iterable[Block],
+    header: Header,
+    base: int,
+) -> None:
+    """Write ``blocks`` (each followed by its CRC) at ``base`` of ``dst_fd`` with
+    positioned writes, ``WIDTH`` batches at once in ``runner``'s threads. Each job reads
+    a block's pages from ``src_fd``, checksums and writes it from one 1 MiB buffer of
+    its thread (it stays in the CPU cache), then the next: one thread's write overlaps
+    the other's read. Returns when every batch is written; not fsynced."""
+    bufs: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(WIDTH):
+        bufs.put(bytearray(header.block_size + 4))
+    stride = header.block_size + 4
+
+    def batch_job(batch: list[Block]) -> None:
+        buf = bufs.get_nowait()
+        try:
+            mv = memoryview(buf)
+            for block in batch:
+                n = _fill_block(src_fd, block, header.crc, mv)
+                _pwrite_all(dst_fd, mv[:n], base + block.number * stride)
+        finally:
+            bufs.put(buf)
+
+    def job(batch: list[Block]) -> Callable[[], Awaitable[None]]:
+        return lambda: runner.run(batch_job, batch)
+
+    await run_pipelined(job(b) for b in batches(blocks))
+
+
 # ------------------------------------------------------------------------ sinks
 
 
@@ -255,33 +291,14 @@ class PathSink(Sink):
             self.abort()
             raise
         self._pos = 0
-        self._bufs: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     async def write(self, data: bytes | memoryview) -> None:
         await self._run.run(_pwrite_all, self._fd, data, self._pos)
         self._pos += len(data)
 
     async def write_data(self, src_fd: int, blocks: Iterable[Block], header: Header) -> None:
-        for _ in range(WIDTH):
-            self._bufs.put(bytearray(header.block_size + 4))
-        base = self._pos
-
-        def job(batch: list[Block]) -> Callable[[], Awaitable[None]]:
-            return lambda: self._run.run(self._batch_job, src_fd, batch, header, base)
-
-        await run_pipelined(job(b) for b in batches(blocks))
-        self._pos += header.data_length + 4 * header.blocks
-
-    def _batch_job(self, src_fd: int, batch: list[Block], header: Header, base: int) -> None:
-        # One 1 MiB buffer per thread: it stays in the CPU cache between read, CRC, write.
-        buf = self._bufs.get_nowait()
-        try:
-            mv = memoryview(buf)
-            for block in batch:
-                n = _fill_block(src_fd, block, header.crc, mv)
-                _pwrite_all(self._fd, mv[:n], base + block.number * (header.block_size + 4))
-        finally:
-            self._bufs.put(buf)
+        await write_blocks(self._run, self._fd, src_fd, blocks, header, self._pos)
+        self._pos += header.data_bytes
 
     async def commit(self) -> None:
         """fsync (in the executor), then rename and fsync the directory on the loop.
@@ -389,9 +406,10 @@ class Source:
 class FdSource(Source):
     """A checkpoint file opened by path: ``pread``/``sendfile`` at known offsets."""
 
-    def __init__(self, path: str | os.PathLike[str], runner: BlockingRunner) -> None:
+    def __init__(self, path: str | os.PathLike[str] | int, runner: BlockingRunner) -> None:
+        """Open ``path``, or take ownership of the fd ``path``."""
         super().__init__(runner)
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._size = os.fstat(self._fd).st_size
             with contextlib.suppress(OSError):
@@ -403,6 +421,10 @@ class FdSource(Source):
 
     def remaining(self) -> int:
         return self._size - self._pos
+
+    def seek(self, pos: int) -> None:
+        """Read from ``pos`` on (a segment of a pages file)."""
+        self._pos = pos
 
     async def read_exact(self, n: int) -> bytes:
         if n > self.remaining():
@@ -424,7 +446,7 @@ class FdSource(Source):
             )
 
         await run_pipelined(job(b) for b in batches(blocks))
-        self._pos += header.data_length + 4 * header.blocks
+        self._pos += header.data_bytes
 
     async def read_trailer(self, header: Header, trailer_len: int) -> bytes:
         """The trailer, read where ``header`` puts it (the position does not move)."""
@@ -450,6 +472,22 @@ class FdSource(Source):
             self._fd = -1
 
 
+def sendfile_piece(out: int, src_fd: int, pos: int, off: int, n: int) -> int:
+    """Copy ``n`` bytes at ``pos`` of ``src_fd`` to ``off`` of ``out`` (a file description
+    of the caller's own: its offset moves) with ``sendfile``: the kernel copies from the
+    source's page cache into the memory file's pages, none zeroed first as a fault
+    through the mapping would. **Blocking**. Returns the position after them; raises
+    CheckpointError at EOF."""
+    os.lseek(out, off, os.SEEK_SET)
+    while n:
+        sent = os.sendfile(out, src_fd, pos, n)
+        if sent == 0:
+            raise CheckpointError("truncated checkpoint: data ends early")
+        pos += sent
+        n -= sent
+    return pos
+
+
 def _load_batch_job(
     src_fd: int, dst_fd: int, batch: list[Block], header: Header, base: int, views: Views
 ) -> None:
@@ -462,14 +500,7 @@ def _load_batch_job(
             pos = base + block.number * (header.block_size + 4)
             crc = block_seed(header.crc, block.number)
             for off, n in block.pieces:
-                os.lseek(out, off, os.SEEK_SET)
-                left = n
-                while left:
-                    sent = os.sendfile(out, src_fd, pos, left)
-                    if sent == 0:
-                        raise CheckpointError("truncated checkpoint: data ends early")
-                    pos += sent
-                    left -= sent
+                pos = sendfile_piece(out, src_fd, pos, off, n)
                 for v in views(off, off + n):
                     crc = crc32c(v, crc)
             raw = os.pread(src_fd, 4, pos)

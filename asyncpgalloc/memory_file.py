@@ -70,13 +70,14 @@ from .ranges import (
 )
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import Releaser
-from .stats import MemoryFileCounters, MemoryFileStats
+from .stats import MemoryFileCounters, MemoryFileStats, load_fields
 from .transitions import guarded, guarded_async, splits_state
 from .usage import UsageScanner, run_usage_refresher
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointDestination, CheckpointSource
     from .loader import LoadProgress, PageLoader
+    from .pages_file import PagesFile
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
 
@@ -177,6 +178,8 @@ class MemoryFile:
         self._lent_tasks: list[asyncio.Task[None]] = []
         # The page loader of a load(async_pages=True), while it exists (see loader.py).
         self._loader: PageLoader | None = None
+        # Saves in progress: update_usage does nothing meanwhile (see save).
+        self._saves = 0
         # The entry check of every call: the loop while the file is usable from it,
         # _SHUT once it is not (see _check). One identity test on the hot paths.
         # Set last: until then __del__ leaves the fd to _open.
@@ -951,15 +954,24 @@ class MemoryFile:
         never touched are invisible to ``mincore`` and stay unknown (those of a ``COMMIT``
         allocation are known from the start). Raises ``OSError`` if
         mincore fails, leaving the accounting as it was for the pages not yet marked.
+
+        While a :meth:`save` runs it does nothing and returns False, ``force`` or not,
+        as gVisor's ``UpdateUsage`` during a save: the save marks committed pages itself.
         """
         self._check()
+        if self._saves:
+            return False
         return await self._usage.update(memcg_ids, force)
 
     # ------------------------------------------------------------------ checkpoint
 
     @guarded_async
     async def save(
-        self, dst: CheckpointDestination, *, exclude_committed_zero_pages: bool = False
+        self,
+        dst: CheckpointDestination,
+        *,
+        exclude_committed_zero_pages: bool = False,
+        pages_file: PagesFile | None = None,
     ) -> None:
         """Write a checkpoint of the file to ``dst``: a path, or an ``aiofiles`` file
         opened ``"wb"`` (written at its position, flushed, neither fsynced nor closed).
@@ -978,13 +990,28 @@ class MemoryFile:
         directory, fsynced, renamed and the directory fsynced (on the loop, with the
         rename: one journal commit); a failure or cancellation leaves neither the
         file nor the temporary. Writers should be quiesced: pages are copied after
-        the snapshot. See :mod:`asyncpgalloc.checkpoint`.
+        the snapshot. See :mod:`asyncpgalloc.checkpoint`. While it runs,
+        :meth:`update_usage` does nothing (returns False).
+
+        With ``pages_file`` (a :class:`~asyncpgalloc.PagesFile` from
+        :meth:`PagesFile.create <asyncpgalloc.PagesFile.create>`), ``dst`` gets the
+        header, metadata and a reference to the pages, which go into the shared pages
+        file at the next offset it hands out (fsynced before ``dst`` is committed);
+        several saves of different files may share it at once. See
+        :mod:`asyncpgalloc.pages_file`.
         """
         from .checkpoint import save_checkpoint
 
-        await save_checkpoint(
-            self, dst, exclude_committed_zero_pages=exclude_committed_zero_pages
-        )
+        self._saves += 1
+        try:
+            await save_checkpoint(
+                self,
+                dst,
+                exclude_committed_zero_pages=exclude_committed_zero_pages,
+                pages_file=pages_file,
+            )
+        finally:
+            self._saves -= 1
 
     @classmethod
     async def load(
@@ -994,6 +1021,7 @@ class MemoryFile:
         *,
         file: FileLike | None = None,
         async_pages: bool = False,
+        pages_file: PagesFile | None = None,
     ) -> MemoryFile:
         """Open a new MemoryFile (on ``file``, a new memfd by default) holding the
         checkpoint ``src`` (a path, or an ``aiofiles`` file opened ``"rb"``, read from
@@ -1014,18 +1042,30 @@ class MemoryFile:
         checked, as gVisor's async page loading does: the file is usable at once
         (allocate, references, accounting, eviction) while a loader task owned by
         the file reads the page blocks in 32 MiB sequential batches in a private
-        executor (``preadv`` into the mapping, each block's CRC checked as it
+        executor (``sendfile`` into the file, each block's CRC checked as it
         lands). :meth:`map_internal` of pages not loaded yet raises
         :class:`~asyncpgalloc.PagesNotLoadedError`; await :meth:`wait_loaded`
         first. Pages freed before their block is read are never read. A load that
         fails later fails every waiter with the same ``CheckpointError`` (see
         :mod:`asyncpgalloc.loader`); the file stays open, its unloaded pages
         unreadable.
+
+        A checkpoint saved with ``pages_file`` needs the same pages file, opened with
+        :meth:`PagesFile.open <asyncpgalloc.PagesFile.open>`; its identity and the
+        segment at the recorded offset are checked before anything is mapped (the
+        wrong pages file, a wrong offset or a truncated one raise ``CheckpointError``).
+        ``src`` may then be an aiofiles file even with ``async_pages``: the pages are
+        read from the pages file.
         """
         from .checkpoint import load_checkpoint
 
         return await load_checkpoint(
-            cls, src, check_file_opts(opts), _check_file(file), async_pages=async_pages
+            cls,
+            src,
+            check_file_opts(opts),
+            _check_file(file),
+            async_pages=async_pages,
+            pages_file=pages_file,
         )
 
     def _adopt_loader(self, loader: PageLoader) -> None:
@@ -1243,7 +1283,13 @@ class MemoryFile:
         """Bytes by page state, right now. O(1): running totals kept at every
         transition (``check_invariants`` compares them to a recount); no syscall."""
         self._check()
-        return self._pages.stats()
+        return self._stats_now()
+
+    def _stats_now(self) -> MemoryFileStats:
+        st = self._pages.stats()
+        if self._loader is None:
+            return st
+        return dataclasses.replace(st, **load_fields(self._loader.progress()))
 
     def page_view(self) -> PageView:
         """A read-only look at the page sets (see :class:`~asyncpgalloc.pages.PageView`),

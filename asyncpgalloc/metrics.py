@@ -39,6 +39,10 @@ memcg}``                                            (``anonymous``, ``page_cache
 ``asyncpgalloc_evict_failures_total``      counter  ``counters().evict_failures``
 ``asyncpgalloc_pressure_events_total``     counter  ``counters().pressure_events``
 ``asyncpgalloc_usage_scans_total``         counter  ``counters().usage_scans``
+``asyncpgalloc_load_bytes{state}``         gauge    ``stats()`` of an async page load:
+                                                    total, loaded, dropped, pending
+``asyncpgalloc_load_waiters``              gauge    ``stats().load_waiters``
+``asyncpgalloc_load_waited_bytes_total``   counter  ``stats().load_waited_bytes``
 =========================================  =======  ========================================
 
 Once the file is closed only the counters and the accounting are reported (the
@@ -176,6 +180,15 @@ class MemoryFileCollector:
             chunks = GaugeMetricFamily(
                 f"{p}_chunks", "Chunks of the file by page size.", labels=["page_size"]
             )
+            load = GaugeMetricFamily(
+                f"{p}_load_bytes",
+                "Page bytes of an async page load by state (all 0 without one).",
+                labels=["state"],
+            )
+            waiters = GaugeMetricFamily(f"{p}_load_waiters", "wait_loaded() calls waiting now.")
+            waited = CounterMetricFamily(
+                f"{p}_load_waited_bytes", "Pending page bytes that wait_loaded() calls asked for."
+            )
             if stats is not None:
                 for state in PAGE_STATES:
                     by_state.add_metric([state], getattr(stats, f"{state}_bytes"))
@@ -183,9 +196,18 @@ class MemoryFileCollector:
                 size.add_metric([], stats.total_size)
                 chunks.add_metric(["huge"], stats.huge_chunks)
                 chunks.add_metric(["small"], stats.small_chunks)
+                for state, value in (
+                    ("total", stats.load_total_bytes),
+                    ("loaded", stats.loaded_bytes),
+                    ("dropped", stats.load_dropped_bytes),
+                    ("pending", stats.load_pending_bytes),
+                ):
+                    load.add_metric([state], value)
+                waiters.add_metric([], stats.load_waiters)
+                waited.add_metric([], stats.load_waited_bytes)
             if snap is not None and snap.host_usage is not None:
                 host_usage.add_metric([], snap.host_usage)
-            yield from (by_state, committed, size, host_usage, chunks)
+            yield from (by_state, committed, size, host_usage, chunks, load, waiters, waited)
 
         accounted = GaugeMetricFamily(
             f"{p}_accounted_bytes",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["MemoryFileCounters", "MemoryFileStats"]
+if TYPE_CHECKING:
+    from .loader import LoadProgress
+
+__all__ = ["MemoryFileCounters", "MemoryFileStats", "load_fields"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,13 @@ class MemoryFileStats:
             that commit their pages).
         huge_chunks: chunks backed by huge pages.
         small_chunks: chunks backed by small pages.
+        load_total_bytes: page bytes a ``load(async_pages=True)`` has to read (0 for a
+            file not loaded that way; see :class:`~asyncpgalloc.LoadProgress`).
+        loaded_bytes: of those, read and checked so far.
+        load_dropped_bytes: of those, never read (their pages became waste first).
+        load_pending_bytes: of those, neither loaded nor dropped yet (unreadable).
+        load_waiters: ``wait_loaded`` calls waiting now.
+        load_waited_bytes: pending bytes waiters asked for, summed over every call.
     """
 
     total_size: int
@@ -37,6 +48,27 @@ class MemoryFileStats:
     known_committed_bytes: int
     huge_chunks: int
     small_chunks: int
+    load_total_bytes: int = 0
+    loaded_bytes: int = 0
+    load_dropped_bytes: int = 0
+    load_pending_bytes: int = 0
+    load_waiters: int = 0
+    load_waited_bytes: int = 0
+
+
+def load_fields(progress: LoadProgress | None) -> dict[str, int]:
+    """The ``load_*`` fields of :class:`MemoryFileStats` from a load's progress (zeros
+    without one). O(1)."""
+    if progress is None:
+        return {}
+    return {
+        "load_total_bytes": progress.total_bytes,
+        "loaded_bytes": progress.loaded_bytes,
+        "load_dropped_bytes": progress.dropped_bytes,
+        "load_pending_bytes": progress.pending_bytes,
+        "load_waiters": progress.waiters,
+        "load_waited_bytes": progress.waited_bytes,
+    }
 
 
 @dataclass(frozen=True, slots=True)

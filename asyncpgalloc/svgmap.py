@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from .ranges import CHUNK_SHIFT, CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from .stats import MemoryFileStats
+from .stats import MemoryFileStats, load_fields
 
 if TYPE_CHECKING:
+    from .loader import LoadProgress
     from .pages import PageView
     from .segments import SegmentSet
 
@@ -66,6 +67,8 @@ class Viewable(Protocol):
     that gives a read-only :class:`~asyncpgalloc.pages.PageView`."""
 
     def page_view(self) -> PageView: ...
+
+    def load_progress(self) -> LoadProgress | None: ...
 
 
 class PageState(enum.Enum):
@@ -187,6 +190,7 @@ def snapshot(mf: Viewable) -> MapSnapshot:
         known_committed_bytes=view.known_committed_bytes,
         huge_chunks=huge_chunks,
         small_chunks=len(chunk_huge) - huge_chunks,
+        **load_fields(mf.load_progress()),
     )
     return MapSnapshot(
         chunk_huge=chunk_huge,

@@ -13,7 +13,11 @@ after dropping the page cache (root only; otherwise warm, and the output says so
   readable: ``await mf.wait_loaded(fr)``, the range jumping the queue.
 - ``async_total``: from the load call to ``await mf.wait_loaded()`` (every page in).
 - loop lag while the async load streams pages in: a task sleeping 1 ms records how late it
-  wakes; p99 and max over the whole load.
+  wakes; p99 and max over the whole load, and the same over as long an idle loop just
+  before (``idle_lag``: what the machine itself does to the loop; it is shared).
+- ``save``: ``await mf.save(path)`` of the file (1/4 committed) against ``fsync_write``,
+  a ``cp``-style write of as many bytes from a memfd to a new file on the same disk,
+  fsynced, in the same repetition.
 
 Each figure is the median of ``--reps`` (>= 5) repetitions; throughput ratios are medians of
 per-repetition ratios against the read in the same repetition. One JSON line per figure,
@@ -35,7 +39,7 @@ import time
 from typing import Any
 
 import uvloop
-from bench_checkpoint import cat_read, drop_caches
+from bench_checkpoint import cat_read, cp_write, drop_caches
 
 from asyncpgalloc import PAGE_SIZE, AccessType, AllocationMode, AllocOpts, FileRange, MemoryFile
 
@@ -61,6 +65,18 @@ async def build(path: str, gib: int) -> tuple[FileRange, bytes]:
     return chosen, pattern[PIECE - 2 * MiB :]
 
 
+def fsync_write(size: int, path: str) -> float:
+    """Seconds to write ``size`` bytes from a memfd's page cache to a new file at ``path``
+    and fsync it, as ``cp`` would (1 MiB writes)."""
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, os.urandom(MiB), 0)  # not all holes
+        return cp_write(fd, size, path, True)
+    finally:
+        os.close(fd)
+
+
 class Lag:
     """A task sleeping 1 ms in a loop, recording how late it wakes."""
 
@@ -82,15 +98,29 @@ class Lag:
         return lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3, lags[-1] * 1e3
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every repetition's figures: ``times`` (seconds by op), ``vs_read`` (per-repetition
+    ratios), ``lag_p99``/``lag_max``/``idle_p99``/``idle_max`` (ms), ``size``,
+    ``dropped`` (whether the page cache could be dropped)."""
     path = os.path.join(args.dir, "bench_async_load.ckpt")
     times: dict[str, list[float]] = {
         k: []
-        for k in ("read", "sync_load", "async_return", "first_alloc", "range_2mib", "async_total")
+        for k in (
+            "read",
+            "sync_load",
+            "async_return",
+            "first_alloc",
+            "range_2mib",
+            "async_total",
+            "fsync_write",
+            "save",
+        )
     }
     lag_p99: list[float] = []
     lag_max: list[float] = []
-    vs_read: dict[str, list[float]] = {"sync_load": [], "async_total": []}
+    idle_p99: list[float] = []
+    idle_max: list[float] = []
+    vs_read: dict[str, list[float]] = {"sync_load": [], "async_total": [], "save": []}
     dropped = True
     chosen, expected = await build(path, args.gib)
     size = os.stat(path).st_size
@@ -104,6 +134,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             sync = time.perf_counter() - t0
             await mf.aclose()
             dropped = drop_caches() and dropped
+            lag = Lag()
+            await asyncio.sleep(max(sync, 0.2))  # the idle loop, as long as a load
+            ip99, imx = await lag.stop()
             lag = Lag()
             await asyncio.sleep(0.005)
             lag.lags.clear()
@@ -119,6 +152,14 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             total = time.perf_counter() - t0
             p99, mx = await lag.stop()
             assert got == expected, "the chosen range holds the wrong bytes"
+            # Saving it back, against an fsynced sequential write of as many bytes.
+            out = os.path.join(args.dir, "bench_async_load.out")
+            w = fsync_write(size, out)
+            os.unlink(out)
+            t0 = time.perf_counter()
+            await mf.save(out)
+            saved = time.perf_counter() - t0
+            os.unlink(out)
             await mf.aclose()
             for k, v in (
                 ("read", r),
@@ -127,22 +168,47 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ("first_alloc", alloc),
                 ("range_2mib", rng),
                 ("async_total", total),
+                ("fsync_write", w),
+                ("save", saved),
             ):
                 times[k].append(v)
             vs_read["sync_load"].append(r / sync)
             vs_read["async_total"].append(r / total)
+            vs_read["save"].append(w / saved)
             lag_p99.append(p99)
             lag_max.append(mx)
+            idle_p99.append(ip99)
+            idle_max.append(imx)
             print(
                 f"rep {rep}: read {r:.3f}s sync {sync:.3f}s async return {ret * 1e3:.2f}ms "
                 f"alloc {alloc * 1e3:.2f}ms range {rng * 1e3:.1f}ms total {total:.3f}s "
-                f"lag p99 {p99:.2f}ms max {mx:.2f}ms",
+                f"lag p99 {p99:.2f}ms max {mx:.2f}ms (idle {ip99:.2f} / {imx:.2f}ms) "
+                f"write {w:.3f}s save {saved:.3f}s",
                 file=sys.stderr,
                 flush=True,
             )
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    return {
+        "times": times,
+        "vs_read": vs_read,
+        "lag_p99": lag_p99,
+        "lag_max": lag_max,
+        "idle_p99": idle_p99,
+        "idle_max": idle_max,
+        "size": size,
+        "dropped": dropped,
+    }
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    m = await measure(args)
+    times: dict[str, list[float]] = m["times"]
+    vs_read: dict[str, list[float]] = m["vs_read"]
+    lag_p99, lag_max = m["lag_p99"], m["lag_max"]
+    idle_p99, idle_max = m["idle_p99"], m["idle_max"]
+    size, dropped = m["size"], m["dropped"]
     out: list[dict[str, Any]] = []
     for op, ts in times.items():
         med = statistics.median(ts)
@@ -168,6 +234,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "p99_ms": round(statistics.median(lag_p99), 3),
             "max_ms": round(statistics.median(lag_max), 3),
             "worst_max_ms": round(max(lag_max), 3),
+            "idle_p99_ms": round(statistics.median(idle_p99), 3),
+            "idle_max_ms": round(statistics.median(idle_max), 3),
             "loop": args.loop,
         }
     )
@@ -187,7 +255,8 @@ def table(results: list[dict[str, Any]]) -> str:
     lag = results[-1]
     lines.append(
         f"loop lag during the async load: p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} ms "
-        f"(median of reps; worst {lag['worst_max_ms']:.2f} ms)"
+        f"(median of reps; worst {lag['worst_max_ms']:.2f} ms); idle loop in the same reps: "
+        f"p99 {lag['idle_p99_ms']:.2f} ms, max {lag['idle_max_ms']:.2f} ms"
     )
     if not results[0]["page_cache_dropped"]:
         lines.append("(page cache NOT dropped: reads and loads were warm)")

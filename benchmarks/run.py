@@ -16,7 +16,12 @@ Scenarios (the names are stable; ``--only`` takes their letters or full names):
 - ``scrape`` event-loop lag while the Prometheus metrics are rendered at 10 Hz
   (``render_metrics``) with 100k allocations live, against the idle loop's lag measured
   in the same repetition (also run by ``lag``);
-- ``heap`` Python heap bytes per live allocation (``tracemalloc``) at 100k and 1M live.
+- ``heap`` Python heap bytes per live allocation (``tracemalloc``) at 100k and 1M live;
+- ``restore`` async restore (``bench_async_load.py``): a 4 GiB file with 1 GiB committed
+  (1 GiB with ``--quick``), page cache dropped: load to the first allocation and to a
+  chosen 2 MiB range, total throughput against a cold sequential read, loop lag while
+  loading against the idle loop's, and save against an fsynced sequential write, all in
+  the same repetitions (asyncio loop).
 
 Rules every timed loop follows: the event loop gets a turn at least every 64 operations,
 and a scenario that frees ends with ``await mf.wait_released()`` inside the timing, so
@@ -697,6 +702,52 @@ async def run_all(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
     return results
 
 
+async def scenario_restore(reps: int, gib: int) -> list[Result]:
+    """bench_async_load's figures as Results with the targets of issue 14."""
+    import bench_async_load
+
+    args = argparse.Namespace(dir="/tmp", reps=reps, gib=gib, loop="asyncio")
+    m = await bench_async_load.measure(args)
+    t, vs = m["times"], m["vs_read"]
+    params = {"file_gib": gib, "committed_gib": gib / 4, "page_cache_dropped": m["dropped"]}
+    ms = [x * 1e3 for x in t["first_alloc"]]
+    first = Result("restore_first_alloc", "ms", ms, params, target="<= 10")
+    first.target_met = first.median <= 10
+    rng = Result(
+        "restore_2mib_range", "ms", [x * 1e3 for x in t["range_2mib"]], params, target="<= 50"
+    )
+    rng.target_met = rng.median <= 50
+    total = Result(
+        "restore_total",
+        "s",
+        t["async_total"],
+        params,
+        raw_samples=t["read"],
+        raw_what="cold sequential read (cat)",
+        raw_ratios=vs["async_total"],
+        target=">= 0.9 of raw",
+    )
+    total.target_met = statistics.median(vs["async_total"]) >= 0.9
+    idle = {"idle_p99_ms": _r(statistics.median(m["idle_p99"]))}
+    p99 = Result("restore_lag_p99", "ms", m["lag_p99"], params, target="< 1", extra=idle)
+    p99.target_met = p99.median < 1
+    idle_max = {"idle_max_ms": _r(statistics.median(m["idle_max"]))}
+    mx = Result("restore_lag_max", "ms", m["lag_max"], params, target="< 5", extra=idle_max)
+    mx.target_met = mx.median < 5
+    save = Result(
+        "save_vs_fsync_write",
+        "s",
+        t["save"],
+        params,
+        raw_samples=t["fsync_write"],
+        raw_what="fsynced sequential write (cp)",
+        raw_ratios=vs["save"],
+        target=">= 0.9 of raw",
+    )
+    save.target_met = statistics.median(vs["save"]) >= 0.9
+    return [first, rng, total, p99, mx, save]
+
+
 async def run_lag(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
     """The event-loop lag scenarios.
 
@@ -726,6 +777,9 @@ async def run_lag(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
                 add(r)
     if plan.wants("lag", "scrape"):
         for r in await scenario_scrape_lag(100_000, 1.0 if quick else 3.0, reps):
+            add(r)
+    if plan.wants("restore"):
+        for r in await scenario_restore(reps, 1 if quick else 4):
             add(r)
     return results
 
@@ -759,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="LIST",
-        help="comma-separated: a,b,c,d,e,lag,scrape,heap (default: all)",
+        help="comma-separated: a,b,c,d,e,lag,scrape,heap,restore (default: all)",
     )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args(argv)
