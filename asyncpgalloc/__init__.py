@@ -24,7 +24,6 @@ from .errors import UnsealableFileError as UnsealableFileError
 from .errors import WrongLoopError as WrongLoopError
 from .errors import WrongThreadError as WrongThreadError
 from .eviction import EvictableMemoryUser as EvictableMemoryUser
-from .loader import LoadProgress as LoadProgress
 from .memory_file import MemoryFile as MemoryFile
 from .options import AccessType as AccessType
 from .options import AllocationMode as AllocationMode
@@ -40,6 +39,7 @@ from .ranges import HUGE_PAGE_SIZE as HUGE_PAGE_SIZE
 from .ranges import PAGE_SIZE as PAGE_SIZE
 from .ranges import EvictableRange as EvictableRange
 from .ranges import FileRange as FileRange
+from .stats import LoadProgress as LoadProgress
 from .stats import MemoryFileCounters as MemoryFileCounters
 from .stats import MemoryFileStats as MemoryFileStats
 

@@ -10,8 +10,10 @@ metadata and the contents of the known-committed pages only (see
 :mod:`~asyncpgalloc.checkpoint_format`). It never waits for the releaser: under
 allocations and frees that never stop, there is always some waste. ``load`` reads
 and checks the header and the metadata before it creates or maps anything, then
-builds a MemoryFile through ``MemoryFile._open`` (so its releaser and options work
-as for any other) and copies the pages in off the loop. With a shared pages file
+has the file open a new MemoryFile as any other (so its releaser and options
+work), installs the checked state through the parts the file hands over
+(:class:`FileParts`: this module reads no private state of the file) and copies the
+pages in off the loop. With a shared pages file
 (:mod:`asyncpgalloc.pages_file`), the pages go to (and come from) the segment the
 pages file handed out, and the checkpoint keeps a reference to it instead.
 
@@ -30,8 +32,9 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .accounting import MemoryKind
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
@@ -80,7 +83,9 @@ from .pages_file import PagesFile, check_segment, read_identity
 from .ranges import PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
-    from .memory_file import FileLike, MemoryFile
+    from .chunks import Chunks
+    from .eviction import Evictions
+    from .pages import PageSets, PageView
 
 __all__ = [
     "CheckpointDestination",
@@ -96,6 +101,45 @@ CheckpointDestination = str | os.PathLike[str] | AsyncBinaryWriter
 CheckpointSource = str | os.PathLike[str] | AsyncBinaryReader
 
 
+class CheckpointedFile(Protocol):
+    """The public calls of a :class:`~asyncpgalloc.MemoryFile` that save and load use."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def page_view(self) -> PageView: ...
+
+    def inc_ref(self, fr: FileRange, memcg_id: int = 0) -> None: ...
+
+    def dec_ref(self, fr: FileRange) -> None: ...
+
+    def check_invariants(self, *, check_zero_pages: bool = False) -> None: ...
+
+    async def wait_loaded(self, fr: FileRange | None = None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+F = TypeVar("F", bound=CheckpointedFile)
+
+
+@dataclass(frozen=True, slots=True)
+class FileParts:
+    """What save and load need of a file beyond its public calls, handed over by the
+    file itself (this module never reads another object's private state).
+
+    ``check()`` raises unless the file may be used now; ``adopt_loader`` makes a
+    :class:`~asyncpgalloc.loader.PageLoader` the file's (it starts its task)."""
+
+    fd: int
+    pages: PageSets
+    blocking: BlockingRunner
+    chunks: Chunks
+    evictions: Evictions
+    check: Callable[[], None]
+    adopt_loader: Callable[[PageLoader], None]
+
+
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
     # Two threads: copying one batch while the previous one is checksummed.
     return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asyncpgalloc-checkpoint")
@@ -105,14 +149,15 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def save_checkpoint(
-    mf: MemoryFile,
+    mf: CheckpointedFile,
+    parts: FileParts,
     dst: CheckpointDestination,
     *,
     exclude_committed_zero_pages: bool = False,
     pages_file: PagesFile | None = None,
 ) -> None:
     """See :meth:`MemoryFile.save`."""
-    mf._check()
+    parts.check()
     if not isinstance(dst, str | os.PathLike | AsyncBinaryWriter):
         raise TypeError(f"save: {type(dst).__name__} is neither a path nor an async binary file")
     if pages_file is not None:
@@ -123,7 +168,7 @@ async def save_checkpoint(
             raise CheckpointError(f"save: {pages_file!r} is not open for saving")
     # As gVisor's SaveTo: a load still running finishes first (or its error is ours).
     await mf.wait_loaded()
-    _check_evictions(mf)
+    _check_evictions(parts)
     ex = _executor()
     runner = BlockingRunner(ex)
     sink: Sink
@@ -136,12 +181,12 @@ async def save_checkpoint(
         raise
     src_fd = pages_fd = -1
     try:
-        src_fd = reopen(mf._fd, os.O_RDWR)
-        await _mark_data_committed(mf, src_fd)
+        src_fd = reopen(parts.fd, os.O_RDWR)
+        await _mark_data_committed(mf, parts, src_fd)
         if exclude_committed_zero_pages:
-            await _exclude_zero_pages(mf, src_fd)
+            await _exclude_zero_pages(mf, parts, src_fd)
         _live(mf)
-        _check_evictions(mf)
+        _check_evictions(parts)
         snap, metadata = await runner.run(_encode_released, _snapshot(mf))
         flags = FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0
         header = Header.make(
@@ -200,8 +245,8 @@ async def _write_segment(
     await runner.run(os.fsync, fd)
 
 
-def _check_evictions(mf: MemoryFile) -> None:
-    ev = mf._evictions
+def _check_evictions(parts: FileParts) -> None:
+    ev = parts.evictions
     pending = ev.evictable_bytes()
     if pending or ev.evicting():
         raise CheckpointError(
@@ -210,21 +255,21 @@ def _check_evictions(mf: MemoryFile) -> None:
         )
 
 
-def _live(mf: MemoryFile) -> None:
-    if mf._closed:
+def _live(mf: CheckpointedFile) -> None:
+    if mf.closed:
         raise ClosedError("the MemoryFile was closed during save()")
 
 
-async def _mark_data_committed(mf: MemoryFile, fd: int) -> None:
+async def _mark_data_committed(mf: CheckpointedFile, parts: FileParts, fd: int) -> None:
     """Mark every used page that holds data known-committed, with its accounting.
 
     gVisor's save runs updateUsage first for the same reason: only known-committed
     pages are written. The scan is SEEK_DATA/SEEK_HOLE in the file's executor; a
     page decommitted, released or allocated since the scan began is not marked.
     """
-    pages = mf._pages
+    pages = parts.pages
     last_seq = pages.begin_scan()
-    extents = await mf._blocking.run(data_extents, fd, mf.total_size())
+    extents = await parts.blocking.run(data_extents, fd, pages.total_size)
     _live(mf)
     slice_start = time.perf_counter()
     for i, (s, e) in enumerate(extents):
@@ -235,7 +280,7 @@ async def _mark_data_committed(mf: MemoryFile, fd: int) -> None:
             slice_start = time.perf_counter()
 
 
-async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
+async def _exclude_zero_pages(mf: CheckpointedFile, parts: FileParts, fd: int) -> None:
     """Decommit the known-committed pages that are all zeros (gVisor's
     ExcludeCommittedZeroPages), with the accounting and commit-sequence update of
     :meth:`MemoryFile.decommit`.
@@ -243,22 +288,23 @@ async def _exclude_zero_pages(mf: MemoryFile, fd: int) -> None:
     The candidates hold an extra reference while the scan and the punch run, so
     none can be freed and reallocated to someone who writes it before the punch.
     """
-    candidates = mf._pages.known_committed_runs()
+    pages = parts.pages
+    candidates = pages.known_committed_runs()
     if not candidates:
         return
     for s, e in candidates:
         mf.inc_ref(FileRange(s, e))
     try:
-        zeros = await mf._blocking.run(zero_ranges_job, fd, candidates)
+        zeros = await parts.blocking.run(zero_ranges_job, fd, candidates)
         if zeros:
             try:
-                await mf._blocking.run(punch_job, fd, zeros)
+                await parts.blocking.run(punch_job, fd, zeros)
             finally:
-                if not mf._closed:
+                if not mf.closed:
                     for s, e in zeros:
-                        mf._pages.decommitted(s, e)
+                        pages.decommitted(s, e)
     finally:
-        if not mf._closed:
+        if not mf.closed:
             for s, e in candidates:
                 mf.dec_ref(FileRange(s, e))
 
@@ -269,7 +315,7 @@ def _encode_released(snap: Snapshot) -> tuple[Snapshot, bytes]:
     return snap, encode_metadata(snap)
 
 
-def _snapshot(mf: MemoryFile) -> Snapshot:
+def _snapshot(mf: CheckpointedFile) -> Snapshot:
     """The file's bookkeeping at this instant, waste included (no await: O(segments)
     on the loop, ~0.3 µs per segment)."""
     view = mf.page_view()
@@ -300,15 +346,15 @@ def _snapshot(mf: MemoryFile) -> Snapshot:
 
 
 async def load_checkpoint(
-    cls: type[MemoryFile],
+    open_file: Callable[[], Awaitable[tuple[F, FileParts]]],
     src: CheckpointSource,
     opts: MemoryFileOpts,
-    file: FileLike | None = None,
     *,
     async_pages: bool = False,
     pages_file: PagesFile | None = None,
-) -> MemoryFile:
-    """See :meth:`MemoryFile.load`."""
+) -> F:
+    """See :meth:`MemoryFile.load`. ``open_file()`` opens the new, empty file once the
+    checkpoint is checked."""
     if not isinstance(src, str | os.PathLike | AsyncBinaryReader):
         raise TypeError(f"load: {type(src).__name__} is neither a path nor an async binary file")
     if pages_file is not None and not isinstance(pages_file, PagesFile):
@@ -331,7 +377,7 @@ async def load_checkpoint(
     except BaseException:
         ex.shutdown()
         raise
-    mf: MemoryFile | None = None
+    mf: F | None = None
     dst_fd = -1
     src_fd = -1
     pages: Source | None = None  # the pages file's data, for a checkpoint that has one
@@ -375,9 +421,9 @@ async def load_checkpoint(
         data = pages if pages is not None else source
 
         # Everything is checked: from here on, build.
-        mf = await cls._open(file, opts)
-        _install(mf, state)
-        dst_fd = reopen(mf._fd, os.O_RDWR)
+        mf, parts = await open_file()
+        _install(parts, state)
+        dst_fd = reopen(parts.fd, os.O_RDWR)
         if async_pages:
             assert isinstance(data, FdSource)
             _check_loaded(mf)
@@ -392,15 +438,15 @@ async def load_checkpoint(
                     src_fd=src_fd,
                     dst_fd=loader_fd,
                     executor=ex,
-                    views=mf._map.views,
+                    views=parts.chunks.views,
                     inc_ref=mf.inc_ref,
                     dec_ref=mf.dec_ref,
                 )
                 src_fd, keep_ex = -1, True  # the loader's now
-                mf._adopt_loader(loader)
+                parts.adopt_loader(loader)
             return mf
         await data.load_data(
-            header, plan_blocks(state.extents, header.block_size), dst_fd, mf._map.views
+            header, plan_blocks(state.extents, header.block_size), dst_fd, parts.chunks.views
         )
         if pages is None:
             unpack_trailer(header, await source.finish(TRAILER_SIZE))
@@ -421,7 +467,7 @@ async def load_checkpoint(
             ex.shutdown(wait=False)
 
 
-def _check_loaded(mf: MemoryFile) -> None:
+def _check_loaded(mf: CheckpointedFile) -> None:
     """The last step of a load: the file is open and its state consistent."""
     if mf.closed:
         raise ClosedError("the MemoryFile was closed during load()")
@@ -435,7 +481,7 @@ def _parse(header: Header, metadata: bytes) -> LoadedState:
     return build_state(header, decode_metadata(header, metadata))
 
 
-def _install(mf: MemoryFile, state: LoadedState) -> None:
+def _install(parts: FileParts, state: LoadedState) -> None:
     """Give a fresh, empty MemoryFile the checkpoint's chunks, page sets and accounting.
 
     On the loop: one ftruncate plus one mmap (and madvise) per chunk, and O(segments)
@@ -445,7 +491,7 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
     """
     if state.chunk_huge:
         try:
-            mf._map.grow([bool(h) for h in state.chunk_huge])
+            parts.chunks.grow([bool(h) for h in state.chunk_huge])
         except OutOfMemoryError as e:
             # Past vm.max_map_count or the address space: this checkpoint cannot
             # be loaded here, whatever memory is free.
@@ -454,7 +500,7 @@ def _install(mf: MemoryFile, state: LoadedState) -> None:
                 f"mapped in this process: {e}"
             ) from e
     # With the accounting, so that aclose() after a failed load gives exactly this back.
-    mf._pages.install(
+    parts.pages.install(
         chunk_huge=(bool(h) for h in state.chunk_huge),
         unfree_small=state.unfree_small,
         unfree_huge=state.unfree_huge,

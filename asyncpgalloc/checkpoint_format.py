@@ -56,8 +56,8 @@ from crc32c import crc32c
 
 from .accounting import MemoryKind
 from .errors import CheckpointError
+from .pages import plan_release
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, MAX_MAPPABLE_CHUNKS, PAGE_SIZE, FileRange
-from .releaser import plan_release
 
 if TYPE_CHECKING:
     pass
@@ -576,7 +576,7 @@ def released(snap: Snapshot) -> Snapshot:
     Waste bytes are never read again, so a checkpoint may record them as released:
     small-chunk waste becomes free, huge-chunk waste sub-released or, where a huge
     page is then wholly released, free (the releaser's own arithmetic,
-    :func:`~asyncpgalloc.releaser.plan_release`). Its contents are not saved, and the
+    :func:`~asyncpgalloc.pages.plan_release`). Its contents are not saved, and the
     restored file reads zeros there, as a released page does. This is what lets
     ``save`` take its snapshot at once instead of waiting for a moment with no waste
     at all, which steady churn never gives. Pure computation, O(segments).

@@ -35,7 +35,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from . import checkpoint_io
 from .blocking import BlockingRunner, finish_uncancelled
@@ -44,6 +43,7 @@ from .checkpoint_format import crc as crc32c
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
 from .ranges import FileRange
 from .segments import SegmentSet
+from .stats import LoadProgress
 
 __all__ = ["LoadProgress", "PageLoader"]
 
@@ -58,34 +58,6 @@ _PENDING, _STARTED, _DONE = 0, 1, 2
 
 class _Cancelled(CheckpointError):
     """The load's error when its task was cancelled (by ``aclose()``, most often)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoadProgress:
-    """Where an asynchronous page load stands (:meth:`MemoryFile.load_progress`).
-
-    - ``total_bytes``: page bytes the checkpoint holds.
-    - ``loaded_bytes``: bytes read into the file and checked so far.
-    - ``dropped_bytes``: bytes never read because their pages became waste first.
-    - ``pending_bytes``: bytes neither loaded nor dropped (still unreadable).
-    - ``waiters``: ``wait_loaded`` calls waiting now.
-    - ``waited_bytes``: pending bytes that waiters asked for, summed over every call.
-    - ``wait_seconds``: time spent waiting, summed over every ``wait_loaded`` call.
-    - ``elapsed_seconds``: since the load began, until it ended if it has.
-    - ``done``: the loader has ended (successfully if ``error`` is None).
-    - ``error``: the reason the load failed, or None.
-    """
-
-    total_bytes: int
-    loaded_bytes: int
-    dropped_bytes: int
-    pending_bytes: int
-    waiters: int
-    waited_bytes: int
-    wait_seconds: float
-    elapsed_seconds: float
-    done: bool
-    error: str | None
 
 
 class PageLoader:

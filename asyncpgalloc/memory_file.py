@@ -75,9 +75,10 @@ from .transitions import guarded, guarded_async, splits_state
 from .usage import UsageScanner, run_usage_refresher
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointDestination, CheckpointSource
-    from .loader import LoadProgress, PageLoader
+    from .checkpoint import CheckpointDestination, CheckpointSource, FileParts
+    from .loader import PageLoader
     from .pages_file import PagesFile
+    from .stats import LoadProgress
 
 __all__ = ["ASYNC_PREPARE_MIN_BYTES", "MemoryFile"]
 
@@ -1006,6 +1007,7 @@ class MemoryFile:
         try:
             await save_checkpoint(
                 self,
+                self._checkpoint_parts(),
                 dst,
                 exclude_committed_zero_pages=exclude_committed_zero_pages,
                 pages_file=pages_file,
@@ -1059,13 +1061,30 @@ class MemoryFile:
         """
         from .checkpoint import load_checkpoint
 
+        opts = check_file_opts(opts)
+        file = _check_file(file)
+
+        async def open_for_load() -> tuple[MemoryFile, FileParts]:
+            mf = await cls._open(file, opts)
+            return mf, mf._checkpoint_parts()
+
         return await load_checkpoint(
-            cls,
-            src,
-            check_file_opts(opts),
-            _check_file(file),
-            async_pages=async_pages,
-            pages_file=pages_file,
+            open_for_load, src, opts, async_pages=async_pages, pages_file=pages_file
+        )
+
+    def _checkpoint_parts(self) -> FileParts:
+        """What save and load need beyond the public calls (see
+        :class:`~asyncpgalloc.checkpoint.FileParts`)."""
+        from .checkpoint import FileParts
+
+        return FileParts(
+            fd=self._fd,
+            pages=self._pages,
+            blocking=self._blocking,
+            chunks=self._map,
+            evictions=self._evictions,
+            check=self._check,
+            adopt_loader=self._adopt_loader,
         )
 
     def _adopt_loader(self, loader: PageLoader) -> None:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .loader import LoadProgress
-
-__all__ = ["MemoryFileCounters", "MemoryFileStats", "load_fields"]
+__all__ = ["LoadProgress", "MemoryFileCounters", "MemoryFileStats", "load_fields"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +50,35 @@ class MemoryFileStats:
     load_pending_bytes: int = 0
     load_waiters: int = 0
     load_waited_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """Where an asynchronous page load stands (:meth:`MemoryFile.load_progress`).
+
+    - ``total_bytes``: page bytes the checkpoint holds.
+    - ``loaded_bytes``: bytes read into the file and checked so far.
+    - ``dropped_bytes``: bytes never read because their pages became waste first.
+    - ``pending_bytes``: bytes neither loaded nor dropped (still unreadable).
+    - ``waiters``: ``wait_loaded`` calls waiting now.
+    - ``waited_bytes``: pending bytes that waiters asked for, summed over every call.
+    - ``wait_seconds``: time spent waiting, summed over every ``wait_loaded`` call.
+    - ``elapsed_seconds``: since the load began, until it ended if it has.
+    - ``done``: the loader has ended (successfully if ``error`` is None).
+    - ``error``: the reason the load failed, or None.
+    """
+
+    total_bytes: int
+    loaded_bytes: int
+    dropped_bytes: int
+    pending_bytes: int
+    waiters: int
+    waited_bytes: int
+    wait_seconds: float
+    elapsed_seconds: float
+    done: bool
+    error: str | None
+
 
 
 def load_fields(progress: LoadProgress | None) -> dict[str, int]:

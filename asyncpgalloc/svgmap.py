@@ -44,9 +44,9 @@ from .ranges import CHUNK_SHIFT, CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 from .stats import MemoryFileStats, load_fields
 
 if TYPE_CHECKING:
-    from .loader import LoadProgress
     from .pages import PageView
     from .segments import SegmentSet
+    from .stats import LoadProgress
 
 __all__ = [
     "DEFAULT_WIDTH",

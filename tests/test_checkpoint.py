@@ -58,13 +58,15 @@ HUGE_OPTS = MemoryFileOpts(expect_hugepages=True)
 # ------------------------------------------------------------------------ helpers
 
 
-def recording_install(built: list[MemoryFile]) -> Callable[[MemoryFile, Any], None]:
-    """checkpoint._install that also records the MemoryFile load built."""
-    install = checkpoint._install
+def recording_open(built: list[MemoryFile]) -> Callable[..., Any]:
+    """MemoryFile._open that also records the files it opens (load opens the file it
+    fills this way)."""
+    open_ = MemoryFile._open
 
-    def record(mf: MemoryFile, state: Any) -> None:
+    async def record(file: Any, opts: MemoryFileOpts) -> MemoryFile:
+        mf = await open_(file, opts)
         built.append(mf)
-        install(mf, state)
+        return mf
 
     return record
 
@@ -539,7 +541,7 @@ async def test_cancel_during_load_leaks_nothing(
     await mf.update_usage()
     await mf.save(tmp_path / "ck")
     built: list[MemoryFile] = []
-    monkeypatch.setattr(checkpoint, "_install", recording_install(built))
+    monkeypatch.setattr(MemoryFile, "_open", recording_open(built))
     name = "_load_batch_job" if source == "path" else "_verify_batch_job"
     gate = Gate(getattr(cio, name), nth=2)
     monkeypatch.setattr(cio, name, gate)
@@ -611,7 +613,7 @@ async def load_fails(path: Path, raw: bytes, match: str | None = None) -> None:
 def no_open(monkeypatch: pytest.MonkeyPatch) -> list[MemoryFile]:
     """Records every MemoryFile built by load (none, for damaged headers or metadata)."""
     built: list[MemoryFile] = []
-    monkeypatch.setattr(checkpoint, "_install", recording_install(built))
+    monkeypatch.setattr(MemoryFile, "_open", recording_open(built))
     return built
 
 

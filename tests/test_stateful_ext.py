@@ -35,6 +35,7 @@ from asyncpgalloc import (
     EvictableRange,
     FileRange,
     MemoryKind,
+    ReferenceCountError,
 )
 
 SOAK = os.environ.get("ASYNCPGALLOC_SOAK") == "1"
@@ -78,8 +79,16 @@ class ExtendedMachine(MemoryFileMachine):
     def decommit(self, data: st.DataObject) -> None:
         fr = self._draw_referenced_range(data)
         self._events_for_range("decommit", fr)
-        self.runner.run(self.mf.decommit(fr))
         ps, pe = _pages(fr)
+        try:
+            self.runner.run(self.mf.decommit(fr))
+        except ReferenceCountError:
+            # An eviction task that ran first in this loop run dropped a user's
+            # references (and the model's): the range is no longer wholly held, and
+            # decommit refused before doing anything.
+            assert not self.refs.covers(ps, pe), f"decommit({fr}) refused held pages"
+            event("decommit: refused, an eviction dropped the references first")
+            return
         # Contents are gone: zeros are what the pages must read now. Only where the
         # references are still held: an eviction during the await may have dropped some.
         for s, e, _ in list(self.refs.clipped(ps, pe)):
