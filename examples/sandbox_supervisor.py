@@ -43,7 +43,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_protocol import GuestSession, start_guest
 
 from asyncpgalloc import (
+    PAGE_SIZE,
     DelayedEviction,
     FileRange,
     MemoryAccounting,
@@ -69,57 +70,129 @@ VIEW_REFRESH = 0.5  # a rich frame costs ~10 ms of loop time: it shows in the la
 PLAIN_VIEW_REFRESH = 1.0
 #: The loop-lag ticker's period.
 TICK = 0.01
-#: Pages the checkpointed guest fills.
-CHECKPOINT_PAGES = 256
+#: Seconds a guest may run past its time before the supervisor kills it.
+GUEST_GRACE = 10.0
+#: How often the load's progress is shown during the checkpoint step.
+PROGRESS_REFRESH = 0.05
 
 
 # ------------------------------------------------------------------ cgroups
 
 
-def cgroup_parent() -> tuple[str | None, str]:
-    """Where to create the guests' memory cgroups, and a note on what was found.
+@dataclass
+class Cgroups:
+    """The supervisor's memory cgroups: a group of its own, with one child per guest.
 
-    cgroup v1's memory hierarchy if mounted, else cgroup v2 with the memory controller
-    enabled; ``None`` (and why) if neither is there or writable.
+    :meth:`detect` finds the memory controller (cgroup v1's memory hierarchy, else a
+    cgroup2 mount whose root delegates ``memory``) and creates the supervisor's group
+    there; when it cannot (no controller, not root, a read-only cgroupfs) ``parent`` is
+    None, ``note`` says why and guests run without cgroups. Every group it made is
+    removed by :meth:`remove` / :meth:`close`, killing what is left in it first (only
+    our own guests can be in it). Each call is a few cgroupfs syscalls on the loop.
     """
-    v1 = v2 = None
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            _dev, path, fstype, options, *_ = line.split()
-            if fstype == "cgroup" and "memory" in options.split(","):
-                v1 = path
-            elif fstype == "cgroup2":
-                v2 = path
-    if v1 is not None:
-        parent, version = v1, "v1"
-    elif v2 is not None and "memory" in Path(v2, "cgroup.subtree_control").read_text():
-        parent, version = v2, "v2"
-    else:
-        return None, "no memory cgroup hierarchy: guests run without cgroups"
-    if not os.access(parent, os.W_OK):
-        return None, f"{parent} is not writable: guests run without cgroups"
-    return parent, f"cgroup {version} at {parent}"
+
+    parent: str | None
+    version: int
+    note: str
+    created: int = 0
+    leftover: list[str] = field(default_factory=list)  # groups that could not be removed
+    live: set[str] = field(default_factory=set)
+
+    @classmethod
+    def detect(cls, name: str) -> Cgroups:
+        v1 = v2 = None
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                _dev, path, fstype, options, *_ = line.split()
+                if fstype == "cgroup" and "memory" in options.split(","):
+                    v1 = v1 or path
+                elif fstype == "cgroup2":
+                    v2 = v2 or path
+        if v1 is not None:
+            root, version = v1, 1
+        elif v2 is not None and "memory" in _read(Path(v2, "cgroup.subtree_control")).split():
+            root, version = v2, 2
+        else:
+            why = "no memory cgroup controller (v1 memory hierarchy or v2 memory delegation)"
+            return cls(None, 0, f"{why}: guests run without cgroups")
+        parent = os.path.join(root, name)
+        try:
+            os.mkdir(parent)
+        except OSError as e:
+            return cls(
+                None,
+                version,
+                f"cannot create cgroups under {root} ({e.strerror}): guests run without cgroups",
+            )
+        if version == 2:
+            try:  # children get the memory controller
+                Path(parent, "cgroup.subtree_control").write_text("+memory")
+            except OSError as e:
+                os.rmdir(parent)
+                return cls(
+                    None,
+                    version,
+                    f"cannot enable memory in {parent} ({e.strerror}): guests run without cgroups",
+                )
+        return cls(
+            parent, version, f"cgroup v{version}: a child memory cgroup per guest in {parent}"
+        )
+
+    def create(self, name: str) -> str | None:
+        """A new child group for one guest (None without cgroups)."""
+        if self.parent is None:
+            return None
+        path = os.path.join(self.parent, name)
+        os.mkdir(path)
+        self.created += 1
+        self.live.add(path)
+        return path
+
+    async def remove(self, path: str) -> bool:
+        """Kill what is left in the group, then rmdir it, retrying for up to 2 s while
+        its last task finishes exiting. False (and the group noted) if it stays."""
+        for _ in range(100):
+            with contextlib.suppress(OSError, ValueError):
+                for pid in _read(Path(path, "cgroup.procs")).split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        else:
+            self.leftover.append(path)
+            print(f"note: could not remove cgroup {path}", file=sys.stderr)
+            return False
+        self.live.discard(path)
+        return True
+
+    async def close(self) -> bool:
+        """Remove every group still there, then the supervisor's own; True if all went."""
+        if self.parent is None:
+            return True
+        for path in sorted(self.live):
+            await self.remove(path)
+        self.live.add(self.parent)
+        return await self.remove(self.parent) and not self.leftover
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def cgroup_memory(path: str) -> int:
     """Bytes charged to the cgroup now (v1 ``memory.usage_in_bytes``, v2 ``memory.current``)."""
     for name in ("memory.usage_in_bytes", "memory.current"):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             return int(Path(path, name).read_text())
     return 0
-
-
-async def remove_cgroup(path: str) -> None:
-    """rmdir the (now empty) cgroup, retrying while its last task finishes exiting."""
-    for _ in range(100):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            await asyncio.sleep(0.02)
-    print(f"note: could not remove cgroup {path}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------ sandboxes
@@ -134,15 +207,59 @@ class Sandbox:
     mf: MemoryFile
     session: GuestSession
     cgroup: str | None = None
-    pid: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    serving: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
     rc: int | None = None
+    killed: str = ""  # why the supervisor killed the guest ("" if it exited by itself)
+
+    @property
+    def pid(self) -> int:
+        return 0 if self.proc is None else self.proc.pid
 
     def req_per_s(self) -> float:
         age = (self.ended or time.monotonic()) - self.started
         return self.session.requests / age if age > 0 else 0.0
+
+    async def start(self, *guest_args: str) -> None:
+        """Start the guest in the sandbox's cgroup and serve it (a fork+exec)."""
+        self.proc, self.serving = await start_guest(
+            self.mf, self.session, *guest_args, cgroup=self.cgroup, stdout=asyncio.subprocess.PIPE
+        )
+        self.started = time.monotonic()
+
+    async def run(self, seconds: float) -> None:
+        """Wait for the guest to exit, then read its counts. A guest still there
+        ``seconds`` (plus a grace period) from now is killed."""
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(seconds + GUEST_GRACE):
+                out = await self.proc.stdout.read()
+                await self.proc.wait()
+        except TimeoutError:
+            await self.end("did not exit in time")
+            return
+        await self.end()
+        with contextlib.suppress(ValueError, IndexError):
+            self.counts = json.loads(out.splitlines()[-1])
+
+    async def end(self, why: str = "") -> None:
+        """Make sure the guest is gone (SIGKILL, which ends a stopped one too) and its
+        session has freed every page it held. Idempotent."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            self.killed = self.killed or why or "ended by the supervisor"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        if proc is not None:
+            self.rc = await proc.wait()
+        if self.serving is not None:
+            # The guest is gone: its socket's end is closed, so serve() returns.
+            await self.serving
+        if self.ended is None:
+            self.ended = time.monotonic()
 
 
 @dataclass
@@ -154,6 +271,7 @@ class Totals:
     verified_bytes: int = 0
     bad_bytes: int = 0
     guest_errors: int = 0  # errors guests saw or exit statuses other than 0
+    killed: int = 0  # guests the supervisor killed (the checkpointed one on purpose)
     evicted_bytes: int = 0
     allocations: int = 0
     allocated_bytes: int = 0
@@ -162,10 +280,12 @@ class Totals:
     evictions_started: int = 0
     evict_calls: int = 0
     evict_failures: int = 0
+    pressure_events: int = 0
     usage_scans: int = 0
     leftover: int = 0  # used + waste + host bytes of closed files (must stay 0)
     pressure: int = 0  # times host usage went over the budget
     checkpoint: str = "not run"
+    checkpoint_ok: bool = False
     lag_now: float = 0.0
     lag_max: float = 0.0
     lags: list[float] = field(default_factory=list)
@@ -174,13 +294,15 @@ class Totals:
         ordered = sorted(self.lags) or [0.0]
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    def add(self, sb: Sandbox) -> None:
+    def add(self, sb: Sandbox, killed_on_purpose: bool = False) -> None:
         """Count a finished sandbox (its file still open, every page back)."""
         self.sandboxes += 1
         self.requests += sb.session.requests
         self.verified_bytes += sb.counts.get("verified_bytes", 0)
         self.bad_bytes += sb.counts.get("bad_bytes", 0)
-        self.guest_errors += sb.counts.get("errors", 0) + (sb.rc != 0)
+        failed = sb.rc != 0 or sb.session.errors > 0 or bool(sb.killed)
+        self.guest_errors += sb.counts.get("errors", 0) + (failed and not killed_on_purpose)
+        self.killed += bool(sb.killed)
         self.evicted_bytes += sb.session.evicted_bytes
         c = sb.mf.counters()
         self.allocations += c.allocations
@@ -190,6 +312,7 @@ class Totals:
         self.evictions_started += c.evictions_started
         self.evict_calls += c.evict_calls
         self.evict_failures += c.evict_failures
+        self.pressure_events += c.pressure_events
         self.usage_scans += c.usage_scans
         s = sb.mf.stats()
         self.leftover += s.used_bytes + s.waste_bytes + sb.mf.total_usage()
@@ -202,117 +325,134 @@ class Supervisor:
     args: argparse.Namespace
     rng: random.Random
     accounting: MemoryAccounting
-    cgroups: str | None
+    cgroups: Cgroups
     slots: list[Sandbox | None] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     next_memcg: int = 1
     t0: float = field(default_factory=time.monotonic)
 
-    def opts(self) -> MemoryFileOpts:
+    def opts(self, cgroup: str | None) -> MemoryFileOpts:
+        if cgroup is None:
+            # Cached memory is kept until the supervisor says otherwise (the budget).
+            pressure: dict[str, Any] = {"delayed_eviction": DelayedEviction.MANUAL}
+        else:
+            # ... or until the kernel reports memory pressure in the guest's cgroup.
+            pressure = {
+                "delayed_eviction": DelayedEviction.ENABLED,
+                "use_host_memcg_pressure": True,
+                "memcg_path": cgroup,
+            }
         return MemoryFileOpts(
             accounting=self.accounting,  # the host's view of every sandbox
-            # Cached memory is kept until the supervisor says otherwise (the budget).
-            delayed_eviction=DelayedEviction.MANUAL,
             # Accounting by memcg stays fresh without anyone polling update_usage.
             usage_refresh_interval=USAGE_REFRESH,
+            **pressure,
         )
 
     def files(self) -> list[MemoryFile]:
         return [sb.mf for sb in self.slots if sb is not None and not sb.mf.closed]
 
-    async def new_sandbox(self, mf: MemoryFile) -> Sandbox:
-        memcg = self.next_memcg
-        self.next_memcg += 1
-        name = f"sb-{memcg}"
-        cgroup = None
-        if self.cgroups is not None:
-            cgroup = os.path.join(self.cgroups, f"asyncpgalloc-{os.getpid()}-{name}")
-            try:
-                os.mkdir(cgroup)
-            except OSError as e:
-                print(f"note: cannot create cgroup {cgroup} ({e}): no more cgroups", flush=True)
-                self.cgroups = cgroup = None
-        return Sandbox(name, memcg, mf, GuestSession(mf, memcg_id=memcg), cgroup)
-
-    async def run_guest(self, sb: Sandbox, *guest_args: str) -> None:
-        """Start the guest, serve it until it is gone, collect what it printed."""
-        proc, serving = await start_guest(
-            sb.mf, sb.session, *guest_args, cgroup=sb.cgroup, stdout=asyncio.subprocess.PIPE
-        )
-        sb.pid = proc.pid
+    @contextlib.asynccontextmanager
+    async def sandbox(
+        self,
+        slot: int | None = None,
+        *,
+        memcg_id: int | None = None,
+        load: str | None = None,
+        killed_on_purpose: bool = False,
+    ) -> AsyncIterator[Sandbox]:
+        """A sandbox: its cgroup, its file (a new memfd, or the checkpoint ``load``
+        loaded with ``async_pages``), its session; shown in ``slot``. On the way out,
+        however it goes (an error, a cancellation), the guest is ended, every page it
+        held is back, the sandbox counted, the file closed and the cgroup removed."""
+        if memcg_id is None:
+            memcg_id, self.next_memcg = self.next_memcg, self.next_memcg + 1
+        name = f"sb-{memcg_id}" + ("r" if load else "")
+        cgroup = self.cgroups.create(name)
         try:
-            assert proc.stdout is not None
-            out = await proc.stdout.read()
-            sb.rc = await proc.wait()
-            await serving
+            opts = self.opts(cgroup)
+            if load is None:
+                mf = await MemoryFile.open(opts=opts)
+            else:
+                mf = await MemoryFile.load(load, opts, async_pages=True)
+            async with mf:
+                sb = Sandbox(name, memcg_id, mf, GuestSession(mf, memcg_id=memcg_id), cgroup)
+                if slot is not None:
+                    self.slots[slot] = sb
+                try:
+                    yield sb
+                finally:
+                    await sb.end("ended by the supervisor")
+                    await mf.wait_for_evictions()
+                    await mf.wait_released()
+                    mf.check_invariants()
+                    self.totals.add(sb, killed_on_purpose)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving
-        sb.ended = time.monotonic()
-        with contextlib.suppress(ValueError, IndexError):
-            sb.counts = json.loads(out.splitlines()[-1])
-
-    async def finish(self, sb: Sandbox) -> None:
-        """Wait for every page of the sandbox to be back; count it; close its file."""
-        if sb.cgroup is not None:
-            await remove_cgroup(sb.cgroup)
-        await sb.mf.wait_for_evictions()
-        await sb.mf.wait_released()
-        sb.mf.check_invariants()
-        self.totals.add(sb)
+            if cgroup is not None:
+                await self.cgroups.remove(cgroup)
 
     async def run_slot(self, slot: int) -> None:
         """Run sandboxes in this slot one after another until the supervisor stops."""
         while not self.stop.is_set():
             lifetime = self.rng.uniform(1.5, 4.0)
             left = self.args.duration - (time.monotonic() - self.t0)
-            async with MemoryFile.open(opts=self.opts()) as mf:
-                sb = await self.new_sandbox(mf)
-                self.slots[slot] = sb
-                seconds = max(0.2, min(lifetime, left))
-                await self.run_guest(sb, "--seconds", f"{seconds:.2f}", "--seed", str(sb.memcg_id))
-                await self.finish(sb)
+            seconds = max(0.2, min(lifetime, left))
+            async with self.sandbox(slot) as sb:
+                await sb.start("--seconds", f"{seconds:.2f}", "--seed", str(sb.memcg_id))
+                await sb.run(seconds)
 
-    async def checkpoint(self) -> None:
-        """Stop a guest, save its file, kill it, load the checkpoint, verify with a new guest."""
-        async with MemoryFile.open(opts=self.opts()) as mf:
-            sb = await self.new_sandbox(mf)
-            proc, serving = await start_guest(
-                mf,
-                sb.session,
-                "--keep",
-                str(CHECKPOINT_PAGES),
-                cgroup=sb.cgroup,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            offset, length, token = (int(x) for x in (await proc.stdout.readline()).split())
-            proc.send_signal(signal.SIGSTOP)
-            with tempfile.TemporaryDirectory(prefix="asyncpgalloc-ckpt-") as tmp:
-                path = Path(tmp) / "guest.ckpt"
-                await mf.save(path)
-                proc.kill()
-                await proc.wait()
-                await serving  # the guest is gone: the session frees its pages
-                sb.rc = 0  # killed on purpose
-                await self.finish(sb)
-                async with await MemoryFile.load(path, self.opts()) as restored:
-                    kept = FileRange(offset, offset + length)  # the checkpoint's reference
-                    rsb = await self.new_sandbox(restored)
-                    await self.run_guest(rsb, "--verify", f"{offset}:{length}:{token}")
-                    restored.dec_ref(kept)
-                    await self.finish(rsb)
-        good = rsb.rc == 0 and rsb.counts.get("verified_bytes") == length
-        self.totals.checkpoint = (
-            f"{length // KiB} KiB saved from stopped pid {proc.pid}, "
-            f"verified by pid {rsb.pid}: {'ok' if good else 'FAILED'}"
+    async def checkpoint(self, live: bool) -> None:
+        """Stop a guest, save its file, end it, load the checkpoint (async pages) into a
+        new file, start a new guest on it and have it verify every range it had."""
+        pages = self.args.checkpoint_mib * MiB // PAGE_SIZE
+        with tempfile.TemporaryDirectory(prefix="asyncpgalloc-ckpt-") as tmp:
+            path = str(Path(tmp) / "guest.ckpt")
+            async with self.sandbox(killed_on_purpose=True) as sb:
+                await sb.start("--keep", str(pages))
+                assert sb.proc is not None and sb.proc.stdout is not None
+                line = await sb.proc.stdout.readline()
+                ranges = json.loads(line)["ranges"] if line else []
+                sb.proc.send_signal(signal.SIGSTOP)
+                # The supervisor holds the stopped guest's pages now: nothing it does
+                # (or a kill) frees them under the save.
+                held = sb.session.detach()
+                await sb.mf.wait_for_evictions()
+                t = time.perf_counter()
+                await sb.mf.save(path)
+                saved = time.perf_counter() - t
+                for fr, _kind in held:
+                    sb.mf.dec_ref(fr)
+                await sb.end("checkpointed")
+                stopped_pid = sb.pid
+            t = time.perf_counter()
+            async with self.sandbox(memcg_id=sb.memcg_id, load=path) as rsb:
+                returned = time.perf_counter() - t
+                # The restored file holds the old guest's ranges: the new guest owns them.
+                kinds = {fr.start: kind for fr, kind in held}
+                rsb.session.adopt([(FileRange(o, o + n), kinds[o]) for o, n, _t in ranges])
+                await rsb.start(*(f"--verify={o}:{n}:{tok}" for o, n, tok in ranges))
+                loading = asyncio.create_task(rsb.mf.wait_loaded())
+                await show_load(rsb.mf, loading, live)
+                all_in = time.perf_counter() - t
+                progress = rsb.mf.load_progress()
+                await loading
+                await rsb.run(30.0)
+        total = sum(n for _o, n, _t in ranges)
+        good = (
+            rsb.rc == 0
+            and bool(ranges)
+            and rsb.counts.get("verified_bytes") == total
+            and progress is not None
+            and progress.error is None
         )
-        self.totals.guest_errors += not good
+        self.totals.checkpoint_ok = good
+        self.totals.checkpoint = (
+            f"{fmt(total)} in {len(ranges)} ranges of stopped pid {stopped_pid} saved in "
+            f"{saved * 1e3:.0f} ms; load(async_pages=True) returned in {returned * 1e3:.0f} ms, "
+            f"every page in after {all_in * 1e3:.0f} ms; verified by pid {rsb.pid}: "
+            f"{'ok' if good else 'FAILED'}"
+        )
 
     async def watch_budget(self) -> None:
         """The demo's memory pressure: past the budget, ask caches to give memory back."""
@@ -391,7 +531,7 @@ class Supervisor:
                 [
                     sb.name + (" done" if sb.ended else ""),
                     str(sb.pid),
-                    "-" if sb.cgroup is None else os.path.basename(sb.cgroup)[-8:],
+                    "-" if sb.cgroup is None else os.path.basename(sb.cgroup),
                     f"{(sb.ended or time.monotonic()) - sb.started:.1f}",
                     mib(ses.used_bytes),
                     mib(ses.cached_bytes),
@@ -502,22 +642,65 @@ async def render_map(mf: MemoryFile, path: str) -> None:
     print(f"page map written to {path}")
 
 
+async def show_load(mf: MemoryFile, loading: asyncio.Task[None], live: bool) -> None:
+    """Show how far ``mf``'s async page load has got until ``loading`` ends: a rich
+    progress bar on a terminal, a line every :data:`PROGRESS_REFRESH` s otherwise."""
+    first = mf.load_progress()
+    if first is None:
+        return
+
+    def line() -> str:
+        p = mf.load_progress()
+        assert p is not None
+        return (
+            f"restore: {fmt(p.loaded_bytes)} of {fmt(p.total_bytes)} loaded "
+            f"({fmt(p.dropped_bytes)} dropped, {p.waiters} waiting) after "
+            f"{p.elapsed_seconds * 1e3:.0f} ms" + (" - done" if p.done else "")
+        )
+
+    if not live:
+        while not loading.done():
+            print(line(), flush=True)
+            await asyncio.wait([loading], timeout=PROGRESS_REFRESH)
+        print(line(), flush=True)
+        return
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        *Progress.get_default_columns(), DownloadColumn(binary_units=True), TransferSpeedColumn()
+    ) as bar:
+        task = bar.add_task("restoring the guest's pages", total=first.total_bytes)
+        while True:
+            p = mf.load_progress()
+            assert p is not None
+            bar.update(task, completed=p.loaded_bytes + p.dropped_bytes)
+            if loading.done():
+                break
+            await asyncio.wait([loading], timeout=PROGRESS_REFRESH)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
 async def supervise(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     accounting = MemoryAccounting()
-    cgroups, note = cgroup_parent()
+    # uvloop opens /dev/null at its first subprocess and keeps it: not a leak of ours.
+    warm = await asyncio.create_subprocess_exec("true", stdout=asyncio.subprocess.PIPE)
+    await warm.communicate()
+    fds_before = open_fds()
+    cgroups = Cgroups.detect(f"asyncpgalloc-supervisor-{os.getpid()}")
     started = time.monotonic()
     print(
         f"running {args.sandboxes} guest processes for {args.duration:g} s, one memfd each "
-        f"(budget {args.budget} MiB, seed {args.seed}; {note})",
+        f"(budget {args.budget} MiB, seed {args.seed}); {cgroups.note}",
         flush=True,
     )
     sup = Supervisor(args, rng, accounting, cgroups, slots=[None] * args.sandboxes)
-    background = [
-        asyncio.create_task(sup.watch_budget()),
-        asyncio.create_task(sup.tick()),
-        asyncio.create_task(sup.show(args.view == "live")),
-    ]
+    live = args.view == "live"
+    view = asyncio.create_task(sup.show(live))
+    background = [asyncio.create_task(sup.watch_budget()), asyncio.create_task(sup.tick()), view]
     try:
         async with asyncio.TaskGroup() as tg:
             for slot in range(args.sandboxes):
@@ -528,14 +711,33 @@ async def supervise(args: argparse.Namespace) -> int:
                 if files:
                     await render_map(files[0], args.map)  # while its guest holds memory
             sup.stop.set()  # each guest runs out its time, returns everything and exits
-        await sup.checkpoint()
+        view.cancel()  # the last frame stays on screen; the load's progress comes next
+        with contextlib.suppress(asyncio.CancelledError):
+            await view
+        await sup.checkpoint(live)
     finally:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        cgroups_gone = await cgroups.close()
     t = sup.totals
     accounted = accounting.total()
-    ok = t.leftover == 0 and accounted == 0 and t.bad_bytes == 0 and t.guest_errors == 0
+    leaked = {fd: _readlink(fd) for fd in open_fds() - fds_before}
+    ok = (
+        t.leftover == 0
+        and accounted == 0
+        and t.bad_bytes == 0
+        and t.guest_errors == 0
+        and t.checkpoint_ok
+        and cgroups_gone
+        and not leaked
+    )
+    cg = (
+        "no cgroups"
+        if cgroups.parent is None
+        else f"{cgroups.created} cgroups created, "
+        + ("all removed" if cgroups_gone else f"NOT removed: {cgroups.leftover}")
+    )
     print(
         "\n".join(
             [
@@ -544,22 +746,32 @@ async def supervise(args: argparse.Namespace) -> int:
                 f"{time.monotonic() - started:.1f} s (seed {args.seed})",
                 f"  {t.requests} requests; {t.allocations} allocations, "
                 f"{fmt(t.allocated_bytes)} allocated; {fmt(t.verified_bytes)} verified by "
-                f"guests, {t.bad_bytes} bad bytes, {t.guest_errors} guest errors",
+                f"guests, {t.bad_bytes} bad bytes, {t.guest_errors} guest errors, "
+                f"{t.killed} killed by the supervisor",
                 f"  released {fmt(t.released_bytes)} in {t.release_steps} steps; "
                 f"{t.usage_scans} usage scans",
-                f"  budget {args.budget} MiB gone over {times(t.pressure)}: "
+                f"  budget {args.budget} MiB gone over {times(t.pressure)}, "
+                f"memory-cgroup pressure events {t.pressure_events}: "
                 f"{t.evictions_started} evictions, {t.evict_calls} evict calls, "
                 f"{t.evict_failures} failures, {fmt(t.evicted_bytes)} evicted from guests",
                 f"  checkpoint: {t.checkpoint}",
                 f"  event-loop lag: median {t.lag_percentile(0.5) * 1e3:.1f} ms, "
                 f"p99 {t.lag_percentile(0.99) * 1e3:.1f} ms, max {t.lag_max * 1e3:.1f} ms",
                 f"  at the end: used + waste + host usage {t.leftover} B over every file, "
-                f"accounted {accounted} B; invariants hold",
+                f"accounted {accounted} B; invariants hold; {cg}; "
+                + (f"fds leaked: {leaked}" if leaked else "no fd leaked"),
                 f"all pages returned: {ok}",
             ]
         )
     )
     return 0 if ok else 1
+
+
+def _readlink(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
 
 
 def have_rich() -> bool:
@@ -583,6 +795,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="MiB the host may hold for the file before caches are evicted (default 96)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument(
+        "--checkpoint-mib",
+        type=positive(int),
+        default=32,
+        help="MiB the checkpointed guest fills (default 32)",
+    )
     p.add_argument("--map", metavar="OUT.svg", help="write the file's page map at the end")
     p.add_argument(
         "--view",
