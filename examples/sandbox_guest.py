@@ -14,8 +14,8 @@ was right.
 length, token], ...]}``) and waits to be stopped (the checkpoint step). ``--verify
 OFFSET:LENGTH:TOKEN`` (repeated) is for a guest on a restored file that already holds
 those ranges: for each it waits until the range is loaded, maps it, checks every byte,
-has the supervisor spot-check it and frees it. ``--shrink`` first tries to
-``ftruncate`` the memfd to 0 and records the errno (``EPERM``: the file is sealed).
+has the supervisor spot-check it and frees it. ``--shrink`` first allocates a page, then
+tries to ``ftruncate`` the memfd to 0 and records the errno (``EPERM``: it is sealed).
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ch = GuestChannel(socket.socket(fileno=args.sock))
     _hello, memfd = ch.hello()
     guest = Guest(ch, memfd, random.Random(args.seed))
-    if args.shrink:
+    if args.shrink:  # once the file holds something of ours
+        guest.alloc("anon", PAGE)
         try:
             os.ftruncate(memfd, 0)
             guest.counts["shrink_errno"] = 0

@@ -7,12 +7,14 @@ receives its sandbox's sealed memfd and maps its ranges from it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from cgroups import fds
@@ -161,7 +163,7 @@ async def test_a_guest_killed_mid_request_has_every_page_freed() -> None:
         )
         assert proc.stdout is not None
         line = await proc.stdout.readline()  # it holds 64 filled pages now
-        offset, length, token = (int(x) for x in line.split())
+        [[offset, length, token]] = json.loads(line)["ranges"]
         assert length == 64 * PAGE_SIZE
         # What the guest wrote through its own mapping, read through the supervisor's.
         view = mf.map_internal(FileRange(offset, offset + length))[0]
@@ -256,3 +258,179 @@ async def test_load_32_guests_random_requests_no_errors_no_leaks() -> None:
     assert accounting.total() == 0
     extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds() - fds_before}
     assert not extra
+
+
+async def _serve_raw(
+    mf: MemoryFile, session: object, code: str, *args: str
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    """Start ``python -c code SOCK_FD *args``, hand it the sealed memfd with a hello and
+    serve it with ``session`` (a GuestSession)."""
+    ours, theirs = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        str(theirs.fileno()),
+        *args,
+        pass_fds=(theirs.fileno(),),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    theirs.close()
+    gfd = mf.guest_fd()
+    socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+    os.close(gfd)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    return proc, asyncio.create_task(session.serve(reader, writer))  # type: ignore[attr-defined]
+
+
+# A guest that holds 16 pages, then pipelines argv[2] requests and never reads an answer;
+# it prints "sent" once it has sent them all, then waits for the supervisor to hang up.
+_DEAF_GUEST = r"""
+import json, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+socket.recv_fds(sock, 8192, 1)
+def frame(msg):
+    body = json.dumps(msg).encode()
+    return len(body).to_bytes(4, "big") + body
+sock.sendall(frame({"op": "alloc", "id": 0, "kind": "anon", "length": 16 * 4096}))
+try:
+    for i in range(1, int(sys.argv[2])):
+        sock.sendall(frame({"op": "pin", "id": i, "offset": 1 << 40}))
+    print("sent", flush=True)
+except (BrokenPipeError, ConnectionResetError):
+    print("cut off", flush=True)
+sock.settimeout(30)
+try:
+    while sock.recv(65536):
+        pass
+except OSError:
+    pass
+"""
+
+
+async def test_a_guest_that_never_reads_its_answers_is_cut_off_and_others_go_on(
+    gmf: MemoryFile,
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=5)
+    # 200k answers of ~40 bytes: far more than MAX_UNREAD plus the socket's buffers.
+    proc, task = await _serve_raw(gmf, session, _DEAF_GUEST, "200000")
+    async with MemoryFile.open(opts=_opts()) as other:
+        counts, good = await _good_guest(other, 1.0, seed=8)
+        assert counts["bad_bytes"] == counts["errors"] == 0
+        assert good.closed_for == "bye"  # type: ignore[attr-defined]
+    # Bounded: the deaf guest's session ends by itself (it never stalls in a drain).
+    done, _ = await asyncio.wait([task], timeout=60)
+    if not done:
+        proc.kill()  # lets the stalled session go, so that the test fails and ends
+        await task
+    assert done
+    assert session.closed_for == "stopped reading"
+    assert session.used_bytes == gmf.stats().used_bytes == 0
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)  # hung up on: it exits
+    assert out.strip() in (b"sent", b"cut off")
+
+
+async def test_a_guest_cannot_shrink_its_fd_and_the_supervisor_keeps_reading(
+    gmf: MemoryFile,
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=6)
+    proc, task = await gp.start_guest(
+        gmf, session, "--shrink", "--seconds", "0.5", "--seed", "9", stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    counts = json.loads(await proc.stdout.read())
+    assert await proc.wait() == 0
+    await task
+    assert counts["shrink_errno"] == errno.EPERM
+    # After the attempt the guest went on; every "check" was the supervisor reading the
+    # guest's bytes through map_internal (a shrunk file would have been a SIGBUS here).
+    assert counts["requests"] > 20 and counts["errors"] == counts["bad_bytes"] == 0
+    assert counts["verified_bytes"] > 0
+    assert os.fstat(gmf.fd).st_size == gmf.total_size() > 0
+    fr = gmf.allocate(PAGE_SIZE)
+    assert bytes(gmf.map_internal(fr)[0]) == bytes(PAGE_SIZE)
+    gmf.dec_ref(fr)
+
+
+async def _keeping_guest(
+    mf: MemoryFile, session: object, pages: int
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[None], list[list[int]]]:
+    proc, task = await gp.start_guest(
+        mf, session, "--keep", str(pages), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    ranges = json.loads(await proc.stdout.readline())["ranges"]
+    return proc, task, ranges
+
+
+async def _restore_and_verify(
+    path: Path, memcg_id: int, held: list[tuple[FileRange, str]], ranges: list[list[int]]
+) -> tuple[dict[str, int], object]:
+    """Load the checkpoint with async pages, give its ranges to a new guest and have it
+    verify them (it waits for each range to be loaded first)."""
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as restored:
+        assert restored.load_progress() is not None
+        session = gp.GuestSession(restored, memcg_id=memcg_id)
+        session.adopt(held)
+        specs = [f"--verify={o}:{n}:{t}" for o, n, t in ranges]
+        proc, task = await gp.start_guest(restored, session, *specs, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        counts = json.loads(await proc.stdout.read())
+        assert await proc.wait() == 0
+        await task
+        progress = restored.load_progress()
+        assert progress is not None and progress.error is None
+        assert session.used_bytes == restored.stats().used_bytes == 0
+        await restored.wait_released()
+        restored.check_invariants()
+    return counts, session
+
+
+async def test_a_stopped_guest_checkpointed_and_restored_with_async_pages_finds_its_data(
+    gmf: MemoryFile, tmp_path: Path
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=7)
+    proc, task, ranges = await _keeping_guest(gmf, session, 4096)  # 16 MiB in 4 ranges
+    assert len(ranges) == 4
+    proc.send_signal(signal.SIGSTOP)
+    held = session.detach()
+    assert sorted(fr.start for fr, _ in held) == sorted(o for o, _n, _t in ranges)
+    assert {kind for _, kind in held} == {"anon", "cache"}
+    path = tmp_path / "guest.ckpt"
+    await gmf.save(path)
+    for fr, _kind in held:
+        gmf.dec_ref(fr)
+    proc.kill()
+    await proc.wait()
+    await task
+    assert gmf.stats().used_bytes == 0
+    counts, rsession = await _restore_and_verify(path, 7, held, ranges)
+    assert counts["verified_bytes"] == 16 << 20
+    assert counts["bad_bytes"] == counts["errors"] == 0
+    assert rsession.closed_for == "bye"  # type: ignore[attr-defined]
+
+
+async def test_a_guest_killed_while_its_file_is_saved_keeps_its_pages_in_the_checkpoint(
+    gmf: MemoryFile, tmp_path: Path
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=8)
+    proc, task, ranges = await _keeping_guest(gmf, session, 16384)  # 64 MiB
+    proc.send_signal(signal.SIGSTOP)
+    held = session.detach()
+    path = tmp_path / "guest.ckpt"
+    saving = asyncio.create_task(gmf.save(path))
+    await asyncio.sleep(0)  # the save has begun
+    proc.kill()  # while the save runs: its session ends and frees what it still holds
+    await proc.wait()
+    await task
+    assert session.closed_for == "hung up"
+    assert not saving.done()
+    await saving
+    assert gmf.stats().used_bytes == 64 << 20  # the supervisor's references
+    for fr, _kind in held:
+        gmf.dec_ref(fr)
+    await gmf.wait_released()
+    assert gmf.stats().used_bytes == 0
+    counts, _ = await _restore_and_verify(path, 8, held, ranges)
+    assert counts["verified_bytes"] == 64 << 20
+    assert counts["bad_bytes"] == counts["errors"] == 0
