@@ -138,14 +138,19 @@ class Cgroups:
             parent, version, f"cgroup v{version}: a child memory cgroup per guest in {parent}"
         )
 
-    def create(self, name: str) -> str | None:
-        """A new child group for one guest (None without cgroups)."""
+    def create(self, name: str, limit: int = 0) -> str | None:
+        """A new child group for one guest (None without cgroups), limited to ``limit``
+        bytes if not 0 (v1 ``memory.limit_in_bytes``; v2 ``memory.high``, which
+        throttles and reclaims instead of OOM-killing)."""
         if self.parent is None:
             return None
         path = os.path.join(self.parent, name)
         os.mkdir(path)
         self.created += 1
         self.live.add(path)
+        if limit:
+            name = "memory.limit_in_bytes" if self.version == 1 else "memory.high"
+            Path(path, name).write_text(str(limit))
         return path
 
     async def remove(self, path: str) -> bool:
@@ -178,6 +183,17 @@ class Cgroups:
             await self.remove(path)
         self.live.add(self.parent)
         return await self.remove(self.parent) and not self.leftover
+
+
+def oom_kills(path: str) -> int:
+    """Tasks of the cgroup the kernel OOM-killed at its limit (v1 ``memory.oom_control``,
+    v2 ``memory.events``: the ``oom_kill`` line)."""
+    for name in ("memory.oom_control", "memory.events"):
+        for line in _read(Path(path, name)).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
 
 
 def _read(path: Path) -> str:
@@ -214,6 +230,7 @@ class Sandbox:
     counts: dict[str, int] = field(default_factory=dict)
     rc: int | None = None
     killed: str = ""  # why the supervisor killed the guest ("" if it exited by itself)
+    oom_killed: bool = False  # the kernel killed it at its cgroup's limit
 
     @property
     def pid(self) -> int:
@@ -255,6 +272,8 @@ class Sandbox:
                 proc.kill()
         if proc is not None:
             self.rc = await proc.wait()
+            if self.rc == -signal.SIGKILL and not self.killed and self.cgroup is not None:
+                self.oom_killed = oom_kills(self.cgroup) > 0
         if self.serving is not None:
             # The guest is gone: its socket's end is closed, so serve() returns.
             await self.serving
@@ -272,6 +291,7 @@ class Totals:
     bad_bytes: int = 0
     guest_errors: int = 0  # errors guests saw or exit statuses other than 0
     killed: int = 0  # guests the supervisor killed (the checkpointed one on purpose)
+    oom_killed: int = 0  # guests the kernel killed at their cgroup's limit (--guest-limit)
     evicted_bytes: int = 0
     allocations: int = 0
     allocated_bytes: int = 0
@@ -301,8 +321,10 @@ class Totals:
         self.verified_bytes += sb.counts.get("verified_bytes", 0)
         self.bad_bytes += sb.counts.get("bad_bytes", 0)
         failed = sb.rc != 0 or sb.session.errors > 0 or bool(sb.killed)
-        self.guest_errors += sb.counts.get("errors", 0) + (failed and not killed_on_purpose)
+        expected = killed_on_purpose or sb.oom_killed  # a limit the user set is no error
+        self.guest_errors += sb.counts.get("errors", 0) + (failed and not expected)
         self.killed += bool(sb.killed)
+        self.oom_killed += sb.oom_killed
         self.evicted_bytes += sb.session.evicted_bytes
         c = sb.mf.counters()
         self.allocations += c.allocations
@@ -369,7 +391,9 @@ class Supervisor:
         if memcg_id is None:
             memcg_id, self.next_memcg = self.next_memcg, self.next_memcg + 1
         name = f"sb-{memcg_id}" + ("r" if load else "")
-        cgroup = self.cgroups.create(name)
+        # The checkpoint's guests get no limit: the step must not depend on the OOM killer.
+        limit = 0 if killed_on_purpose or load else self.args.guest_limit * MiB
+        cgroup = self.cgroups.create(name, limit)
         try:
             opts = self.opts(cgroup)
             if load is None:
@@ -747,7 +771,8 @@ async def supervise(args: argparse.Namespace) -> int:
                 f"  {t.requests} requests; {t.allocations} allocations, "
                 f"{fmt(t.allocated_bytes)} allocated; {fmt(t.verified_bytes)} verified by "
                 f"guests, {t.bad_bytes} bad bytes, {t.guest_errors} guest errors, "
-                f"{t.killed} killed by the supervisor",
+                f"{t.killed} killed by the supervisor"
+                + (f", {t.oom_killed} OOM-killed at their cgroup's limit" if t.oom_killed else ""),
                 f"  released {fmt(t.released_bytes)} in {t.release_steps} steps; "
                 f"{t.usage_scans} usage scans",
                 f"  budget {args.budget} MiB gone over {times(t.pressure)}, "
@@ -795,6 +820,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="MiB the host may hold for the file before caches are evicted (default 96)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument(
+        "--guest-limit",
+        type=int,
+        default=0,
+        metavar="MiB",
+        help="limit each guest's cgroup to this much memory (default 0: no limit); past "
+        "it the kernel reports pressure and the supervisor evicts that guest's caches",
+    )
     p.add_argument(
         "--checkpoint-mib",
         type=positive(int),

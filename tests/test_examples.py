@@ -152,6 +152,26 @@ def test_a_stopped_guest_at_ctrl_c_is_killed_and_its_cgroup_removed() -> None:
     assert "interrupted" in err
 
 
+def test_real_memory_cgroup_pressure_evicts_guests_caches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if os.geteuid() != 0 or _cgroup_root() is None:
+        pytest.skip("needs root and a memory cgroup hierarchy")
+    # A budget never reached: what evicts is the kernel's pressure in each guest's own
+    # cgroup, limited to 40 MiB (without swap a guest may also be OOM-killed there:
+    # its pages are freed all the same).
+    argv = ["--duration", "3", "--budget", "100000", "--guest-limit", "40", "--view", "plain"]
+    assert supervisor.main([*argv, "--checkpoint-mib", "4", "--loop", "asyncio"]) == 0
+    out = capsys.readouterr().out
+    summary = out[out.index("summary:") :]
+    assert "budget 100000 MiB gone over 0 times" in summary
+    events = re.search(r"memory-cgroup pressure events (\d+): (\d+) evictions", summary)
+    assert events is not None and int(events[1]) > 0 and int(events[2]) > 0
+    assert " 0 B evicted from guests" not in summary  # and the guests were told
+    assert "0 bad bytes, 0 guest errors" in summary
+    assert out.rstrip().endswith("all pages returned: True")
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_supervisor_main_in_process_with_a_tiny_budget(
     loop: str, capsys: pytest.CaptureFixture[str]
