@@ -16,7 +16,9 @@ Scenarios (the names are stable; ``--only`` takes their letters or full names):
 - ``scrape`` event-loop lag while the Prometheus metrics are rendered at 10 Hz
   (``render_metrics``) with 100k allocations live, against the idle loop's lag measured
   in the same repetition (also run by ``lag``);
-- ``heap`` Python heap bytes per live allocation (``tracemalloc``) at 100k and 1M live.
+- ``heap`` Python heap bytes per live allocation (``tracemalloc``) at 100k and 1M live;
+- ``guests`` a real guest process's request round trip (p50, p99) and requests per second
+  at 1 and 32 guests, against an echo server of the same framing (``bench_guests.py``).
 
 Rules every timed loop follows: the event loop gets a turn at least every 64 operations,
 and a scenario that frees ends with ``await mf.wait_released()`` inside the timing, so
@@ -731,6 +733,15 @@ async def run_lag(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
     return results
 
 
+async def run_guests(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
+    """The guest scenarios (``bench_guests.py``), on the suite's loop."""
+    if not plan.wants("guests"):
+        return []
+    import bench_guests
+
+    return await bench_guests.run([1, 32], plan.reps, 0.25 if plan.quick else 1.0, emit)
+
+
 def table(results: Sequence[Result]) -> str:
     head = (
         f"{'scenario':34} {'unit':>11} {'median':>9} {'min':>9} {'max':>9} "
@@ -760,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="LIST",
-        help="comma-separated: a,b,c,d,e,lag,scrape,heap (default: all)",
+        help="comma-separated: a,b,c,d,e,lag,scrape,heap,guests (default: all)",
     )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args(argv)
@@ -777,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = runner(run_all(plan, emit))
     results += asyncio.run(run_lag(plan, emit))
+    results += runner(run_guests(plan, emit))
     print()
     print(table(results))
     print(
