@@ -196,6 +196,9 @@ class GuestSession:
                 except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                     self.closed_for = self.closed_for or "hung up"  # or cut off by _push
                     return
+                if self.mf.closed:  # closed under a live guest: nothing left to serve
+                    self.closed_for = "file closed"
+                    return
                 self.requests += 1
                 answer = self.handle(msg)
                 if self._loading is not None:
@@ -360,7 +363,13 @@ class GuestSession:
             self._push({"event": "evicted", "offset": fr.start, "length": fr.length})
 
     def release_all(self) -> None:
-        """Free every page the guest holds (it is gone). Synchronous, O(ranges)."""
+        """Free every page the guest holds (it is gone). Synchronous, O(ranges). Once the
+        file is closed its pages are the host's again: the ranges are only forgotten."""
+        if self.mf.closed:
+            self.ranges.clear()
+            self.evictable.clear()
+            self.used_bytes = self.cached_bytes = 0
+            return
         self.mf.mark_all_unevictable(self)
         self.evictable.clear()
         for start in list(self.ranges):

@@ -434,3 +434,20 @@ async def test_a_guest_killed_while_its_file_is_saved_keeps_its_pages_in_the_che
     counts, _ = await _restore_and_verify(path, 8, held, ranges)
     assert counts["verified_bytes"] == 64 << 20
     assert counts["bad_bytes"] == counts["errors"] == 0
+
+
+async def test_a_stopped_guest_outlives_its_files_aclose_and_its_session_ends_quietly() -> None:
+    mf = await MemoryFile.open(opts=_opts())
+    session = gp.GuestSession(mf, memcg_id=9)
+    proc, task, ranges = await _keeping_guest(mf, session, 256)
+    proc.send_signal(signal.SIGSTOP)
+    # The file closes under a stopped guest that still maps it: aclose() does not wait
+    # for the guest (it cannot know of it), and the guest's pages stay its own mapping's.
+    await asyncio.wait_for(mf.aclose(), 30)
+    assert not task.done()
+    proc.kill()
+    assert await proc.wait() == -signal.SIGKILL
+    await task  # the session ends without raising, though its file is closed
+    assert session.closed_for == "hung up"
+    assert session.used_bytes == 0 and not session.ranges
+    assert ranges
