@@ -5,27 +5,33 @@ installed) keeps ``--sandboxes`` sandboxes running, each a real process
 (``examples/sandbox_guest.py``) with its own memfd-backed ``MemoryFile``, all of
 them reporting into one ``MemoryAccounting`` (the host's view). For each sandbox it
 
-* creates a child memory cgroup (cgroup v1 or v2, whichever the host has; it says so
-  and goes on without one when it cannot) and starts the guest in it;
+* creates a child memory cgroup (cgroup v1 or v2, whichever the host has, inside a group
+  of the supervisor's own; it says so and goes on without cgroups when it cannot) and
+  starts the guest in it, optionally limited to ``--guest-limit`` MiB;
 * hands the guest its file's sealed memfd (``MemoryFile.guest_fd``: the guest can read
   and write its pages but never shrink the file) over a Unix socket, then answers the
   guest's requests (``guest_protocol``): allocate anonymous or page-cache memory, free
   it, make cached memory evictable; the guest maps every range at its own address,
   fills it and reads it back, and the supervisor spot-checks it through ``map_internal``;
-* past ``--budget`` MiB of host memory held by all files, evicts cached ranges
-  (``start_evictions``) and tells each guest which range is gone;
-* when the guest exits (or dies) frees every page it held and removes its cgroup;
-  a new sandbox takes the slot.
+* under memory pressure evicts cached ranges and tells each guest which range is gone:
+  past ``--budget`` MiB of host memory held by all files (``start_evictions``), or when
+  the kernel reports pressure in the guest's own cgroup (each file watches its guest's
+  cgroup: ``use_host_memcg_pressure``);
+* when the guest exits (or dies, or the supervisor ends it) frees every page it held,
+  closes its file and removes its cgroup; a new sandbox takes the slot.
 
-At the end a checkpoint step: a guest fills pages, is stopped (``SIGSTOP``), its file
-is saved and the guest killed; the checkpoint is loaded into a new file and a new guest
-verifies that its data survived. The live view shows every guest's pid, cgroup, bytes
-used / cached / evicted and requests per second: a ``rich`` table on a terminal (``pip
-install 'asyncpgalloc[demo]'``), plain lines otherwise. Every page must come back:
-``used_bytes == 0``, nothing committed or accounted, invariants hold; it exits 0 if so.
+At the end a checkpoint step: a guest fills ``--checkpoint-mib`` MiB, is stopped
+(``SIGSTOP``), the supervisor takes over its pages and saves its file, the guest is
+killed; the checkpoint is loaded into a new file with ``async_pages=True`` (its progress
+shown from ``load_progress()``) and a new guest, started at once, waits for each range to
+be loaded and verifies that its data survived. The live view shows every guest's pid,
+cgroup, bytes used / cached / evicted and requests per second: a ``rich`` table on a
+terminal (``pip install 'asyncpgalloc[demo]'``), plain lines otherwise. It exits 0 only
+if every page came back (``used_bytes == 0``, nothing committed or accounted, invariants
+hold), no fd leaked, every cgroup was removed and the checkpoint verified.
 
 Run: python examples/sandbox_supervisor.py [--duration 8] [--sandboxes 4]
-     [--budget 96] [--seed 1] [--map out.svg]
+     [--budget 96] [--guest-limit 0] [--checkpoint-mib 32] [--seed 1] [--map out.svg]
 """
 
 from __future__ import annotations
