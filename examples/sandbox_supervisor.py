@@ -237,6 +237,7 @@ class Sandbox:
     rc: int | None = None
     killed: str = ""  # why the supervisor killed the guest ("" if it exited by itself)
     oom_killed: bool = False  # the kernel killed it at its cgroup's limit
+    counted: bool = False  # in the Totals already
 
     @property
     def pid(self) -> int:
@@ -322,6 +323,7 @@ class Totals:
 
     def add(self, sb: Sandbox, killed_on_purpose: bool = False) -> None:
         """Count a finished sandbox (its file still open, every page back)."""
+        sb.counted = True
         self.sandboxes += 1
         self.requests += sb.session.requests
         self.verified_bytes += sb.counts.get("verified_bytes", 0)
@@ -577,7 +579,9 @@ class Supervisor:
         """The files as a whole, as phrases: stats(), host usage, budget, accounting, lag."""
         files, t = self.files(), self.totals
         stats = [mf.stats() for mf in files]
-        live_requests = sum(sb.session.requests for sb in self.slots if sb is not None)
+        live_requests = sum(
+            sb.session.requests for sb in self.slots if sb is not None and not sb.counted
+        )
         elapsed = time.monotonic() - self.t0
         return [
             f"t={elapsed:.1f}s",
