@@ -451,3 +451,99 @@ async def test_a_stopped_guest_outlives_its_files_aclose_and_its_session_ends_qu
     assert session.closed_for == "hung up"
     assert session.used_bytes == 0 and not session.ranges
     assert ranges
+
+
+# A guest that fills an evictable cached range, then grows its anonymous memory 1 MiB at a
+# time past its cgroup's limit; it unmaps the cached range when told it is gone.
+_GROWING_GUEST = r"""
+import json, mmap, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from guest_protocol import GuestChannel
+ch = GuestChannel(socket.socket(fileno=int(sys.argv[1])))
+_hello, fd = ch.hello()
+rid, notices, maps = 0, [], []
+def req(op, **kw):
+    global rid
+    rid += 1
+    ch.send({"op": op, "id": rid, **kw})
+    while True:
+        msg = ch.read()
+        if msg.get("event") == "evicted":
+            notices.append([msg["offset"], msg["length"]])
+            cache.close()  # gone: never touched again
+            continue
+        if msg.get("id") == rid:
+            assert msg["ok"], msg
+            return msg
+a = req("alloc", kind="cache", length=int(sys.argv[3]) << 20)
+cache = mmap.mmap(fd, a["length"], offset=a["offset"])
+for off in range(0, a["length"], 1 << 20):  # in pieces: no temporary as big as the range
+    cache[off:off + (1 << 20)] = b"c" * (1 << 20)
+req("evictable", offset=a["offset"])
+for _ in range(int(sys.argv[4])):
+    r = req("alloc", kind="anon", length=1 << 20)
+    m = mmap.mmap(fd, r["length"], offset=r["offset"])
+    m[:] = b"a" * r["length"]
+    maps.append(m)
+    time.sleep(0.005)
+req("bye")
+print(json.dumps({"notices": notices, "cache": [a["offset"], a["length"]]}))
+"""
+
+
+async def test_memory_pressure_in_a_guests_cgroup_evicts_its_cache_and_tells_it() -> None:
+    cg = pytest.importorskip("cgroups")
+    parent = cg.v1_parent()  # skips without root or a v1 memory hierarchy
+
+    def limit(path: str) -> None:
+        Path(path, "memory.limit_in_bytes").write_text(str(80 << 20))
+        # At the limit the guest waits (instead of being OOM-killed) until memory is
+        # freed in its group: whether the eviction beats the OOM killer is no question.
+        Path(path, "memory.oom_control").write_text("1")
+
+    with cg.make_cgroup(parent, limit) as cgroup:
+        opts = MemoryFileOpts(
+            delayed_eviction=DelayedEviction.ENABLED,
+            use_host_memcg_pressure=True,
+            memcg_path=cgroup,
+        )
+        async with MemoryFile.open(opts=opts) as mf:
+            session = gp.GuestSession(mf, memcg_id=10)
+            ours, theirs = socket.socketpair()
+            examples = str(Path(gp.__file__).parent)
+            # The interpreter (~20 MiB) + 32 MiB cached + 40 MiB anonymous: past the
+            # 80 MiB limit, and under it again once the cache is gone.
+            args = (str(theirs.fileno()), examples, "32", "40")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _GROWING_GUEST,
+                *args,
+                pass_fds=(theirs.fileno(),),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            theirs.close()
+            gp.join_cgroup(cgroup, proc.pid)
+            gfd = mf.guest_fd()
+            socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+            os.close(gfd)
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            try:
+                await asyncio.wait_for(session.serve(reader, writer), 60)
+            finally:
+                if proc.returncode is None and session.closed_for != "bye":
+                    proc.kill()  # stuck at the limit: nothing was evicted
+            out, _ = await proc.communicate()
+            print(
+                "DBG",
+                proc.returncode,
+                session.evicted_bytes,
+                mf.counters(),
+                Path(cgroup, "memory.max_usage_in_bytes").read_text(),
+            )
+            assert proc.returncode == 0, "the guest was OOM-killed: the cache went too late"
+            result = json.loads(out)
+            assert mf.pressure_events > 0
+            assert result["notices"] == [result["cache"]]  # told exactly which range went
+            assert session.evicted_bytes == 32 << 20
+            assert session.used_bytes == mf.stats().used_bytes == 0
