@@ -534,14 +534,7 @@ async def test_memory_pressure_in_a_guests_cgroup_evicts_its_cache_and_tells_it(
                 if proc.returncode is None and session.closed_for != "bye":
                     proc.kill()  # stuck at the limit: nothing was evicted
             out, _ = await proc.communicate()
-            print(
-                "DBG",
-                proc.returncode,
-                session.evicted_bytes,
-                mf.counters(),
-                Path(cgroup, "memory.max_usage_in_bytes").read_text(),
-            )
-            assert proc.returncode == 0, "the guest was OOM-killed: the cache went too late"
+            assert proc.returncode == 0
             result = json.loads(out)
             assert mf.pressure_events > 0
             assert result["notices"] == [result["cache"]]  # told exactly which range went
