@@ -7,7 +7,6 @@ test removes what a failing supervisor may have left (its group, its guests).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -220,8 +219,8 @@ def test_supervisor_rejects_bad_options(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
-def _supervisor(**args: object) -> object:
-    ns = argparse.Namespace(budget=96, duration=1.0, checkpoint_mib=4, **args)
+def _supervisor() -> object:
+    ns = supervisor.parse_args(["--duration", "1", "--checkpoint-mib", "4", "--view", "plain"])
     cgroups = supervisor.Cgroups.detect(f"asyncpgalloc-supervisor-{os.getpid()}")
     return supervisor.Supervisor(ns, random.Random(1), MemoryAccounting(), cgroups)
 
