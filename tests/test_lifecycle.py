@@ -103,9 +103,7 @@ class StubbornUser:
 
 # ------------------------------------------------------------------ cancelled close
 
-_CANCELLED_CLOSE = (
-    _PRELUDE
-    + """
+_CANCELLED_CLOSE = _PRELUDE + """
 async def main():
     own = sys.argv[2] == "own"
     ex = None if own else GatedExecutor()
@@ -148,7 +146,6 @@ async def main():
 import contextlib
 run(main)
 """
-)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -355,9 +352,7 @@ def test_a_save_cut_off_by_a_closed_loop_leaves_no_temporary(loop: str, tmp_path
 
 # ---------------------------------------------------------------------- fork
 
-_FORK = (
-    _PRELUDE
-    + """
+_FORK = _PRELUDE + """
 import multiprocessing
 
 def child_sync(mf, held):
@@ -407,7 +402,6 @@ async def main():
 
 run(main)
 """
-)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
