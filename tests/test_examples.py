@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,8 +114,8 @@ def test_supervisor_script_runs_real_guests_in_cgroups_and_returns_everything() 
 
 def test_supervisor_says_so_and_runs_without_cgroups_on_a_read_only_cgroupfs() -> None:
     root = _cgroup_root()
-    if os.geteuid() != 0 or root is None:
-        pytest.skip("needs root (a mount namespace) and a memory cgroup hierarchy")
+    if os.geteuid() != 0 or root is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, unshare (a mount namespace) and a memory cgroup hierarchy")
     # In a mount namespace of its own the hierarchy is read-only: mkdir fails (EROFS).
     wrap = ("unshare", "-m", "sh", "-c", f'mount -o remount,bind,ro {root} && exec "$@"', "sh")
     with _supervisor_process("--duration", "1", "--sandboxes", "2", prefix=wrap) as proc:
