@@ -22,6 +22,8 @@ Scenarios (the names are stable; ``--only`` takes their letters or full names):
   chosen 2 MiB range, total throughput against a cold sequential read, loop lag while
   loading against the idle loop's, and save against an fsynced sequential write, all in
   the same repetitions (asyncio loop).
+- ``guests`` a real guest process's request round trip (p50, p99) and requests per second
+  at 1 and 32 guests, against an echo server of the same framing (``bench_guests.py``).
 
 Rules every timed loop follows: the event loop gets a turn at least every 64 operations,
 and a scenario that frees ends with ``await mf.wait_released()`` inside the timing, so
@@ -784,6 +786,15 @@ async def run_lag(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
     return results
 
 
+async def run_guests(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
+    """The guest scenarios (``bench_guests.py``), on the suite's loop."""
+    if not plan.wants("guests"):
+        return []
+    import bench_guests
+
+    return await bench_guests.run([1, 32], plan.reps, 0.25 if plan.quick else 1.0, emit)
+
+
 def table(results: Sequence[Result]) -> str:
     head = (
         f"{'scenario':34} {'unit':>11} {'median':>9} {'min':>9} {'max':>9} "
@@ -813,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="LIST",
-        help="comma-separated: a,b,c,d,e,lag,scrape,heap,restore (default: all)",
+        help="comma-separated: a,b,c,d,e,lag,scrape,heap,restore,guests (default: all)",
     )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args(argv)
@@ -830,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = runner(run_all(plan, emit))
     results += asyncio.run(run_lag(plan, emit))
+    results += runner(run_guests(plan, emit))
     print()
     print(table(results))
     print(

@@ -14,16 +14,21 @@ guest request                              supervisor answer
 ``{"op": "evictable", "id", "offset"}``      ``{"id", "ok": true}`` (a cached range may go)
 ``{"op": "pin", "id", "offset"}``            ``{"id", "ok": true}``, or an error if evicted
 ``{"op": "check", "id", "offset", "token"}`` ``{"id", "ok": true}`` if the range holds token
+``{"op": "wait", "id", "offset"}``           ``{"id", "ok": true}`` once the range is loaded
 ``{"op": "bye", "id"}``                      ``{"id", "ok": true}``, then the guest exits
 =========================================  =================================================
 
 ``kind`` is ``"anon"`` or ``"cache"``; only cached ranges can be made evictable, and a
-guest pins one (makes it unevictable again) before it touches it. An error answer is
+guest pins one (makes it unevictable again) before it touches it. ``wait`` is for a file
+restored with ``MemoryFile.load(..., async_pages=True)``: until its pages are read in,
+the guest's own mapping of the range would show holes, so it waits before touching it.
+An error answer is
 ``{"id", "ok": false, "error"}``; with ``"fatal": true`` (garbage, a malformed or
 oversized request) the supervisor then hangs up. A notice is ``{"event": "evicted",
 "offset", "length"}``: the range is gone, the guest must unmap it and never touch it again.
 Whatever way a guest goes (``bye``, a hang-up, ``SIGKILL`` mid-frame), every page it held
-is freed.
+is freed. The supervisor never waits for a guest to read: answers and notices are
+buffered up to :data:`MAX_UNREAD` bytes, and a guest that lets more pile up is cut off.
 
 Both sides are here: :class:`GuestChannel` (blocking, for the guest program) and
 :class:`GuestSession` (asyncio, one per guest in the supervisor), with :func:`start_guest`.
@@ -63,6 +68,8 @@ DEFAULT_QUOTA = 256 << 20
 MAX_UNREAD = 1 << 20
 #: Seconds a guest may take to finish a frame it has begun.
 FRAME_TIMEOUT = 5.0
+#: Requests a session answers from buffered frames before it lets other tasks run.
+FAIR_BATCH = 32
 KINDS = {"anon": MemoryKind.ANONYMOUS, "cache": MemoryKind.PAGE_CACHE}
 GUEST_PROGRAM = Path(__file__).resolve().parent / "sandbox_guest.py"
 _LEN = struct.Struct(">I")
@@ -161,10 +168,18 @@ class GuestSession:
     errors: int = 0
     closed_for: str = ""  # why the session ended ("" while it runs)
     writer: asyncio.StreamWriter | None = None
+    # The range a "wait" request asked for, set by handle() for serve() to await.
+    _loading: FileRange | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests until the guest says bye, hangs up or breaks the protocol;
-        then free every page it held. Never raises for anything the guest does."""
+        then free every page it held. Never raises for anything the guest does.
+
+        It never waits for the guest to read (no ``drain``): what the guest leaves
+        unread is bounded by :data:`MAX_UNREAD` (see :meth:`_push`), so a guest that
+        stops reading is cut off instead of stalling its session. Frames already
+        buffered are answered :data:`FAIR_BATCH` at a time between yields to the loop.
+        """
         self.writer = writer
         try:
             while True:
@@ -179,18 +194,26 @@ class GuestSession:
                     self.closed_for = f"protocol error: {e}"
                     return
                 except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-                    self.closed_for = "hung up"
+                    self.closed_for = self.closed_for or "hung up"  # or cut off by _push
+                    return
+                if self.mf.closed:  # closed under a live guest: nothing left to serve
+                    self.closed_for = "file closed"
                     return
                 self.requests += 1
                 answer = self.handle(msg)
+                if self._loading is not None:
+                    answer = await self._wait_loaded(answer)
                 self._push(answer)
                 if answer.get("fatal") or msg.get("op") == "bye":
                     ok = answer.get("ok")
                     self.closed_for = "bye" if ok else f"protocol error: {answer['error']}"
                     return
-                await writer.drain()
+                if self.closed_for:  # cut off by _push
+                    return
+                if self.requests % FAIR_BATCH == 0:
+                    await asyncio.sleep(0)
         except ConnectionError:
-            self.closed_for = "hung up"
+            self.closed_for = self.closed_for or "hung up"
         finally:
             self.release_all()
             writer.close()
@@ -212,7 +235,7 @@ class GuestSession:
             start = msg.get("offset")
             if not isinstance(start, int) or isinstance(start, bool):
                 raise ProtocolError(f"{op!r} needs an integer offset")
-            if op not in ("free", "evictable", "pin", "check"):
+            if op not in ("free", "evictable", "pin", "check", "wait"):
                 raise ProtocolError(f"unknown op {op!r}")
             if start not in self.ranges:
                 if op == "pin":  # evicted: the guest has the notice by now
@@ -282,6 +305,45 @@ class GuestSession:
             return {"id": rid, "ok": False, "error": f"range {start} does not hold {token:#x}"}
         return {"id": rid, "ok": True}
 
+    def _wait(self, rid: int, start: int, msg: dict[str, Any]) -> dict[str, Any]:
+        self._loading = self.ranges[start][0]
+        return {"id": rid, "ok": True}
+
+    async def _wait_loaded(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Hold ``answer`` to a ``wait`` until its range's pages are loaded (at once
+        unless the file is being loaded with ``async_pages``); a failed load is an
+        error answer. Only this guest's session waits: it is blocked on the answer."""
+        fr, self._loading = self._loading, None
+        assert fr is not None
+        try:
+            await self.mf.wait_loaded(fr)
+        except AllocatorError as e:
+            self.errors += 1
+            return {"id": answer["id"], "ok": False, "error": f"{type(e).__name__}: {e}"}
+        return answer
+
+    def detach(self) -> list[tuple[FileRange, str]]:
+        """Take over every range the guest holds, with its reference: the session
+        forgets them (none is evictable any more, and the guest's going frees none of
+        them), and the caller now owns one reference on each (``dec_ref`` when done,
+        or :meth:`adopt` them into another session). For a checkpoint of a stopped
+        guest: its pages stay put whatever happens to the guest. O(ranges)."""
+        self.mf.mark_all_unevictable(self)
+        self.evictable.clear()
+        taken = list(self.ranges.values())
+        self.ranges.clear()
+        self.used_bytes = self.cached_bytes = 0
+        return taken
+
+    def adopt(self, ranges: list[tuple[FileRange, str]]) -> None:
+        """Hand the guest ranges (with one reference each) that it did not allocate,
+        e.g. restored from a checkpoint; it frees them as its own. O(ranges)."""
+        for fr, kind in ranges:
+            self.ranges[fr.start] = (fr, kind)
+            self.used_bytes += fr.length
+            if kind == "cache":
+                self.cached_bytes += fr.length
+
     def _drop(self, start: int) -> FileRange:
         fr, kind = self.ranges.pop(start)
         if start in self.evictable:
@@ -301,13 +363,21 @@ class GuestSession:
             self._push({"event": "evicted", "offset": fr.start, "length": fr.length})
 
     def release_all(self) -> None:
-        """Free every page the guest holds (it is gone). Synchronous, O(ranges)."""
+        """Free every page the guest holds (it is gone). Synchronous, O(ranges). Once the
+        file is closed its pages are the host's again: the ranges are only forgotten."""
+        if self.mf.closed:
+            self.ranges.clear()
+            self.evictable.clear()
+            self.used_bytes = self.cached_bytes = 0
+            return
         self.mf.mark_all_unevictable(self)
         self.evictable.clear()
         for start in list(self.ranges):
             self._drop(start)
 
     def _push(self, msg: dict[str, Any]) -> None:
+        """Queue ``msg`` for the guest without waiting; past :data:`MAX_UNREAD` bytes
+        queued (the guest is not reading), cut the guest off. O(1), never blocks."""
         w = self.writer
         if w is None or w.is_closing():
             return

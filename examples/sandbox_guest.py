@@ -9,16 +9,22 @@ before it reads them). An eviction notice makes it unmap the range for good. At 
 frees everything, prints one JSON line of counts and exits 0 if every byte it read back
 was right.
 
-``--keep N`` instead allocates N anonymous pages, fills them, prints their ``offset token``
-pairs and waits to be stopped (the checkpoint step); ``--verify OFFSET:LENGTH:TOKEN``
-checks ranges that a restored file holds, without allocating.
+``--keep N`` instead allocates N pages (anonymous and cached ranges of up to
+``KEEP_RANGE`` bytes), fills them, prints them as one JSON line (``{"ranges": [[offset,
+length, token], ...]}``) and waits to be stopped (the checkpoint step). ``--verify
+OFFSET:LENGTH:TOKEN`` (repeated) is for a guest on a restored file that already holds
+those ranges: for each it waits until the range is loaded, maps it, checks every byte,
+has the supervisor spot-check it and frees it. ``--shrink`` first allocates a page, then
+tries to ``ftruncate`` the memfd to 0 and records the errno (``EPERM``: it is sealed).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import mmap
+import os
 import random
 import socket
 import struct
@@ -32,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_protocol import GuestChannel
 
 PAGE = mmap.PAGESIZE
+#: ``--keep`` fills ranges of at most this many bytes.
+KEEP_RANGE = 4 << 20
 
 
 class Guest:
@@ -130,6 +138,32 @@ class Guest:
                 self.evictable.discard(offset)
                 self.verify(offset)
 
+    def keep(self, pages: int) -> list[list[int]]:
+        """Allocate and fill ``pages`` pages in ranges, anonymous and cached in turn;
+        returns ``[offset, length, token]`` for each."""
+        kept: list[list[int]] = []
+        left = pages * PAGE
+        while left:
+            length = min(left, KEEP_RANGE)
+            offset = self.alloc("cache" if len(kept) % 2 else "anon", length)
+            if offset is None:
+                raise SystemExit(f"--keep: allocation of {length} bytes refused")
+            kept.append([offset, length, self.held[offset][2]])
+            left -= length
+        return kept
+
+    def verify_restored(self, offset: int, length: int, token: int) -> None:
+        """Check a range a restored file holds for us, then free it."""
+        if not self.request("wait", offset=offset)["ok"]:  # until its pages are in
+            self.counts["errors"] += 1
+            return
+        m = mmap.mmap(self.memfd, length, offset=offset)
+        self.held[offset] = (m, "anon", token)
+        self.verify(offset)
+        if not self.request("check", offset=offset, token=token)["ok"]:
+            self.counts["errors"] += 1
+        self.free(offset)
+
     def finish(self) -> None:
         while self.held:  # a notice may take any of them while one is freed
             self.free(next(iter(self.held)))
@@ -143,6 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=0, help="allocate N pages and wait (checkpoint)")
     p.add_argument("--verify", action="append", default=[], metavar="OFFSET:LENGTH:TOKEN")
+    p.add_argument("--shrink", action="store_true", help="try to ftruncate the memfd to 0")
     return p.parse_args(argv)
 
 
@@ -151,23 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ch = GuestChannel(socket.socket(fileno=args.sock))
     _hello, memfd = ch.hello()
     guest = Guest(ch, memfd, random.Random(args.seed))
-    if args.verify:
-        for spec in args.verify:
-            offset, length, token = (int(x) for x in spec.split(":"))
-            with mmap.mmap(memfd, length, offset=offset) as m:
-                ok = m[:] == struct.pack("<Q", token) * (length // 8)
-            guest.counts["verified_bytes" if ok else "bad_bytes"] += length
-        guest.request("bye")
-        print(json.dumps(guest.counts), flush=True)
-        return 0 if guest.counts["bad_bytes"] == 0 else 1
+    if args.shrink:  # once the file holds something of ours
+        guest.alloc("anon", PAGE)
+        try:
+            os.ftruncate(memfd, 0)
+            guest.counts["shrink_errno"] = 0
+        except OSError as e:
+            guest.counts["shrink_errno"] = e.errno or errno.EIO
     if args.keep:
-        offset = guest.alloc("anon", args.keep * PAGE)
-        assert offset is not None
-        _m, _kind, token = guest.held[offset]
-        print(f"{offset} {args.keep * PAGE} {token}", flush=True)
+        print(json.dumps({"ranges": guest.keep(args.keep)}), flush=True)
         time.sleep(3600)  # until the supervisor stops and kills it
         return 0
-    deadline = time.monotonic() + args.seconds
+    for spec in args.verify:
+        guest.verify_restored(*(int(x) for x in spec.split(":")))
+    deadline = time.monotonic() + (0 if args.verify else args.seconds)
     while time.monotonic() < deadline:
         guest.step()
     guest.finish()

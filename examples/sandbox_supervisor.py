@@ -1,69 +1,74 @@
-"""A sandbox supervisor: several simulated sandboxes sharing one MemoryFile.
+"""A sandbox supervisor: real guest processes, each on its own MemoryFile.
 
 This is what asyncpgalloc is for. One asyncio supervisor (on uvloop when it is
-installed) runs ``--sandboxes`` sandboxes at once on one memfd-backed
-``MemoryFile``. Each sandbox has its own memory-cgroup id and does what a guest
-does to its memory:
+installed) keeps ``--sandboxes`` sandboxes running, each a real process
+(``examples/sandbox_guest.py``) with its own memfd-backed ``MemoryFile``, all of
+them reporting into one ``MemoryAccounting`` (the host's view). For each sandbox it
 
-* its anonymous memory grows and shrinks: small allocations on the synchronous
-  fast path (``allocate``), large and huge-page ones with ``allocate_async``,
-  writes through ``map_internal``, parts shared and unshared with
-  ``inc_ref``/``dec_ref`` of page-aligned sub-ranges, tails given back;
-* its page cache reads real files with ``allocate_from`` (an ``aiofiles`` file)
-  and keeps them as evictable memory (``mark_evictable``); ``evict`` drops them;
-* after a while it exits and returns everything; a new sandbox takes its slot.
+* creates a child memory cgroup (cgroup v1 or v2, whichever the host has, inside a group
+  of the supervisor's own; it says so and goes on without cgroups when it cannot) and
+  starts the guest in it, optionally limited to ``--guest-limit`` MiB;
+* hands the guest its file's sealed memfd (``MemoryFile.guest_fd``: the guest can read
+  and write its pages but never shrink the file) over a Unix socket, then answers the
+  guest's requests (``guest_protocol``): allocate anonymous or page-cache memory, free
+  it, make cached memory evictable; the guest maps every range at its own address,
+  fills it and reads it back, and the supervisor spot-checks it through ``map_internal``;
+* under memory pressure evicts cached ranges and tells each guest which range is gone:
+  past ``--budget`` MiB of host memory held by all files (``start_evictions``), or when
+  the kernel reports pressure in the guest's own cgroup (each file watches its guest's
+  cgroup: ``use_host_memcg_pressure``);
+* when the guest exits (or dies, or the supervisor ends it) frees every page it held,
+  closes its file and removes its cgroup; a new sandbox takes the slot.
 
-The supervisor keeps usage accounting live (``usage_refresh_interval``), watches
-the host's usage of the file and, past ``--budget`` MiB, calls
-``start_evictions()`` (the demo's memory pressure), and shows a live view: a
-``rich`` table on a terminal (``pip install 'asyncpgalloc[demo]'``), plain lines
-otherwise. At the end every page must be back: ``stats().used_bytes == 0``,
-nothing committed, and ``check_invariants()`` passes; it exits 0 if so.
+At the end a checkpoint step: a guest fills ``--checkpoint-mib`` MiB, is stopped
+(``SIGSTOP``), the supervisor takes over its pages and saves its file, the guest is
+killed; the checkpoint is loaded into a new file with ``async_pages=True`` (its progress
+shown from ``load_progress()``) and a new guest, started at once, waits for each range to
+be loaded and verifies that its data survived. The live view shows every guest's pid,
+cgroup, bytes used / cached / evicted and requests per second: a ``rich`` table on a
+terminal (``pip install 'asyncpgalloc[demo]'``), plain lines otherwise. It exits 0 only
+if every page came back (``used_bytes == 0``, nothing committed or accounted, invariants
+hold), no fd leaked, every cgroup was removed and the checkpoint verified.
 
 Run: python examples/sandbox_supervisor.py [--duration 8] [--sandboxes 4]
-     [--budget 96] [--seed 1] [--map out.svg]
+     [--budget 96] [--guest-limit 0] [--checkpoint-mib 32] [--seed 1] [--map out.svg]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
+import json
+import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiofiles
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guest_protocol import GuestSession, start_guest
 
 from asyncpgalloc import (
-    HUGE_PAGE_SIZE,
     PAGE_SIZE,
-    AccessType,
-    AllocationMode,
-    AllocOpts,
     DelayedEviction,
-    EvictableRange,
     FileRange,
+    MemoryAccounting,
     MemoryFile,
     MemoryFileOpts,
-    MemoryKind,
 )
 
 KiB = 1 << 10
 MiB = 1 << 20
 
-#: Sizes of the data files the page caches read (page-aligned, so that a cached
-#: copy is exactly the file: allocate_from keeps only whole pages it filled).
-DATA_FILE_SIZES = (256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 3 * MiB, 4 * MiB)
-#: A sandbox's anonymous memory stops growing here (it shrinks instead).
-ANON_CAP = 16 * MiB
 #: How often the supervisor refreshes usage, checks the budget and redraws.
 USAGE_REFRESH = 0.2
 PRESSURE_CHECK = 0.05
@@ -71,262 +76,216 @@ VIEW_REFRESH = 0.5  # a rich frame costs ~10 ms of loop time: it shows in the la
 PLAIN_VIEW_REFRESH = 1.0
 #: The loop-lag ticker's period.
 TICK = 0.01
-#: Header of every data file, so that a cached copy can be checked cheaply.
-HEADER_LEN = 16
+#: Seconds a guest may run past its time before the supervisor kills it.
+GUEST_GRACE = 10.0
+#: How often the load's progress is shown during the checkpoint step.
+PROGRESS_REFRESH = 0.05
 
 
-# --------------------------------------------------------------- data files
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """A real file the sandboxes read through their page caches."""
-
-    path: Path
-    size: int
-    head: bytes  # first HEADER_LEN bytes
-    tail: bytes  # last HEADER_LEN bytes
-
-
-async def make_data_files(directory: Path, rng: random.Random) -> list[DataFile]:
-    """Write the data files (random bytes behind a named header) with aiofiles."""
-    files = []
-    for i, size in enumerate(DATA_FILE_SIZES):
-        head = f"data-file-{i:02d}".encode().ljust(HEADER_LEN, b".")
-        body = head + rng.randbytes(size - HEADER_LEN)
-        path = directory / f"data-{i:02d}.bin"
-        async with aiofiles.open(path, "wb") as f:
-            await f.write(body)
-        files.append(DataFile(path, size, head, body[-HEADER_LEN:]))
-    return files
-
-
-# --------------------------------------------------------------- page cache
-
-
-class PageCache:
-    """A sandbox's page cache: file data in the MemoryFile, evictable under pressure.
-
-    An ``EvictableMemoryUser``: the file calls ``evict`` from its own eviction task,
-    so every method here must tolerate the others having run in between. It is
-    hashable by identity (the file keys evictable ranges by user), so it must not
-    be a dataclass with ``eq``.
-    """
-
-    def __init__(self, mf: MemoryFile, memcg_id: int) -> None:
-        self.mf = mf
-        self.opts = AllocOpts(kind=MemoryKind.PAGE_CACHE, memcg_id=memcg_id)
-        self.entries: dict[Path, FileRange] = {}
-        # Entries in use right now: evict() leaves them alone. A racing evict may
-        # still be called for a range we have just marked unevictable (the file
-        # allows it), so this check is what makes that race harmless.
-        self.pinned: set[Path] = set()
-        self.hits = self.misses = self.evictions = 0
-
-    def held_bytes(self) -> int:
-        return sum(fr.length for fr in self.entries.values())
-
-    async def read(self, data: DataFile) -> None:
-        """Read ``data`` through the cache: a hit checks the cached copy, a miss loads it."""
-        mf = self.mf
-        fr = self.entries.get(data.path)
-        if fr is not None:
-            self.hits += 1
-            # Pin while in use: the sandbox reads it across an await.
-            self.pinned.add(data.path)
-            mf.mark_unevictable(self, EvictableRange(fr.start, fr.end))
-            try:
-                await asyncio.sleep(0)
-                check_copy(mf, fr, data)
-            finally:
-                self.pinned.discard(data.path)
-                if not mf.closed:
-                    mf.mark_evictable(self, EvictableRange(fr.start, fr.end))
-            return
-        self.misses += 1
-        # The file's bytes go straight into the allocated pages (readinto).
-        async with aiofiles.open(data.path, "rb") as f:
-            fr = await mf.allocate_from(f, data.size, self.opts)
-        if fr.length < data.size:
-            # The file shrank under us: keep nothing rather than a partial copy.
-            if fr.length:
-                mf.dec_ref(fr)
-            return
-        check_copy(mf, fr, data)
-        self.entries[data.path] = fr
-        if mf.should_cache_evictable():
-            mf.mark_evictable(self, EvictableRange(fr.start, fr.end))
-
-    async def evict(self, er: EvictableRange) -> None:
-        """Drop the unpinned entries that overlap ``er`` (the file's offsets are our keys).
-
-        The file merges a user's adjacent evictable ranges (as gVisor does): after
-        marking three neighbouring entries, one ``evict`` covers all three. So look
-        for every entry overlapping ``er``; looking up ``er.start`` alone would drop
-        the first and leak the others. Entries already dropped (the sandbox exited,
-        or an earlier evict got them) are simply not found.
-        """
-        for path, fr in list(self.entries.items()):
-            if fr.start < er.end and er.start < fr.end and path not in self.pinned:
-                del self.entries[path]
-                self.mf.dec_ref(fr)
-                self.evictions += 1
-
-    def drop_all(self) -> None:
-        """Give every cached page back (the sandbox is exiting)."""
-        self.mf.mark_all_unevictable(self)
-        for fr in self.entries.values():
-            self.mf.dec_ref(fr)
-        self.entries.clear()
-
-
-def check_copy(mf: MemoryFile, fr: FileRange, data: DataFile) -> None:
-    """A cached copy must still hold the file's bytes (first and last few)."""
-    (first,) = mf.map_internal(FileRange(fr.start, fr.start + HEADER_LEN))
-    (last,) = mf.map_internal(FileRange(fr.end - HEADER_LEN, fr.end))
-    if first != data.head or last != data.tail:
-        raise AssertionError(f"cached copy of {data.path.name} at {fr} is corrupt")
-
-
-# ------------------------------------------------------------------ sandbox
+# ------------------------------------------------------------------ cgroups
 
 
 @dataclass
+class Cgroups:
+    """The supervisor's memory cgroups: a group of its own, with one child per guest.
+
+    :meth:`detect` finds the memory controller (cgroup v1's memory hierarchy, else a
+    cgroup2 mount whose root delegates ``memory``) and creates the supervisor's group
+    there; when it cannot (no controller, not root, a read-only cgroupfs) ``parent`` is
+    None, ``note`` says why and guests run without cgroups. Every group it made is
+    removed by :meth:`remove` / :meth:`close`, killing what is left in it first (only
+    our own guests can be in it). Each call is a few cgroupfs syscalls on the loop.
+    """
+
+    parent: str | None
+    version: int
+    note: str
+    created: int = 0
+    leftover: list[str] = field(default_factory=list)  # groups that could not be removed
+    live: set[str] = field(default_factory=set)
+
+    @classmethod
+    def detect(cls, name: str) -> Cgroups:
+        v1 = v2 = None
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                _dev, path, fstype, options, *_ = line.split()
+                if fstype == "cgroup" and "memory" in options.split(","):
+                    v1 = v1 or path
+                elif fstype == "cgroup2":
+                    v2 = v2 or path
+        if v1 is not None:
+            root, version = v1, 1
+        elif v2 is not None and "memory" in _read(Path(v2, "cgroup.subtree_control")).split():
+            root, version = v2, 2
+        else:
+            why = "no memory cgroup controller (v1 memory hierarchy or v2 memory delegation)"
+            return cls(None, 0, f"{why}: guests run without cgroups")
+        parent = os.path.join(root, name)
+        try:
+            os.mkdir(parent)
+        except OSError as e:
+            return cls(
+                None,
+                version,
+                f"cannot create cgroups under {root} ({e.strerror}): guests run without cgroups",
+            )
+        if version == 2:
+            try:  # children get the memory controller
+                Path(parent, "cgroup.subtree_control").write_text("+memory")
+            except OSError as e:
+                os.rmdir(parent)
+                return cls(
+                    None,
+                    version,
+                    f"cannot enable memory in {parent} ({e.strerror}): guests run without cgroups",
+                )
+        return cls(
+            parent, version, f"cgroup v{version}: a child memory cgroup per guest in {parent}"
+        )
+
+    def create(self, name: str, limit: int = 0) -> str | None:
+        """A new child group for one guest (None without cgroups), limited to ``limit``
+        bytes if not 0 (v1 ``memory.limit_in_bytes``; v2 ``memory.high``, which
+        throttles and reclaims instead of OOM-killing)."""
+        if self.parent is None:
+            return None
+        path = os.path.join(self.parent, name)
+        os.mkdir(path)
+        self.created += 1
+        self.live.add(path)
+        if limit:
+            name = "memory.limit_in_bytes" if self.version == 1 else "memory.high"
+            Path(path, name).write_text(str(limit))
+        return path
+
+    async def remove(self, path: str) -> bool:
+        """Kill what is left in the group, then rmdir it, retrying for up to 2 s while
+        its last task finishes exiting. False (and the group noted) if it stays."""
+        for _ in range(100):
+            with contextlib.suppress(OSError, ValueError):
+                for pid in _read(Path(path, "cgroup.procs")).split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        else:
+            self.leftover.append(path)
+            print(f"note: could not remove cgroup {path}", file=sys.stderr)
+            return False
+        self.live.discard(path)
+        return True
+
+    async def close(self) -> bool:
+        """Remove every group still there, then the supervisor's own; True if all went."""
+        if self.parent is None:
+            return True
+        for path in sorted(self.live):
+            await self.remove(path)
+        self.live.add(self.parent)
+        return await self.remove(self.parent) and not self.leftover
+
+
+def oom_kills(path: str) -> int:
+    """Tasks of the cgroup the kernel OOM-killed at its limit (v1 ``memory.oom_control``,
+    v2 ``memory.events``: the ``oom_kill`` line)."""
+    for name in ("memory.oom_control", "memory.events"):
+        for line in _read(Path(path, name)).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def cgroup_memory(path: str) -> int:
+    """Bytes charged to the cgroup now (v1 ``memory.usage_in_bytes``, v2 ``memory.current``)."""
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        with contextlib.suppress(OSError, ValueError):
+            return int(Path(path, name).read_text())
+    return 0
+
+
+# ------------------------------------------------------------------ sandboxes
+
+
+@dataclass(eq=False)
 class Sandbox:
-    """One simulated guest: anonymous memory, a page cache, a lifetime."""
+    """One guest process and its own MemoryFile."""
 
     name: str
     memcg_id: int
     mf: MemoryFile
-    rng: random.Random
-    data: list[DataFile]
+    session: GuestSession
+    cgroup: str | None = None
+    proc: asyncio.subprocess.Process | None = None
+    serving: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
-    heap: list[FileRange] = field(default_factory=list)  # one reference each
-    shared: list[FileRange] = field(default_factory=list)  # extra references
-    zero_checks: int = 0
-    steps: int = 0
-    exited: bool = False
-    cache: PageCache = field(init=False)
+    counts: dict[str, int] = field(default_factory=dict)
+    rc: int | None = None
+    killed: str = ""  # why the supervisor killed the guest ("" if it exited by itself)
+    oom_killed: bool = False  # the kernel killed it at its cgroup's limit
+    counted: bool = False  # in the Totals already
 
-    def __post_init__(self) -> None:
-        self.cache = PageCache(self.mf, self.memcg_id)
+    @property
+    def pid(self) -> int:
+        return 0 if self.proc is None else self.proc.pid
 
-    def anon_bytes(self) -> int:
-        return sum(fr.length for fr in self.heap)
+    def req_per_s(self) -> float:
+        age = (self.ended or time.monotonic()) - self.started
+        return self.session.requests / age if age > 0 else 0.0
 
-    def shared_bytes(self) -> int:
-        return sum(fr.length for fr in self.shared)
+    async def start(self, *guest_args: str) -> None:
+        """Start the guest in the sandbox's cgroup and serve it (a fork+exec)."""
+        self.proc, self.serving = await start_guest(
+            self.mf, self.session, *guest_args, cgroup=self.cgroup, stdout=asyncio.subprocess.PIPE
+        )
+        self.started = time.monotonic()
 
-    async def run(self, lifetime: float, stop: asyncio.Event) -> None:
-        """Work until ``lifetime`` seconds pass or ``stop`` is set, then exit."""
-        deadline = time.monotonic() + lifetime
+    async def run(self, seconds: float) -> None:
+        """Wait for the guest to exit, then read its counts. A guest still there
+        ``seconds`` (plus a grace period) from now is killed."""
+        assert self.proc is not None and self.proc.stdout is not None
         try:
-            while time.monotonic() < deadline and not stop.is_set():
-                await self.step()
-                self.steps += 1
-                await asyncio.sleep(self.rng.uniform(0.002, 0.02))
-        finally:
-            # Whatever happened (even cancellation), a sandbox returns everything.
-            self.exit()
-
-    async def step(self) -> None:
-        r = self.rng.random()
-        if r < 0.35 and self.anon_bytes() < ANON_CAP:
-            await self.grow()
-        elif r < 0.55:
-            self.shrink()
-        elif r < 0.65:
-            self.share_or_unshare()
-        else:
-            weights = [1 / (i + 1) for i in range(len(self.data))]  # small files are hot
-            await self.cache.read(self.rng.choices(self.data, weights)[0])
-
-    async def grow(self) -> None:
-        """Allocate anonymous memory: small (sync), large or huge (async)."""
-        mf, rng = self.mf, self.rng
-        kind = rng.random()
-        if kind < 0.6:
-            # Small: the synchronous fast path; uncommitted, we write every byte.
-            fr = mf.allocate(
-                rng.randint(1, 64) * PAGE_SIZE,
-                AllocOpts(kind=MemoryKind.ANONYMOUS, memcg_id=self.memcg_id),
-            )
-            self.check_zero(fr)
-            for view in mf.map_internal(fr, AccessType.WRITE):
-                view[:] = bytes([self.memcg_id & 0xFF]) * len(view)
-        else:
-            # Large (1-6 MiB) or huge-page-backed (2-8 MiB, 2 MiB multiples): the
-            # populate runs in the executor, so the loop keeps ticking.
-            huge = kind >= 0.85
-            length = rng.randint(1, 4) * HUGE_PAGE_SIZE if huge else rng.randint(1, 6) * MiB
-            fr = await mf.allocate_async(
-                length,
-                AllocOpts(
-                    kind=MemoryKind.ANONYMOUS,
-                    memcg_id=self.memcg_id,
-                    mode=AllocationMode.WRITE_POPULATE,
-                    huge=huge,
-                ),
-            )
-            self.check_zero(fr)
-            for view in mf.map_internal(fr, AccessType.WRITE):
-                view[:8] = self.name.encode().ljust(8)[:8]
-        self.heap.append(fr)
-
-    def check_zero(self, fr: FileRange) -> None:
-        """A page handed out reads as zeros, whatever its history (recycled, released...)."""
-        for page in (fr.start, fr.end - PAGE_SIZE):
-            (view,) = self.mf.map_internal(FileRange(page, page + PAGE_SIZE))
-            if view.tobytes().count(0) != PAGE_SIZE:
-                raise AssertionError(f"{self.name}: new page {page:#x} is not zero")
-        self.zero_checks += 1
-
-    def shrink(self) -> None:
-        """Give back a whole region, or the tail of one (per-page references)."""
-        if not self.heap:
+            async with asyncio.timeout(seconds + GUEST_GRACE):
+                out = await self.proc.stdout.read()
+                await self.proc.wait()
+        except TimeoutError:
+            await self.end("did not exit in time")
             return
-        i = self.rng.randrange(len(self.heap))
-        fr = self.heap[i]
-        pages = fr.length // PAGE_SIZE
-        if pages == 1 or self.rng.random() < 0.4:
-            self.mf.dec_ref(self.heap.pop(i))
-            return
-        # A tail at any page boundary: in a huge-page-backed region this leaves
-        # partly released huge pages (the sub-release path).
-        keep = fr.start + self.rng.randint(1, pages - 1) * PAGE_SIZE
-        self.mf.dec_ref(FileRange(keep, fr.end))
-        self.heap[i] = FileRange(fr.start, keep)
+        await self.end()
+        with contextlib.suppress(ValueError, IndexError):
+            self.counts = json.loads(out.splitlines()[-1])
 
-    def share_or_unshare(self) -> None:
-        """Take an extra reference on part of a region (think fork + copy-on-write)."""
-        if self.shared and (self.rng.random() < 0.5 or not self.heap):
-            self.mf.dec_ref(self.shared.pop(self.rng.randrange(len(self.shared))))
-            return
-        if not self.heap:
-            return
-        fr = self.rng.choice(self.heap)
-        pages = fr.length // PAGE_SIZE
-        first = self.rng.randrange(pages)
-        count = self.rng.randint(1, min(16, pages - first))
-        part = FileRange(fr.start + first * PAGE_SIZE, fr.start + (first + count) * PAGE_SIZE)
-        self.mf.inc_ref(part)
-        self.shared.append(part)
-
-    def exit(self) -> None:
-        """Return every page this sandbox holds."""
-        if self.exited or self.mf.closed:
-            return
-        self.exited = True
-        self.ended = time.monotonic()
-        for fr in self.heap + self.shared:
-            self.mf.dec_ref(fr)
-        self.heap.clear()
-        self.shared.clear()
-        self.cache.drop_all()
-
-
-# --------------------------------------------------------------- supervisor
+    async def end(self, why: str = "") -> None:
+        """Make sure the guest is gone (SIGKILL, which ends a stopped one too) and its
+        session has freed every page it held. Idempotent."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            self.killed = self.killed or why or "ended by the supervisor"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        if proc is not None:
+            self.rc = await proc.wait()
+            if self.rc == -signal.SIGKILL and not self.killed and self.cgroup is not None:
+                self.oom_killed = oom_kills(self.cgroup) > 0
+        if self.serving is not None:
+            # The guest is gone: its socket's end is closed, so serve() returns.
+            await self.serving
+        if self.ended is None:
+            self.ended = time.monotonic()
 
 
 @dataclass
@@ -334,12 +293,26 @@ class Totals:
     """Figures over the whole run (sandboxes that exited included)."""
 
     sandboxes: int = 0
-    steps: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_evictions: int = 0
-    zero_checks: int = 0
+    requests: int = 0
+    verified_bytes: int = 0
+    bad_bytes: int = 0
+    guest_errors: int = 0  # errors guests saw or exit statuses other than 0
+    killed: int = 0  # guests the supervisor killed (the checkpointed one on purpose)
+    oom_killed: int = 0  # guests the kernel killed at their cgroup's limit (--guest-limit)
+    evicted_bytes: int = 0
+    allocations: int = 0
+    allocated_bytes: int = 0
+    released_bytes: int = 0
+    release_steps: int = 0
+    evictions_started: int = 0
+    evict_calls: int = 0
+    evict_failures: int = 0
+    pressure_events: int = 0
+    usage_scans: int = 0
+    leftover: int = 0  # used + waste + host bytes of closed files (must stay 0)
     pressure: int = 0  # times host usage went over the budget
+    checkpoint: str = "not run"
+    checkpoint_ok: bool = False
     lag_now: float = 0.0
     lag_max: float = 0.0
     lags: list[float] = field(default_factory=list)
@@ -348,38 +321,170 @@ class Totals:
         ordered = sorted(self.lags) or [0.0]
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    def add(self, sb: Sandbox) -> None:
+    def add(self, sb: Sandbox, killed_on_purpose: bool = False) -> None:
+        """Count a finished sandbox (its file still open, every page back)."""
+        sb.counted = True
         self.sandboxes += 1
-        self.steps += sb.steps
-        self.cache_hits += sb.cache.hits
-        self.cache_misses += sb.cache.misses
-        self.cache_evictions += sb.cache.evictions
-        self.zero_checks += sb.zero_checks
+        self.requests += sb.session.requests
+        self.verified_bytes += sb.counts.get("verified_bytes", 0)
+        self.bad_bytes += sb.counts.get("bad_bytes", 0)
+        failed = sb.rc != 0 or sb.session.errors > 0 or bool(sb.killed)
+        expected = killed_on_purpose or sb.oom_killed  # a limit the user set is no error
+        self.guest_errors += sb.counts.get("errors", 0) + (failed and not expected)
+        self.killed += bool(sb.killed)
+        self.oom_killed += sb.oom_killed
+        self.evicted_bytes += sb.session.evicted_bytes
+        c = sb.mf.counters()
+        self.allocations += c.allocations
+        self.allocated_bytes += c.allocated_bytes
+        self.released_bytes += c.released_bytes
+        self.release_steps += c.release_steps
+        self.evictions_started += c.evictions_started
+        self.evict_calls += c.evict_calls
+        self.evict_failures += c.evict_failures
+        self.pressure_events += c.pressure_events
+        self.usage_scans += c.usage_scans
+        s = sb.mf.stats()
+        self.leftover += s.used_bytes + s.waste_bytes + sb.mf.total_usage()
 
 
 @dataclass
 class Supervisor:
     """Runs the sandboxes, applies the budget, measures loop lag, draws the view."""
 
-    mf: MemoryFile
     args: argparse.Namespace
-    data: list[DataFile]
     rng: random.Random
+    accounting: MemoryAccounting
+    cgroups: Cgroups
     slots: list[Sandbox | None] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     next_memcg: int = 1
     t0: float = field(default_factory=time.monotonic)
 
+    def opts(self, cgroup: str | None) -> MemoryFileOpts:
+        if cgroup is None:
+            # Cached memory is kept until the supervisor says otherwise (the budget).
+            pressure: dict[str, Any] = {"delayed_eviction": DelayedEviction.MANUAL}
+        else:
+            # ... or until the kernel reports memory pressure in the guest's cgroup.
+            pressure = {
+                "delayed_eviction": DelayedEviction.ENABLED,
+                "use_host_memcg_pressure": True,
+                "memcg_path": cgroup,
+            }
+        return MemoryFileOpts(
+            accounting=self.accounting,  # the host's view of every sandbox
+            # Accounting by memcg stays fresh without anyone polling update_usage.
+            usage_refresh_interval=USAGE_REFRESH,
+            **pressure,
+        )
+
+    def files(self) -> list[MemoryFile]:
+        return [sb.mf for sb in self.slots if sb is not None and not sb.mf.closed]
+
+    @contextlib.asynccontextmanager
+    async def sandbox(
+        self,
+        slot: int | None = None,
+        *,
+        memcg_id: int | None = None,
+        load: str | None = None,
+        killed_on_purpose: bool = False,
+    ) -> AsyncIterator[Sandbox]:
+        """A sandbox: its cgroup, its file (a new memfd, or the checkpoint ``load``
+        loaded with ``async_pages``), its session; shown in ``slot``. On the way out,
+        however it goes (an error, a cancellation), the guest is ended, every page it
+        held is back, the sandbox counted, the file closed and the cgroup removed."""
+        if memcg_id is None:
+            memcg_id, self.next_memcg = self.next_memcg, self.next_memcg + 1
+        name = f"sb-{memcg_id}" + ("r" if load else "")
+        # The checkpoint's guests get no limit: the step must not depend on the OOM killer.
+        limit = 0 if killed_on_purpose or load else self.args.guest_limit * MiB
+        cgroup = self.cgroups.create(name, limit)
+        try:
+            opts = self.opts(cgroup)
+            if load is None:
+                mf = await MemoryFile.open(opts=opts)
+            else:
+                mf = await MemoryFile.load(load, opts, async_pages=True)
+            async with mf:
+                sb = Sandbox(name, memcg_id, mf, GuestSession(mf, memcg_id=memcg_id), cgroup)
+                if slot is not None:
+                    self.slots[slot] = sb
+                try:
+                    yield sb
+                finally:
+                    await sb.end("ended by the supervisor")
+                    await mf.wait_for_evictions()
+                    await mf.wait_released()
+                    mf.check_invariants()
+                    self.totals.add(sb, killed_on_purpose)
+        finally:
+            if cgroup is not None:
+                await self.cgroups.remove(cgroup)
+
     async def run_slot(self, slot: int) -> None:
         """Run sandboxes in this slot one after another until the supervisor stops."""
         while not self.stop.is_set():
-            memcg = self.next_memcg
-            self.next_memcg += 1
-            sb = Sandbox(f"sb-{memcg}", memcg, self.mf, random.Random(self.rng.random()), self.data)
-            self.slots[slot] = sb
-            await sb.run(self.rng.uniform(1.5, 4.0), self.stop)
-            self.totals.add(sb)
+            lifetime = self.rng.uniform(1.5, 4.0)
+            left = self.args.duration - (time.monotonic() - self.t0)
+            seconds = max(0.2, min(lifetime, left))
+            async with self.sandbox(slot) as sb:
+                await sb.start("--seconds", f"{seconds:.2f}", "--seed", str(sb.memcg_id))
+                await sb.run(seconds)
+
+    async def checkpoint(self, live: bool) -> None:
+        """Stop a guest, save its file, end it, load the checkpoint (async pages) into a
+        new file, start a new guest on it and have it verify every range it had."""
+        pages = self.args.checkpoint_mib * MiB // PAGE_SIZE
+        with tempfile.TemporaryDirectory(prefix="asyncpgalloc-ckpt-") as tmp:
+            path = str(Path(tmp) / "guest.ckpt")
+            async with self.sandbox(killed_on_purpose=True) as sb:
+                await sb.start("--keep", str(pages))
+                assert sb.proc is not None and sb.proc.stdout is not None
+                line = await sb.proc.stdout.readline()
+                ranges = json.loads(line)["ranges"] if line else []
+                sb.proc.send_signal(signal.SIGSTOP)
+                # The supervisor holds the stopped guest's pages now: nothing it does
+                # (or a kill) frees them under the save.
+                held = sb.session.detach()
+                await sb.mf.wait_for_evictions()
+                t = time.perf_counter()
+                await sb.mf.save(path)
+                saved = time.perf_counter() - t
+                for fr, _kind in held:
+                    sb.mf.dec_ref(fr)
+                await sb.end("checkpointed")
+                stopped_pid = sb.pid
+            t = time.perf_counter()
+            async with self.sandbox(memcg_id=sb.memcg_id, load=path) as rsb:
+                returned = time.perf_counter() - t
+                # The restored file holds the old guest's ranges: the new guest owns them.
+                kinds = {fr.start: kind for fr, kind in held}
+                rsb.session.adopt([(FileRange(o, o + n), kinds[o]) for o, n, _t in ranges])
+                await rsb.start(*(f"--verify={o}:{n}:{tok}" for o, n, tok in ranges))
+                loading = asyncio.create_task(rsb.mf.wait_loaded())
+                await show_load(rsb.mf, loading, live)
+                all_in = time.perf_counter() - t
+                progress = rsb.mf.load_progress()
+                await loading
+                await rsb.run(30.0)
+        total = sum(n for _o, n, _t in ranges)
+        good = (
+            rsb.rc == 0
+            and bool(ranges)
+            and rsb.counts.get("verified_bytes") == total
+            and progress is not None
+            and progress.error is None
+        )
+        self.totals.checkpoint_ok = good
+        self.totals.checkpoint = (
+            f"{fmt(total)} in {len(ranges)} ranges of stopped pid {stopped_pid} saved in "
+            f"{saved * 1e3:.0f} ms; load(async_pages=True) returned in {returned * 1e3:.0f} ms, "
+            f"every page in after {all_in * 1e3:.0f} ms; verified by pid {rsb.pid}: "
+            f"{'ok' if good else 'FAILED'}"
+        )
 
     async def watch_budget(self) -> None:
         """The demo's memory pressure: past the budget, ask caches to give memory back."""
@@ -387,13 +492,14 @@ class Supervisor:
         over = False
         while True:
             await asyncio.sleep(PRESSURE_CHECK)
-            # One fstat: what the host really holds for the file, waste included.
-            was_over, over = over, self.mf.total_usage() > budget
+            files = self.files()
+            # One fstat a file: what the host really holds for it, waste included.
+            was_over, over = over, sum(mf.total_usage() for mf in files) > budget
             if over:
                 self.totals.pressure += not was_over
-                # Starts a task for each cache not already being evicted; the
-                # freed pages become waste, and the releaser punches them.
-                self.mf.start_evictions()
+                # Every guest's evictable cached ranges go; each guest is told which.
+                for mf in files:
+                    mf.start_evictions()
 
     async def tick(self) -> None:
         """Measure event-loop lag: how late a short sleep wakes up."""
@@ -428,59 +534,64 @@ class Supervisor:
     # -- what the view shows -------------------------------------------------
 
     #: Column headers (two lines each, to fit 80 columns); figures are MiB.
-    #: "held": what the sandbox holds references on (anon includes extra shared
-    #: references). "commit": what the file's accounting holds for the sandbox's
-    #: memcg (mf.accounting.by_memcg), kept fresh by the usage refresher. "freed":
-    #: its pages that became waste (accounted as SYSTEM) and wait for the releaser.
-    #: "hits", "misses", "evicted": the page cache's reads and entries evicted.
+    #: "used": what the guest holds (anonymous and cached); "cached" the cached part;
+    #: "evicted": cached memory taken back under pressure (the guest was told).
+    #: "commit": what the shared accounting holds for the sandbox's memcg (kept fresh
+    #: by each file's usage refresher); "cgroup": what the kernel charges its cgroup.
     COLUMNS = (
-        ("sandbox", ""),
+        ("guest", ""),
+        ("pid", ""),
+        ("cgroup", ""),
         ("age", "s"),
-        ("anon", "held"),
-        ("cache", "held"),
-        ("anon", "commit"),
-        ("cache", "commit"),
-        ("freed", "pending"),
-        ("cache", "hits"),
-        ("cache", "misses"),
-        ("cache", "evicted"),
+        ("used", ""),
+        ("cached", ""),
+        ("evicted", ""),
+        ("commit", ""),
+        ("cgroup", "mem"),
+        ("req/s", ""),
     )
 
     def rows(self) -> list[list[str]]:
-        """Per sandbox: what it holds, what is accounted to its memcg, its cache."""
+        """Per guest: its process, what it holds, what is accounted and charged to it."""
         rows = []
         for sb in self.slots:
             if sb is None:
                 continue
-            committed = self.mf.accounting.by_memcg(sb.memcg_id)
-            c = sb.cache
+            committed = sum(self.accounting.by_memcg(sb.memcg_id).values())
+            ses = sb.session
             rows.append(
                 [
-                    sb.name + (" done" if sb.exited else ""),
+                    sb.name + (" done" if sb.ended else ""),
+                    str(sb.pid),
+                    "-" if sb.cgroup is None else os.path.basename(sb.cgroup),
                     f"{(sb.ended or time.monotonic()) - sb.started:.1f}",
-                    mib(sb.anon_bytes() + sb.shared_bytes()),
-                    mib(c.held_bytes()),
-                    mib(committed.get(MemoryKind.ANONYMOUS, 0)),
-                    mib(committed.get(MemoryKind.PAGE_CACHE, 0)),
-                    mib(committed.get(MemoryKind.SYSTEM, 0)),
-                    str(c.hits),
-                    str(c.misses),
-                    str(c.evictions),
+                    mib(ses.used_bytes),
+                    mib(ses.cached_bytes),
+                    mib(ses.evicted_bytes),
+                    mib(committed),
+                    "-" if sb.cgroup is None or sb.ended else mib(cgroup_memory(sb.cgroup)),
+                    f"{sb.req_per_s():.0f}",
                 ]
             )
         return rows
 
     def status(self) -> list[str]:
-        """The file as a whole, as phrases: stats(), counters(), host usage, budget, lag."""
-        s, c, t = self.mf.stats(), self.mf.counters(), self.totals
+        """The files as a whole, as phrases: stats(), host usage, budget, accounting, lag."""
+        files, t = self.files(), self.totals
+        stats = [mf.stats() for mf in files]
+        live_requests = sum(
+            sb.session.requests for sb in self.slots if sb is not None and not sb.counted
+        )
+        elapsed = time.monotonic() - self.t0
         return [
-            f"t={time.monotonic() - self.t0:.1f}s",
-            f"file {fmt(s.total_size)}: used {fmt(s.used_bytes)}, waste {fmt(s.waste_bytes)}, "
-            f"releasing {fmt(s.releasing_bytes)}, sub-released {fmt(s.subreleased_bytes)}",
-            f"host holds {fmt(self.mf.total_usage())} (budget {self.args.budget} MiB, "
-            f"gone over {times(t.pressure)})",
-            f"released {fmt(c.released_bytes)} in {c.release_steps} steps",
-            f"{c.evictions_started} evictions, {c.evict_calls} evict calls",
+            f"t={elapsed:.1f}s",
+            f"{len(files)} files: used {fmt(sum(s.used_bytes for s in stats))}, "
+            f"waste {fmt(sum(s.waste_bytes for s in stats))}, "
+            f"releasing {fmt(sum(s.releasing_bytes for s in stats))}",
+            f"host holds {fmt(sum(mf.total_usage() for mf in files))} "
+            f"(budget {self.args.budget} MiB, gone over {times(t.pressure)})",
+            f"accounted {fmt(self.accounting.total())}",
+            f"{t.sandboxes} guests done, {t.requests + live_requests} requests",
             f"event-loop lag {t.lag_now * 1e3:.1f} ms (max {t.lag_max * 1e3:.1f} ms)",
         ]
 
@@ -501,7 +612,7 @@ class Supervisor:
         """The rich table (typed Any: rich is an optional dependency)."""
         from rich.table import Table
 
-        table = Table(title="asyncpgalloc sandbox supervisor (MiB)")
+        table = Table(title="asyncpgalloc sandbox supervisor: real guests (MiB)")
         for i, (top, bottom) in enumerate(self.COLUMNS):
             table.add_column(f"{top}\n{bottom}", justify="left" if i == 0 else "right")
         for row in self.rows():
@@ -532,7 +643,7 @@ class Supervisor:
 
 
 def times(n: int) -> str:
-    """"once", "twice", "3 times": how often an event happened, not a ratio."""
+    """ "once", "twice", "3 times": how often an event happened, not a ratio."""
     return {0: "0 times", 1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
@@ -565,76 +676,137 @@ async def render_map(mf: MemoryFile, path: str) -> None:
     print(f"page map written to {path}")
 
 
+async def show_load(mf: MemoryFile, loading: asyncio.Task[None], live: bool) -> None:
+    """Show how far ``mf``'s async page load has got until ``loading`` ends: a rich
+    progress bar on a terminal, a line every :data:`PROGRESS_REFRESH` s otherwise."""
+    first = mf.load_progress()
+    if first is None:
+        return
+
+    def line() -> str:
+        p = mf.load_progress()
+        assert p is not None
+        return (
+            f"restore: {fmt(p.loaded_bytes)} of {fmt(p.total_bytes)} loaded "
+            f"({fmt(p.dropped_bytes)} dropped, {p.waiters} waiting) after "
+            f"{p.elapsed_seconds * 1e3:.0f} ms" + (" - done" if p.done else "")
+        )
+
+    if not live:
+        while not loading.done():
+            print(line(), flush=True)
+            await asyncio.wait([loading], timeout=PROGRESS_REFRESH)
+        print(line(), flush=True)
+        return
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        *Progress.get_default_columns(), DownloadColumn(binary_units=True), TransferSpeedColumn()
+    ) as bar:
+        task = bar.add_task("restoring the guest's pages", total=first.total_bytes)
+        while True:
+            p = mf.load_progress()
+            assert p is not None
+            bar.update(task, completed=p.loaded_bytes + p.dropped_bytes)
+            if loading.done():
+                break
+            await asyncio.wait([loading], timeout=PROGRESS_REFRESH)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
 async def supervise(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
-    opts = MemoryFileOpts(
-        expect_hugepages=True,  # huge=True allocations get their own 2 MiB-page chunks
-        # Cached file data is kept until the supervisor says otherwise (the budget).
-        delayed_eviction=DelayedEviction.MANUAL,
-        # Accounting by memcg stays fresh without anyone polling update_usage.
-        usage_refresh_interval=USAGE_REFRESH,
-    )
+    accounting = MemoryAccounting()
+    # uvloop opens /dev/null at its first subprocess and keeps it: not a leak of ours.
+    warm = await asyncio.create_subprocess_exec("true", stdout=asyncio.subprocess.PIPE)
+    await warm.communicate()
+    fds_before = open_fds()
+    cgroups = Cgroups.detect(f"asyncpgalloc-supervisor-{os.getpid()}")
     started = time.monotonic()
     print(
-        f"running {args.sandboxes} sandboxes for {args.duration:g} s on one memfd "
-        f"(budget {args.budget} MiB, seed {args.seed})",
+        f"running {args.sandboxes} guest processes for {args.duration:g} s, one memfd each "
+        f"(budget {args.budget} MiB, seed {args.seed}); {cgroups.note}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="asyncpgalloc-demo-") as tmp:
-        data = await make_data_files(Path(tmp), rng)
-        async with MemoryFile.open(opts=opts) as mf:
-            sup = Supervisor(mf, args, data, rng, slots=[None] * args.sandboxes)
-            background = [
-                asyncio.create_task(sup.watch_budget()),
-                asyncio.create_task(sup.tick()),
-                asyncio.create_task(sup.show(args.view == "live")),
-            ]
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for slot in range(args.sandboxes):
-                        tg.create_task(sup.run_slot(slot))
-                    await asyncio.sleep(args.duration)
-                    if args.map:
-                        await render_map(mf, args.map)  # while the sandboxes still hold memory
-                    sup.stop.set()  # each sandbox exits and returns everything
-            finally:
-                for task in background:
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
-
-            # Every page is back: wait for the releaser (and any eviction) to finish.
-            await mf.wait_for_evictions()
-            await mf.wait_released()
-            stats, counters = mf.stats(), mf.counters()
-            host_usage = mf.total_usage()
-            accounted = mf.accounting.total()
-            mf.check_invariants()
-    ok = stats.used_bytes == 0 and host_usage == 0 and accounted == 0
+    sup = Supervisor(args, rng, accounting, cgroups, slots=[None] * args.sandboxes)
+    live = args.view == "live"
+    view = asyncio.create_task(sup.show(live))
+    background = [asyncio.create_task(sup.watch_budget()), asyncio.create_task(sup.tick()), view]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for slot in range(args.sandboxes):
+                tg.create_task(sup.run_slot(slot))
+            await asyncio.sleep(args.duration)
+            if args.map:
+                files = sup.files()
+                if files:
+                    await render_map(files[0], args.map)  # while its guest holds memory
+            sup.stop.set()  # each guest runs out its time, returns everything and exits
+        view.cancel()  # the last frame stays on screen; the load's progress comes next
+        with contextlib.suppress(asyncio.CancelledError):
+            await view
+        await sup.checkpoint(live)
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        cgroups_gone = await cgroups.close()
     t = sup.totals
+    accounted = accounting.total()
+    leaked = {fd: _readlink(fd) for fd in open_fds() - fds_before}
+    ok = (
+        t.leftover == 0
+        and accounted == 0
+        and t.bad_bytes == 0
+        and t.guest_errors == 0
+        and t.checkpoint_ok
+        and cgroups_gone
+        and not leaked
+    )
+    cg = (
+        "no cgroups"
+        if cgroups.parent is None
+        else f"{cgroups.created} cgroups created, "
+        + ("all removed" if cgroups_gone else f"NOT removed: {cgroups.leftover}")
+    )
     print(
         "\n".join(
             [
                 "",
-                f"summary: {t.sandboxes} sandbox runs in {args.sandboxes} slots over "
+                f"summary: {t.sandboxes} guest processes in {args.sandboxes} slots over "
                 f"{time.monotonic() - started:.1f} s (seed {args.seed})",
-                f"  {counters.allocations} allocations, {fmt(counters.allocated_bytes)} allocated; "
-                f"{t.zero_checks} new ranges checked zero",
-                f"  released {fmt(counters.released_bytes)} in {counters.release_steps} steps; "
-                f"{counters.usage_scans} usage scans",
-                f"  page cache: {t.cache_hits} hits, {t.cache_misses} misses, "
-                f"{t.cache_evictions} entries evicted",
-                f"  budget {args.budget} MiB gone over {times(t.pressure)}: "
-                f"{counters.evictions_started} evictions, {counters.evict_calls} evict calls, "
-                f"{counters.evict_failures} failures",
+                f"  {t.requests} requests; {t.allocations} allocations, "
+                f"{fmt(t.allocated_bytes)} allocated; {fmt(t.verified_bytes)} verified by "
+                f"guests, {t.bad_bytes} bad bytes, {t.guest_errors} guest errors, "
+                f"{t.killed} killed by the supervisor"
+                + (f", {t.oom_killed} OOM-killed at their cgroup's limit" if t.oom_killed else ""),
+                f"  released {fmt(t.released_bytes)} in {t.release_steps} steps; "
+                f"{t.usage_scans} usage scans",
+                f"  budget {args.budget} MiB gone over {times(t.pressure)}, "
+                f"memory-cgroup pressure events {t.pressure_events}: "
+                f"{t.evictions_started} evictions, {t.evict_calls} evict calls, "
+                f"{t.evict_failures} failures, {fmt(t.evicted_bytes)} evicted from guests",
+                f"  checkpoint: {t.checkpoint}",
                 f"  event-loop lag: median {t.lag_percentile(0.5) * 1e3:.1f} ms, "
                 f"p99 {t.lag_percentile(0.99) * 1e3:.1f} ms, max {t.lag_max * 1e3:.1f} ms",
-                f"  at the end: used {stats.used_bytes} B, waste {stats.waste_bytes} B, "
-                f"host usage {host_usage} B, accounted {accounted} B; invariants hold",
+                f"  at the end: used + waste + host usage {t.leftover} B over every file, "
+                f"accounted {accounted} B; invariants hold; {cg}; "
+                + (f"fds leaked: {leaked}" if leaked else "no fd leaked"),
                 f"all pages returned: {ok}",
             ]
         )
     )
     return 0 if ok else 1
+
+
+def _readlink(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
 
 
 def have_rich() -> bool:
@@ -658,6 +830,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="MiB the host may hold for the file before caches are evicted (default 96)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument(
+        "--guest-limit",
+        type=int,
+        default=0,
+        metavar="MiB",
+        help="limit each guest's cgroup to this much memory (default 0: no limit); past "
+        "it the kernel reports pressure and the supervisor evicts that guest's caches",
+    )
+    p.add_argument(
+        "--checkpoint-mib",
+        type=positive(int),
+        default=32,
+        help="MiB the checkpointed guest fills (default 32)",
+    )
     p.add_argument("--map", metavar="OUT.svg", help="write the file's page map at the end")
     p.add_argument(
         "--view",

@@ -189,18 +189,17 @@ async def test_adjacent_evictable_ranges_are_evicted_as_one() -> None:
         assert user.calls == [EvictableRange(8 * MiB, 9 * MiB), EvictableRange(0, 3 * MiB)]
 
 
-async def test_the_supervisor_cache_evicts_every_entry_a_merged_range_covers() -> None:
-    supervisor = load_example("sandbox_supervisor")
+async def test_the_supervisor_session_evicts_every_range_a_merged_range_covers() -> None:
+    gp = load_example("guest_protocol")
     opts = MemoryFileOpts(delayed_eviction=DelayedEviction.MANUAL)
     async with MemoryFile.open(opts=opts) as mf:
-        cache = supervisor.PageCache(mf, memcg_id=1)
-        for i in range(3):
-            fr = mf.allocate(MiB, cache.opts)
-            cache.entries[Path(f"file-{i}")] = fr
-            mf.mark_evictable(cache, EvictableRange(fr.start, fr.end))
+        session = gp.GuestSession(mf, memcg_id=1)
+        for i in range(3):  # adjacent cached ranges: one merged evictable range
+            answer = session.handle({"op": "alloc", "id": i, "kind": "cache", "length": MiB})
+            assert session.handle({"op": "evictable", "id": i, "offset": answer["offset"]})["ok"]
         assert mf.start_evictions()
         await mf.wait_for_evictions()
-        assert cache.entries == {} and cache.evictions == 3
+        assert session.ranges == {} and session.evicted_bytes == 3 * MiB
         await mf.wait_released()
         assert mf.stats().used_bytes == 0
 

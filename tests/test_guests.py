@@ -7,12 +7,14 @@ receives its sandbox's sealed memfd and maps its ranges from it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from cgroups import fds
@@ -161,7 +163,7 @@ async def test_a_guest_killed_mid_request_has_every_page_freed() -> None:
         )
         assert proc.stdout is not None
         line = await proc.stdout.readline()  # it holds 64 filled pages now
-        offset, length, token = (int(x) for x in line.split())
+        [[offset, length, token]] = json.loads(line)["ranges"]
         assert length == 64 * PAGE_SIZE
         # What the guest wrote through its own mapping, read through the supervisor's.
         view = mf.map_internal(FileRange(offset, offset + length))[0]
@@ -256,3 +258,285 @@ async def test_load_32_guests_random_requests_no_errors_no_leaks() -> None:
     assert accounting.total() == 0
     extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds() - fds_before}
     assert not extra
+
+
+async def _serve_raw(
+    mf: MemoryFile, session: object, code: str, *args: str
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    """Start ``python -c code SOCK_FD *args``, hand it the sealed memfd with a hello and
+    serve it with ``session`` (a GuestSession)."""
+    ours, theirs = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        str(theirs.fileno()),
+        *args,
+        pass_fds=(theirs.fileno(),),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    theirs.close()
+    gfd = mf.guest_fd()
+    socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+    os.close(gfd)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    return proc, asyncio.create_task(session.serve(reader, writer))  # type: ignore[attr-defined]
+
+
+# A guest that holds 16 pages, then pipelines argv[2] requests and never reads an answer;
+# it prints "sent" once it has sent them all, then waits for the supervisor to hang up.
+_DEAF_GUEST = r"""
+import json, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+socket.recv_fds(sock, 8192, 1)
+def frame(msg):
+    body = json.dumps(msg).encode()
+    return len(body).to_bytes(4, "big") + body
+sock.sendall(frame({"op": "alloc", "id": 0, "kind": "anon", "length": 16 * 4096}))
+try:
+    for i in range(1, int(sys.argv[2])):
+        sock.sendall(frame({"op": "pin", "id": i, "offset": 1 << 40}))
+    print("sent", flush=True)
+except (BrokenPipeError, ConnectionResetError):
+    print("cut off", flush=True)
+sock.settimeout(30)
+try:
+    while sock.recv(65536):
+        pass
+except OSError:
+    pass
+"""
+
+
+async def test_a_guest_that_never_reads_its_answers_is_cut_off_and_others_go_on(
+    gmf: MemoryFile,
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=5)
+    # 200k answers of ~40 bytes: far more than MAX_UNREAD plus the socket's buffers.
+    proc, task = await _serve_raw(gmf, session, _DEAF_GUEST, "200000")
+    async with MemoryFile.open(opts=_opts()) as other:
+        counts, good = await _good_guest(other, 1.0, seed=8)
+        assert counts["bad_bytes"] == counts["errors"] == 0
+        assert good.closed_for == "bye"  # type: ignore[attr-defined]
+    # Bounded: the deaf guest's session ends by itself (it never stalls in a drain).
+    done, _ = await asyncio.wait([task], timeout=60)
+    if not done:
+        proc.kill()  # lets the stalled session go, so that the test fails and ends
+        await task
+    assert done
+    assert session.closed_for == "stopped reading"
+    assert session.used_bytes == gmf.stats().used_bytes == 0
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)  # hung up on: it exits
+    assert out.strip() in (b"sent", b"cut off")
+
+
+async def test_a_guest_cannot_shrink_its_fd_and_the_supervisor_keeps_reading(
+    gmf: MemoryFile,
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=6)
+    proc, task = await gp.start_guest(
+        gmf, session, "--shrink", "--seconds", "0.5", "--seed", "9", stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    counts = json.loads(await proc.stdout.read())
+    assert await proc.wait() == 0
+    await task
+    assert counts["shrink_errno"] == errno.EPERM
+    # After the attempt the guest went on; every "check" was the supervisor reading the
+    # guest's bytes through map_internal (a shrunk file would have been a SIGBUS here).
+    assert counts["requests"] > 20 and counts["errors"] == counts["bad_bytes"] == 0
+    assert counts["verified_bytes"] > 0
+    assert os.fstat(gmf.fd).st_size == gmf.total_size() > 0
+    fr = gmf.allocate(PAGE_SIZE)
+    assert bytes(gmf.map_internal(fr)[0]) == bytes(PAGE_SIZE)
+    gmf.dec_ref(fr)
+
+
+async def _keeping_guest(
+    mf: MemoryFile, session: object, pages: int
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[None], list[list[int]]]:
+    proc, task = await gp.start_guest(
+        mf, session, "--keep", str(pages), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    ranges = json.loads(await proc.stdout.readline())["ranges"]
+    return proc, task, ranges
+
+
+async def _restore_and_verify(
+    path: Path, memcg_id: int, held: list[tuple[FileRange, str]], ranges: list[list[int]]
+) -> tuple[dict[str, int], object]:
+    """Load the checkpoint with async pages, give its ranges to a new guest and have it
+    verify them (it waits for each range to be loaded first)."""
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as restored:
+        assert restored.load_progress() is not None
+        session = gp.GuestSession(restored, memcg_id=memcg_id)
+        session.adopt(held)
+        specs = [f"--verify={o}:{n}:{t}" for o, n, t in ranges]
+        proc, task = await gp.start_guest(restored, session, *specs, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        counts = json.loads(await proc.stdout.read())
+        assert await proc.wait() == 0
+        await task
+        progress = restored.load_progress()
+        assert progress is not None and progress.error is None
+        assert session.used_bytes == restored.stats().used_bytes == 0
+        await restored.wait_released()
+        restored.check_invariants()
+    return counts, session
+
+
+async def test_a_stopped_guest_checkpointed_and_restored_with_async_pages_finds_its_data(
+    gmf: MemoryFile, tmp_path: Path
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=7)
+    proc, task, ranges = await _keeping_guest(gmf, session, 4096)  # 16 MiB in 4 ranges
+    assert len(ranges) == 4
+    proc.send_signal(signal.SIGSTOP)
+    held = session.detach()
+    assert sorted(fr.start for fr, _ in held) == sorted(o for o, _n, _t in ranges)
+    assert {kind for _, kind in held} == {"anon", "cache"}
+    path = tmp_path / "guest.ckpt"
+    await gmf.save(path)
+    for fr, _kind in held:
+        gmf.dec_ref(fr)
+    proc.kill()
+    await proc.wait()
+    await task
+    assert gmf.stats().used_bytes == 0
+    counts, rsession = await _restore_and_verify(path, 7, held, ranges)
+    assert counts["verified_bytes"] == 16 << 20
+    assert counts["bad_bytes"] == counts["errors"] == 0
+    assert rsession.closed_for == "bye"  # type: ignore[attr-defined]
+
+
+async def test_a_guest_killed_while_its_file_is_saved_keeps_its_pages_in_the_checkpoint(
+    gmf: MemoryFile, tmp_path: Path
+) -> None:
+    session = gp.GuestSession(gmf, memcg_id=8)
+    proc, task, ranges = await _keeping_guest(gmf, session, 16384)  # 64 MiB
+    proc.send_signal(signal.SIGSTOP)
+    held = session.detach()
+    path = tmp_path / "guest.ckpt"
+    saving = asyncio.create_task(gmf.save(path))
+    await asyncio.sleep(0)  # the save has begun
+    proc.kill()  # while the save runs: its session ends and frees what it still holds
+    await proc.wait()
+    await task
+    assert session.closed_for == "hung up"
+    assert not saving.done()
+    await saving
+    assert gmf.stats().used_bytes == 64 << 20  # the supervisor's references
+    for fr, _kind in held:
+        gmf.dec_ref(fr)
+    await gmf.wait_released()
+    assert gmf.stats().used_bytes == 0
+    counts, _ = await _restore_and_verify(path, 8, held, ranges)
+    assert counts["verified_bytes"] == 64 << 20
+    assert counts["bad_bytes"] == counts["errors"] == 0
+
+
+async def test_a_stopped_guest_outlives_its_files_aclose_and_its_session_ends_quietly() -> None:
+    mf = await MemoryFile.open(opts=_opts())
+    session = gp.GuestSession(mf, memcg_id=9)
+    proc, task, ranges = await _keeping_guest(mf, session, 256)
+    proc.send_signal(signal.SIGSTOP)
+    # The file closes under a stopped guest that still maps it: aclose() does not wait
+    # for the guest (it cannot know of it), and the guest's pages stay its own mapping's.
+    await asyncio.wait_for(mf.aclose(), 30)
+    assert not task.done()
+    proc.kill()
+    assert await proc.wait() == -signal.SIGKILL
+    await task  # the session ends without raising, though its file is closed
+    assert session.closed_for == "hung up"
+    assert session.used_bytes == 0 and not session.ranges
+    assert ranges
+
+
+# A guest that fills an evictable cached range, then grows its anonymous memory 1 MiB at a
+# time past its cgroup's limit; it unmaps the cached range when told it is gone.
+_GROWING_GUEST = r"""
+import json, mmap, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from guest_protocol import GuestChannel
+ch = GuestChannel(socket.socket(fileno=int(sys.argv[1])))
+_hello, fd = ch.hello()
+rid, notices, maps = 0, [], []
+def req(op, **kw):
+    global rid
+    rid += 1
+    ch.send({"op": op, "id": rid, **kw})
+    while True:
+        msg = ch.read()
+        if msg.get("event") == "evicted":
+            notices.append([msg["offset"], msg["length"]])
+            cache.close()  # gone: never touched again
+            continue
+        if msg.get("id") == rid:
+            assert msg["ok"], msg
+            return msg
+a = req("alloc", kind="cache", length=int(sys.argv[3]) << 20)
+cache = mmap.mmap(fd, a["length"], offset=a["offset"])
+for off in range(0, a["length"], 1 << 20):  # in pieces: no temporary as big as the range
+    cache[off:off + (1 << 20)] = b"c" * (1 << 20)
+req("evictable", offset=a["offset"])
+for _ in range(int(sys.argv[4])):
+    r = req("alloc", kind="anon", length=1 << 20)
+    m = mmap.mmap(fd, r["length"], offset=r["offset"])
+    m[:] = b"a" * r["length"]
+    maps.append(m)
+    time.sleep(0.005)
+req("bye")
+print(json.dumps({"notices": notices, "cache": [a["offset"], a["length"]]}))
+"""
+
+
+async def test_memory_pressure_in_a_guests_cgroup_evicts_its_cache_and_tells_it() -> None:
+    cg = pytest.importorskip("cgroups")
+    parent = cg.v1_parent()  # skips without root or a v1 memory hierarchy
+
+    def limit(path: str) -> None:
+        Path(path, "memory.limit_in_bytes").write_text(str(80 << 20))
+        # At the limit the guest waits (instead of being OOM-killed) until memory is
+        # freed in its group: whether the eviction beats the OOM killer is no question.
+        Path(path, "memory.oom_control").write_text("1")
+
+    with cg.make_cgroup(parent, limit) as cgroup:
+        opts = MemoryFileOpts(
+            delayed_eviction=DelayedEviction.ENABLED,
+            use_host_memcg_pressure=True,
+            memcg_path=cgroup,
+        )
+        async with MemoryFile.open(opts=opts) as mf:
+            session = gp.GuestSession(mf, memcg_id=10)
+            ours, theirs = socket.socketpair()
+            examples = str(Path(gp.__file__).parent)
+            # The interpreter (~20 MiB) + 32 MiB cached + 40 MiB anonymous: past the
+            # 80 MiB limit, and under it again once the cache is gone.
+            args = (str(theirs.fileno()), examples, "32", "40")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _GROWING_GUEST,
+                *args,
+                pass_fds=(theirs.fileno(),),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            theirs.close()
+            gp.join_cgroup(cgroup, proc.pid)
+            gfd = mf.guest_fd()
+            socket.send_fds(ours, [gp.encode({"event": "hello"})], [gfd])
+            os.close(gfd)
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            try:
+                await asyncio.wait_for(session.serve(reader, writer), 60)
+            finally:
+                if proc.returncode is None and session.closed_for != "bye":
+                    proc.kill()  # stuck at the limit: nothing was evicted
+            out, _ = await proc.communicate()
+            assert proc.returncode == 0
+            result = json.loads(out)
+            assert mf.pressure_events > 0
+            assert result["notices"] == [result["cache"]]  # told exactly which range went
+            assert session.evicted_bytes == 32 << 20
+            assert session.used_bytes == mf.stats().used_bytes == 0
