@@ -991,7 +991,9 @@ class MemoryFile:
         directory, fsynced, renamed and the directory fsynced (on the loop, with the
         rename: one journal commit); a failure or cancellation leaves neither the
         file nor the temporary. Writers should be quiesced: pages are copied after
-        the snapshot. See :mod:`asyncpgalloc.checkpoint`. While it runs,
+        the snapshot. Pages freed meanwhile are still saved as they were: while a
+        save runs, waste is neither released nor recycled (``wait_released`` waits
+        for the save). See :mod:`asyncpgalloc.checkpoint`. While it runs,
         :meth:`update_usage` does nothing (returns False).
 
         With ``pages_file`` (a :class:`~asyncpgalloc.PagesFile` from
@@ -1004,6 +1006,7 @@ class MemoryFile:
         from .checkpoint import save_checkpoint
 
         self._saves += 1
+        self._hold_waste(True)
         try:
             await save_checkpoint(
                 self,
@@ -1014,6 +1017,17 @@ class MemoryFile:
             )
         finally:
             self._saves -= 1
+            self._hold_waste(False)
+
+    def _hold_waste(self, hold: bool) -> None:
+        """While a save copies pages, waste keeps its bytes: pages freed after the
+        snapshot are saved as they were, not as zeros or as their next user's data
+        (gVisor saves with the file locked, so nothing is freed meanwhile)."""
+        if hold:
+            self._release.hold()
+        else:
+            self._release.unhold()
+        self._pages.hold_waste = bool(self._saves)
 
     @classmethod
     async def load(

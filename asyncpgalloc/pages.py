@@ -367,6 +367,9 @@ class PageSets:
         self.allocated_bytes = 0
         self.released_bytes = 0
         self.on_committed_waste: Callable[[int, int], None] | None = None
+        #: While True, waste keeps its pages as they are: allocations do not recycle
+        #: it (the shell holds the releaser too). Set while a save copies pages.
+        self.hold_waste = False
 
     # ------------------------------------------------------------------ reading
 
@@ -572,7 +575,7 @@ class PageSets:
             raise InvalidLengthError(f"invalid allocation length: {length:#x}")
         bottom_up = opts.direction is _BOTTOM_UP
         unfree = self._unfree_huge if huge else self._unfree_small
-        if opts.mode is not _UNCOMMITTED:
+        if opts.mode is not _UNCOMMITTED and not self.hold_waste:
             self.settle()
             unwaste = self._unwaste_huge if huge else self._unwaste_small
             gap = (

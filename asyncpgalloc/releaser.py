@@ -91,6 +91,7 @@ class Releaser:
         self._punch = punch
         self.on_idle: Callable[[], object] | None = None
         self._halted = False
+        self._held = 0
         self.wakeup = asyncio.Event()
         self.released = asyncio.Event()
         self.released.set()
@@ -103,6 +104,17 @@ class Releaser:
         step in flight finishes its punch but not its bookkeeping; ``run`` returns."""
         self._halted = True
         self.wakeup.set()
+
+    def hold(self) -> None:
+        """Start no release step until as many :meth:`unhold` calls (a save copies
+        pages: waste freed after its snapshot must keep its bytes). A step already
+        under way finishes."""
+        self._held += 1
+
+    def unhold(self) -> None:
+        self._held -= 1
+        if not self._held:
+            self.wakeup.set()  # whatever waste came meanwhile
 
     def waste_appeared(self) -> None:
         """The first waste since the releaser last ran out: wait_released() must wait,
@@ -126,6 +138,9 @@ class Releaser:
                 await asyncio.sleep(0)
             if self._halted:
                 return
+            if self._held:
+                self.wakeup.clear()  # unhold() sets it again
+                continue
             plans: list[ReleasePlan] = []
             punched = [0]
             try:

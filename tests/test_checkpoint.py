@@ -918,3 +918,37 @@ def test_python_m_asyncpgalloc_inspect(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "asyncpgalloc checkpoint" in result.stdout
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_pages_freed_and_reused_during_a_save_are_saved_as_they_were(
+    mf: MemoryFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest killed while its file is saved: its pages are freed after the snapshot,
+    and a committing allocation would recycle (zero) them and the releaser punch them.
+    The checkpoint records them as used, so it must hold their bytes, not zeros and
+    not the next user's data."""
+    fr = await big(mf)
+    await mf.update_usage()
+    before = os.pread(mf.fd, fr.length, fr.start)
+    assert before != bytes(fr.length)
+    gate = Gate(cio._fill_block, nth=1)
+    monkeypatch.setattr(cio, "_fill_block", gate)
+    task = asyncio.ensure_future(mf.save(tmp_path / "ck"))
+    await gate.wait_entered()  # the snapshot is taken, no page copied yet
+    mf.dec_ref(fr)
+    again = mf.allocate(fr.length, AllocOpts(mode=AllocationMode.COMMIT))
+    fill(mf, again, 0xEE)
+    for _ in range(20):
+        await asyncio.sleep(0.001)  # the releaser's chance to punch
+    gate.release.set()
+    await task
+    loaded = await MemoryFile.load(tmp_path / "ck")
+    try:
+        assert os.pread(loaded.fd, fr.length, fr.start) == before
+        loaded.check_invariants()
+    finally:
+        await loaded.aclose()
+    mf.dec_ref(again)
+    await mf.wait_released()
+    mf.check_invariants()

@@ -470,3 +470,15 @@ def test_the_core_against_a_page_model(ops: list[tuple[str, int, int]]) -> None:
     check(pages, acct)
     st_ = pages.stats()
     assert st_.waste_bytes == st_.releasing_bytes == 0
+
+
+def test_held_waste_is_not_recycled() -> None:
+    pages, _ = core(1)
+    fr, _ = pages.allocate(4 * P, COMMIT, False) or (None, None)
+    assert fr is not None
+    pages.dec_ref(fr)
+    pages.hold_waste = True  # a save copies pages: waste keeps its bytes
+    assert pages.allocate(4 * P, COMMIT, False) == (FileRange(4 * P, 8 * P), False)
+    pages.hold_waste = False
+    assert pages.allocate(4 * P, COMMIT, False) == (fr, True)
+    check(pages)
