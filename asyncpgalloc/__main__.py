@@ -199,9 +199,7 @@ def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
     return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else []), *pages])
 
 
-async def _restore_checkpoint(
-    path: str, show_progress: bool, pages_path: str | None = None
-) -> str:
+async def _restore_checkpoint(path: str, show_progress: bool, pages_path: str | None = None) -> str:
     """Load ``path`` (its pages from the pages file ``pages_path`` if given) with async
     page loading, wait for every page (with a progress bar if ``show_progress`` and
     ``rich`` is installed), check the invariants; the summary."""

@@ -178,9 +178,7 @@ class BlockingRunner:
         seconds; True if none does. For teardown without a loop to await on (the
         loop closed, or a finalizer): the fd and mappings must outlive every job."""
         deadline = time.monotonic() + timeout
-        return all(
-            done.wait(max(0.0, deadline - time.monotonic())) for done in list(self._running)
-        )
+        return all(done.wait(max(0.0, deadline - time.monotonic())) for done in list(self._running))
 
     async def drain(self) -> None:
         """Wait (uncancellably) until nothing runs in the executor on our behalf."""

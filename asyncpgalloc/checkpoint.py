@@ -636,14 +636,17 @@ def describe_checkpoint(
             else f"{on_disk - header.total_length} bytes of trailing data"
         )
     )
-    flags = ", ".join(
-        name
-        for flag, name in (
-            (FLAG_ZERO_PAGES_EXCLUDED, "zero pages excluded"),
-            (FLAG_PAGES_FILE, "pages in a pages file"),
+    flags = (
+        ", ".join(
+            name
+            for flag, name in (
+                (FLAG_ZERO_PAGES_EXCLUDED, "zero pages excluded"),
+                (FLAG_PAGES_FILE, "pages in a pages file"),
+            )
+            if header.flags & flag
         )
-        if header.flags & flag
-    ) or "none"
+        or "none"
+    )
     lines = [
         f"asyncpgalloc checkpoint {path}",
         f"  format version:     {header.version} (flags: {flags})",
@@ -698,9 +701,7 @@ def inspect_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         sys.stdout.write(
-            describe_checkpoint(
-                args.file, verify_data=not args.no_data, pages_file=args.pages_file
-            )
+            describe_checkpoint(args.file, verify_data=not args.no_data, pages_file=args.pages_file)
         )
     except (CheckpointError, OSError) as e:
         print(f"inspect: {args.file}: {e}", file=sys.stderr)

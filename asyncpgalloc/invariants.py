@@ -132,9 +132,7 @@ def check_invariants(
                 )
             committed[(ma.memcg_id, ma.kind)] += e - s
     if sum(committed.values()) != view.known_committed_bytes:
-        raise InvariantError(
-            f"known_committed_bytes {view.known_committed_bytes} != segment span"
-        )
+        raise InvariantError(f"known_committed_bytes {view.known_committed_bytes} != segment span")
     if accounting is not None:
         for memcg_id in {m for m, _ in committed} | set(accounting.memcg_ids()):
             want = {k: n for (m, k), n in committed.items() if m == memcg_id}

@@ -260,9 +260,7 @@ def count_states(view: PageView) -> MemoryFileStats:
     unfree_sets = (view.unfree_small, view.unfree_huge)
     used = sum(e - s for u in unfree_sets for s, e, refs in u.visit_range(0, total) if refs > 0)
     free = sum(e - s for u in unfree_sets for s, e in u.gaps(0, total))
-    waste = sum(
-        e - s for u in (view.unwaste_small, view.unwaste_huge) for s, e in u.gaps(0, total)
-    )
+    waste = sum(e - s for u in (view.unwaste_small, view.unwaste_huge) for s, e in u.gaps(0, total))
     huge_chunks = sum(1 for h in view.chunk_huge if h)
     # A small release is finished in parts, yielding in between: its finished part
     # is free already (a gap), the rest still releasing.
@@ -1107,9 +1105,7 @@ class PageSets:
         values = [ma_c if first_resident else ma, other] * ((n + 1) // 2)
         del values[n:]
         bounds = [seg_start, *cuts, seg[1]]
-        marked = sum(
-            bounds[k + 1] - bounds[k] for k in range(0 if first_resident else 1, n, 2)
-        )
+        marked = sum(bounds[k + 1] - bounds[k] for k in range(0 if first_resident else 1, n, 2))
         self._mem_acct.refine(seg_start, cuts, values)
         self._known_committed_bytes += marked
         if self._account:

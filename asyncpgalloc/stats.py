@@ -80,7 +80,6 @@ class LoadProgress:
     error: str | None
 
 
-
 def load_fields(progress: LoadProgress | None) -> dict[str, int]:
     """The ``load_*`` fields of :class:`MemoryFileStats` from a load's progress (zeros
     without one). O(1)."""

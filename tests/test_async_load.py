@@ -318,9 +318,7 @@ async def test_decommit_waits_for_its_pages(saved: tuple[Path, list[FileRange]])
         mf.check_invariants()
 
 
-async def test_save_waits_for_the_load(
-    saved: tuple[Path, list[FileRange]], tmp_path: Path
-) -> None:
+async def test_save_waits_for_the_load(saved: tuple[Path, list[FileRange]], tmp_path: Path) -> None:
     path, frs = saved
     async with await MemoryFile.load(path, async_pages=True) as mf:
         await mf.save(tmp_path / "again")

@@ -186,9 +186,10 @@ async def test_random_walk_while_loading(
         await mf.wait_loaded()
         for fr in model.held_runs():
             model.check(mf, fr)
-        p = mf.load_progress()
-        assert p is not None and p.done and p.error is None
-        assert p.loaded_bytes + p.dropped_bytes == p.total_bytes and p.pending_bytes == 0
+        progress = mf.load_progress()
+        assert progress is not None and progress.done and progress.error is None
+        assert progress.loaded_bytes + progress.dropped_bytes == progress.total_bytes
+        assert progress.pending_bytes == 0
         assert not loader_tasks()
         mf.check_invariants(check_zero_pages=True)
     finally:

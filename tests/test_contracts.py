@@ -51,16 +51,16 @@ MiB = 1 << 20
 @pytest.mark.parametrize(
     ("make", "error", "needle"),
     [
-        (lambda: AllocOpts(mode="commit"), OptionTypeError, "AllocationMode.COMMIT"),
-        (lambda: AllocOpts(kind=99), InvalidOptionError, "MemoryKind.ANONYMOUS"),
-        (lambda: AllocOpts(kind="anon"), OptionTypeError, "MemoryKind"),
+        (lambda: AllocOpts(mode="commit"), OptionTypeError, "AllocationMode.COMMIT"),  # type: ignore[arg-type]
+        (lambda: AllocOpts(kind=99), InvalidOptionError, "MemoryKind.ANONYMOUS"),  # type: ignore[arg-type]
+        (lambda: AllocOpts(kind="anon"), OptionTypeError, "MemoryKind"),  # type: ignore[arg-type]
         (lambda: AllocOpts(memcg_id=-1), InvalidOptionError, "memcg_id must be in [0,"),
-        (lambda: AllocOpts(memcg_id=1.0), OptionTypeError, "memcg_id must be an int"),
-        (lambda: AllocOpts(huge=1), OptionTypeError, "huge must be a bool"),
-        (lambda: AllocOpts(direction=1), OptionTypeError, "Direction.TOP_DOWN"),
+        (lambda: AllocOpts(memcg_id=1.0), OptionTypeError, "memcg_id must be an int"),  # type: ignore[arg-type]
+        (lambda: AllocOpts(huge=1), OptionTypeError, "huge must be a bool"),  # type: ignore[arg-type]
+        (lambda: AllocOpts(direction=1), OptionTypeError, "Direction.TOP_DOWN"),  # type: ignore[arg-type]
         (lambda: MemoryFileOpts(close_timeout=-1), InvalidOptionError, "close_timeout"),
         (lambda: MemoryFileOpts(close_timeout=math.nan), InvalidOptionError, "close_timeout"),
-        (lambda: MemoryFileOpts(close_timeout="5"), OptionTypeError, "number of seconds"),
+        (lambda: MemoryFileOpts(close_timeout="5"), OptionTypeError, "number of seconds"),  # type: ignore[arg-type]
         (
             lambda: MemoryFileOpts(memcg_pressure_level="bogus"),
             InvalidOptionError,
@@ -74,9 +74,9 @@ MiB = 1 << 20
         (lambda: MemoryFileOpts(usage_refresh_interval=0), InvalidOptionError, "> 0"),
         (lambda: MemoryFileOpts(max_chunks=-1), InvalidOptionError, "max_chunks"),
         (lambda: MemoryFileOpts(max_chunks=True), OptionTypeError, "max_chunks"),
-        (lambda: MemoryFileOpts(delayed_eviction="manual"), OptionTypeError, "MANUAL"),
-        (lambda: MemoryFileOpts(expect_hugepages="yes"), OptionTypeError, "bool"),
-        (lambda: MemoryFileOpts(accounting={}), OptionTypeError, "MemoryAccounting"),
+        (lambda: MemoryFileOpts(delayed_eviction="manual"), OptionTypeError, "MANUAL"),  # type: ignore[arg-type]
+        (lambda: MemoryFileOpts(expect_hugepages="yes"), OptionTypeError, "bool"),  # type: ignore[arg-type]
+        (lambda: MemoryFileOpts(accounting={}), OptionTypeError, "MemoryAccounting"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_options_are_refused_at_construction(
@@ -92,7 +92,7 @@ def test_bad_options_are_refused_at_construction(
 
 
 def test_good_options_are_kept_and_kinds_become_enum_members() -> None:
-    opts = AllocOpts(kind=2, memcg_id=7)
+    opts = AllocOpts(kind=2, memcg_id=7)  # type: ignore[arg-type]
     assert opts.kind is MemoryKind.PAGE_CACHE
     # gVisor allows both: huge chunks get MADV_HUGEPAGE, small ones MADV_NOHUGEPAGE.
     both = MemoryFileOpts(expect_hugepages=True, advise_hugepage=True, advise_no_hugepage=True)
@@ -101,7 +101,7 @@ def test_good_options_are_kept_and_kinds_become_enum_members() -> None:
 
 
 async def test_an_int_kind_is_accounted_like_the_enum(mf: MemoryFile) -> None:
-    fr = mf.allocate(2 * P, AllocOpts(kind=2, memcg_id=3))
+    fr = mf.allocate(2 * P, AllocOpts(kind=2, memcg_id=3))  # type: ignore[arg-type]
     fill(mf, fr, 1)
     assert await mf.update_usage()
     assert mf.accounting.by_memcg(3) == {MemoryKind.PAGE_CACHE: 2 * P}
@@ -122,8 +122,10 @@ async def test_open_refuses_opts_of_the_wrong_type() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [FileRange(0.0, 4096), FileRange(None, 4096), FileRange(0, 4096.0)], ids=repr
-)  # type: ignore[arg-type]
+    "bad",
+    [FileRange(0.0, 4096), FileRange(None, 4096), FileRange(0, 4096.0)],  # type: ignore[arg-type]
+    ids=repr,
+)
 async def test_ranges_of_non_ints_get_a_clear_error(mf: MemoryFile, bad: FileRange) -> None:
     fr = mf.allocate(P)
     assert fr == (0, P)

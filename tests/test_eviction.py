@@ -35,8 +35,6 @@ class Cache:
             raise RuntimeError("evict failed on purpose")
 
 
-
-
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cgroups import fds
@@ -48,7 +49,7 @@ async def gmf() -> AsyncIterator[MemoryFile]:
 
 async def _good_guest(
     mf: MemoryFile, seconds: float, seed: int, memcg_id: int = 1, evict_every: float = 0.0
-) -> tuple[dict[str, int], object]:
+) -> tuple[dict[str, int], Any]:
     session = gp.GuestSession(mf, memcg_id=memcg_id)
     proc, task = await gp.start_guest(
         mf, session, "--seconds", str(seconds), "--seed", str(seed), stdout=asyncio.subprocess.PIPE
@@ -234,7 +235,7 @@ async def test_load_32_guests_random_requests_no_errors_no_leaks() -> None:
     files = [await MemoryFile.open(opts=_opts(accounting)) for _ in range(32)]
     try:
 
-        async def one(i: int) -> tuple[dict[str, int], object]:
+        async def one(i: int) -> tuple[dict[str, int], Any]:
             return await _good_guest(files[i], LOAD_SECONDS, seed=100 + i, memcg_id=i + 1)
 
         async def pressure() -> None:
@@ -244,10 +245,10 @@ async def test_load_32_guests_random_requests_no_errors_no_leaks() -> None:
                     mf.start_evictions()
 
         results = await asyncio.gather(*(one(i) for i in range(32)), pressure())
-        guests = results[:32]
-        assert all(c["bad_bytes"] == 0 and c["errors"] == 0 for c, _ in guests)  # type: ignore[index]
-        assert sum(c["verified_bytes"] for c, _ in guests) > 0  # type: ignore[index]
-        assert all(s.closed_for == "bye" and s.errors == 0 for _, s in guests)  # type: ignore[attr-defined]
+        guests = cast(list[tuple[dict[str, int], Any]], results[:32])
+        assert all(c["bad_bytes"] == 0 and c["errors"] == 0 for c, _ in guests)
+        assert sum(c["verified_bytes"] for c, _ in guests) > 0
+        assert all(s.closed_for == "bye" and s.errors == 0 for _, s in guests)
         for mf in files:
             assert mf.stats().used_bytes == 0
             await mf.wait_released()
@@ -317,7 +318,7 @@ async def test_a_guest_that_never_reads_its_answers_is_cut_off_and_others_go_on(
     async with MemoryFile.open(opts=_opts()) as other:
         counts, good = await _good_guest(other, 1.0, seed=8)
         assert counts["bad_bytes"] == counts["errors"] == 0
-        assert good.closed_for == "bye"  # type: ignore[attr-defined]
+        assert good.closed_for == "bye"
     # Bounded: the deaf guest's session ends by itself (it never stalls in a drain).
     done, _ = await asyncio.wait([task], timeout=60)
     if not done:
@@ -510,7 +511,7 @@ async def test_memory_pressure_in_a_guests_cgroup_evicts_its_cache_and_tells_it(
         async with MemoryFile.open(opts=opts) as mf:
             session = gp.GuestSession(mf, memcg_id=10)
             ours, theirs = socket.socketpair()
-            examples = str(Path(gp.__file__).parent)
+            examples = str(Path(str(gp.__file__)).parent)
             # The interpreter (~20 MiB) + 32 MiB cached + 40 MiB anonymous: past the
             # 80 MiB limit, and under it again once the cache is gone.
             args = (str(theirs.fileno()), examples, "32", "40")

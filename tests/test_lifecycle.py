@@ -105,7 +105,9 @@ class StubbornUser:
 
 # ------------------------------------------------------------------ cancelled close
 
-_CANCELLED_CLOSE = _PRELUDE + """
+_CANCELLED_CLOSE = (
+    _PRELUDE
+    + """
 async def main():
     own = sys.argv[2] == "own"
     ex = None if own else GatedExecutor()
@@ -148,6 +150,7 @@ async def main():
 import contextlib
 run(main)
 """
+)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -361,7 +364,9 @@ def test_a_save_cut_off_by_a_closed_loop_leaves_no_temporary(loop: str, tmp_path
 
 # ---------------------------------------------------------------------- fork
 
-_FORK = _PRELUDE + """
+_FORK = (
+    _PRELUDE
+    + """
 import multiprocessing
 
 def child_sync(mf, held):
@@ -411,6 +416,7 @@ async def main():
 
 run(main)
 """
+)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

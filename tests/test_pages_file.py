@@ -109,9 +109,7 @@ async def test_several_files_share_one_pages_file(
     before = fd_count()
     async with await PagesFile.open(pages_path) as pages:
         for f, meta in enumerate(metas):
-            async with await MemoryFile.load(
-                meta, pages_file=pages, async_pages=async_pages
-            ) as mf:
+            async with await MemoryFile.load(meta, pages_file=pages, async_pages=async_pages) as mf:
                 await mf.wait_loaded()
                 check(mf, f, frs[f])
     assert fd_count() == before and not loader_tasks()

@@ -11,9 +11,7 @@ def test_all_lists_exactly_the_public_names() -> None:
     public = {
         name
         for name, obj in vars(asyncpgalloc).items()
-        if not name.startswith("_")
-        and not inspect.ismodule(obj)
-        and name not in {"annotations"}
+        if not name.startswith("_") and not inspect.ismodule(obj) and name not in {"annotations"}
     }
     assert set(asyncpgalloc.__all__) == public
     assert len(asyncpgalloc.__all__) == len(set(asyncpgalloc.__all__))

@@ -12,6 +12,7 @@ import pytest
 from helpers import fill
 
 from asyncpgalloc import PAGE_SIZE, MemoryFile
+from asyncpgalloc.checkpoint_format import Block
 
 MiB = 1 << 20
 
@@ -83,7 +84,7 @@ def test_a_path_save_reads_the_next_batch_while_one_is_written(
     overlapped: list[bool] = []
     real_fill, real_write = cio._fill_block, cio._pwrite_all
 
-    def fill_block(src_fd: int, block: cio.Block, header_crc: int, mv: memoryview) -> int:
+    def fill_block(src_fd: int, block: Block, header_crc: int, mv: memoryview) -> int:
         filled.append(block.number)
         n = real_fill(src_fd, block, header_crc, mv)
         if block.number == 1:
@@ -113,9 +114,7 @@ def test_a_path_save_reads_the_next_batch_while_one_is_written(
             await mf.save(tmp_path / "ckpt")
         async with await MemoryFile.load(tmp_path / "ckpt") as back:
             for i, fr in enumerate(frs):
-                assert b"".join(v.tobytes() for v in back.map_internal(fr)) == bytes(
-                    [i + 1]
-                ) * MiB
+                assert b"".join(v.tobytes() for v in back.map_internal(fr)) == bytes([i + 1]) * MiB
 
     asyncio.run(main())
     assert overlapped == [True] and sorted(filled) == [0, 1, 2, 3]
@@ -134,7 +133,7 @@ async def test_a_stream_save_fills_the_next_batch_while_one_is_written(
     second = threading.Event()
     real_fill = cio._fill_batch_job
 
-    def fill_batch(src_fd: int, batch: list[cio.Block], header_crc: int, buf: bytearray) -> int:
+    def fill_batch(src_fd: int, batch: list[Block], header_crc: int, buf: bytearray) -> int:
         n = real_fill(src_fd, batch, header_crc, buf)
         if batch[0].number == 1:
             second.set()

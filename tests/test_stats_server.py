@@ -24,8 +24,6 @@ HOST = "127.0.0.1"  # loopback only
 MiB = 1 << 20
 
 
-
-
 stats_server = load_example("stats_server")
 
 

@@ -220,7 +220,9 @@ async def test_any_scan_arms_the_throttle_by_its_cost() -> None:
                 t = loop.time()
                 await mf.update_usage(memcg_ids=[1])
                 assert sum(name == "_resident_pages" for name, _ in ex.calls) == 1, (
-                    t - scan_end, armed_until - scan_end, [n for n, _ in ex.calls]
+                    t - scan_end,
+                    armed_until - scan_end,
+                    [n for n, _ in ex.calls],
                 )
                 await asyncio.sleep(0)
 
