@@ -1026,7 +1026,9 @@ class MemoryFile:
         if hold:
             self._release.hold()
         else:
-            self._release.unhold()
+            # A save cut off by its loop's close (its coroutine closed) may not
+            # touch the loop: waking the releaser would schedule a callback on it.
+            self._release.unhold(wake=not self._loop.is_closed())
         self._pages.hold_waste = bool(self._saves)
 
     @classmethod

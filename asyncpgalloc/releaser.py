@@ -111,10 +111,12 @@ class Releaser:
         under way finishes."""
         self._held += 1
 
-    def unhold(self) -> None:
+    def unhold(self, *, wake: bool = True) -> None:
+        """End a :meth:`hold`; the last one wakes the releaser for the waste that came
+        meanwhile (``wake=False``: its loop is gone, nothing can run any more)."""
         self._held -= 1
-        if not self._held:
-            self.wakeup.set()  # whatever waste came meanwhile
+        if not self._held and wake:
+            self.wakeup.set()
 
     def waste_appeared(self) -> None:
         """The first waste since the releaser last ran out: wait_released() must wait,
