@@ -193,7 +193,7 @@ def _map(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
-    from .checkpoint import inspect_main
+    from .checkpoint_inspect import inspect_main
 
     pages = ["--pages-file", args.pages_file] if args.pages_file else []
     return inspect_main([args.checkpoint, *(["--no-data"] if args.no_data else []), *pages])

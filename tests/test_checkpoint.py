@@ -20,7 +20,7 @@ from helpers import checkpoint_bytes, checkpoint_parts, fill, is_zero
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import asyncpgalloc.checkpoint as checkpoint
+import asyncpgalloc.checkpoint_inspect as checkpoint_inspect
 import asyncpgalloc.checkpoint_io as cio
 from asyncpgalloc import (
     HUGE_PAGE_SIZE,
@@ -325,7 +325,7 @@ async def test_exclude_committed_zero_pages(mf: MemoryFile, tmp_path: Path) -> N
     mf.check_invariants()
     # (Less 39 pages of data; the metadata grows by a few segments.)
     assert fsize(tmp_path / "nz") <= fsize(tmp_path / "all") - 39 * P + 1024
-    assert "zero pages excluded" in checkpoint.describe_checkpoint(str(tmp_path / "nz"))
+    assert "zero pages excluded" in checkpoint_inspect.describe_checkpoint(str(tmp_path / "nz"))
 
     loaded = await MemoryFile.load(tmp_path / "nz")
     try:
@@ -884,7 +884,7 @@ async def test_allocations_and_frees_during_save_are_safe(
 
 async def test_describe_and_inspect(good: bytes, tmp_path: Path, capsys: Any) -> None:
     path = tmp_path / "good"
-    text = checkpoint.describe_checkpoint(str(path))
+    text = checkpoint_inspect.describe_checkpoint(str(path))
     for needle in (
         "format version:     1",
         "chunk 1.00 GiB",
@@ -894,13 +894,13 @@ async def test_describe_and_inspect(good: bytes, tmp_path: Path, capsys: Any) ->
         "shared by more than one reference",
     ):
         assert needle in text
-    assert checkpoint.inspect_main([str(path)]) == 0
+    assert checkpoint_inspect.inspect_main([str(path)]) == 0
     assert capsys.readouterr().out == text
     put((tmp_path / "bad"), good[:100])
-    assert checkpoint.inspect_main([str(tmp_path / "bad")]) == 1
+    assert checkpoint_inspect.inspect_main([str(tmp_path / "bad")]) == 1
     assert "truncated" in capsys.readouterr().err
     put((tmp_path / "short"), good[: len(good) - 10])
-    assert "TRUNCATED" in checkpoint.describe_checkpoint(str(tmp_path / "short"))
+    assert "TRUNCATED" in checkpoint_inspect.describe_checkpoint(str(tmp_path / "short"))
 
 
 def test_python_m_asyncpgalloc_inspect(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from asyncpgalloc import (
     OutOfMemoryError,
     RangeTypeError,
     ReferenceCountError,
-    checkpoint,
+    checkpoint_inspect,
     usage,
 )
 from asyncpgalloc.checkpoint_format import HEADER_SIZE, Header
@@ -377,22 +377,24 @@ async def test_inspect_checks_the_page_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, data_offset = await _saved(tmp_path)
-    assert "3 blocks of 1.00 MiB (checksums OK)" in checkpoint.describe_checkpoint(str(path))
+    assert "3 blocks of 1.00 MiB (checksums OK)" in checkpoint_inspect.describe_checkpoint(
+        str(path)
+    )
     data = bytearray(path.read_bytes())
     data[data_offset + MiB + 4 + 100] ^= 0x01  # one bit of block 1's pages
     bad = tmp_path / "bad"
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="data block 1 checksum mismatch"):
-        checkpoint.describe_checkpoint(str(bad))
-    assert checkpoint.inspect_main([str(bad)]) == 1
+        checkpoint_inspect.describe_checkpoint(str(bad))
+    assert checkpoint_inspect.inspect_main([str(bad)]) == 1
     assert "data block 1 checksum mismatch" in capsys.readouterr().err
     # Asked not to read the data, it says that it did not.
-    assert checkpoint.inspect_main([str(bad), "--no-data"]) == 0
+    assert checkpoint_inspect.inspect_main([str(bad), "--no-data"]) == 0
     assert "(checksums not read)" in capsys.readouterr().out
     # A truncated file: the blocks present are checked, the rest reported missing.
     short = tmp_path / "short"
     short.write_bytes(bytes(data[: data_offset + MiB + 4 + 10]))
-    text = checkpoint.describe_checkpoint(str(short))
+    text = checkpoint_inspect.describe_checkpoint(str(short))
     assert "TRUNCATED" in text and "checksums of the 1 blocks present OK, 2 missing" in text
 
 

@@ -29,6 +29,7 @@ import pytest
 from helpers import checkpoint_bytes, checkpoint_parts, fill
 
 import asyncpgalloc.checkpoint as checkpoint
+import asyncpgalloc.checkpoint_inspect as checkpoint_inspect
 from asyncpgalloc import (
     CHUNK_SIZE,
     HUGE_PAGE_SIZE,
@@ -220,7 +221,7 @@ class Loads:
         if self.inspect:
             # The other parser of the same bytes (``python -m asyncpgalloc inspect``).
             with contextlib.suppress(CheckpointError):
-                checkpoint.describe_checkpoint(str(self.path))
+                checkpoint_inspect.describe_checkpoint(str(self.path))
         tasks = asyncio.all_tasks()
         mf: MemoryFile | None = None
         try:
