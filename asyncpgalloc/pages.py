@@ -680,6 +680,10 @@ class PageSets:
         self._known_committed_bytes += e - s
         if self._account:
             self._accounting.inc(e - s, ma.kind, ma.memcg_id)
+        return self._committed_value(ma)
+
+    def _committed_value(self, ma: MemAcct) -> MemAcct:
+        """``ma`` (of used pages) made known-committed, shared between equal values."""
         cache = self._committed_accts
         c = cache.get(ma)
         if c is None:
@@ -1097,9 +1101,7 @@ class PageSets:
         seg = self._mem_acct.find_segment(seg_start)
         if seg is None or seg[0] != seg_start or seg[2] != ma or ma.known_committed:
             raise InvariantError(f"no segment {ma} of unknown commitment at {seg_start:#x}")
-        ma_c = self._committed_accts.get(ma)
-        if ma_c is None:
-            ma_c = self._commit_known_value(ma)
+        ma_c = self._committed_value(ma)
         n = len(cuts) + 1
         other = ma if first_resident else ma_c
         values = [ma_c if first_resident else ma, other] * ((n + 1) // 2)
@@ -1111,13 +1113,6 @@ class PageSets:
         if self._account:
             self._accounting.inc(marked, ma.kind, ma.memcg_id)
         return marked
-
-    def _commit_known_value(self, ma: MemAcct) -> MemAcct:
-        cache = self._committed_accts
-        if len(cache) >= 256:
-            cache.clear()
-        c = cache[ma] = MemAcct(ma.kind, ma.memcg_id, True, False, 0)
-        return c
 
     def mark_data_committed(self, start: int, end: int, last_seq: int) -> None:
         """The used pages of ``[start, end)`` hold data (save's SEEK_DATA scan that
