@@ -472,6 +472,17 @@ class FdSource(Source):
             self._fd = -1
 
 
+def check_block_crc(src_fd: int, pos: int, crc: int, number: int) -> None:
+    """Compare ``crc`` (computed over block ``number`` as it landed) with the u32 stored
+    at ``pos`` of ``src_fd``; raise :class:`CheckpointError` if it is missing or differs.
+    **Blocking**: one 4-byte ``pread``."""
+    raw = os.pread(src_fd, 4, pos)
+    if len(raw) != 4:
+        raise CheckpointError("truncated checkpoint: data ends early")
+    if crc != unpack_crc(raw):
+        raise CheckpointError(f"checkpoint data block {number} checksum mismatch")
+
+
 def sendfile_piece(out: int, src_fd: int, pos: int, off: int, n: int) -> int:
     """Copy ``n`` bytes at ``pos`` of ``src_fd`` to ``off`` of ``out`` (a file description
     of the caller's own: its offset moves) with ``sendfile``: the kernel copies from the
@@ -503,11 +514,7 @@ def _load_batch_job(
                 pos = sendfile_piece(out, src_fd, pos, off, n)
                 for v in views(off, off + n):
                     crc = crc32c(v, crc)
-            raw = os.pread(src_fd, 4, pos)
-            if len(raw) != 4:
-                raise CheckpointError("truncated checkpoint: data ends early")
-            if crc != unpack_crc(raw):
-                raise CheckpointError(f"checkpoint data block {block.number} checksum mismatch")
+            check_block_crc(src_fd, pos, crc, block.number)
     finally:
         os.close(out)
 

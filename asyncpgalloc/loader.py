@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 from . import checkpoint_io
 from .blocking import BlockingRunner, finish_uncancelled
-from .checkpoint_format import Block, Header, block_seed, unpack_crc
+from .checkpoint_format import Block, Header, block_seed
 from .checkpoint_format import crc as crc32c
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
 from .ranges import FileRange
@@ -476,10 +476,6 @@ def _read_blocks_job(
                     _preadv_all(src_fd, [scratch[:n]], pos)
                     crc = crc32c(scratch[:n], crc)
                     pos += n
-            raw = os.pread(src_fd, 4, pos)
-            if len(raw) != 4:
-                raise CheckpointError("truncated checkpoint: data ends early")
-            if crc != unpack_crc(raw):
-                raise CheckpointError(f"checkpoint data block {block.number} checksum mismatch")
+            checkpoint_io.check_block_crc(src_fd, pos, crc, block.number)
     finally:
         os.close(out)
