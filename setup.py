@@ -64,8 +64,12 @@ def _extensions() -> list[Extension]:
             exts,
             build_dir="build/cython",
             language_level=3,
-            compiler_directives={"binding": True, "embedsignature": True},
+            # annotation_typing off: the annotations are for mypy; Cython must not turn them into
+            # type checks or conversions of its own (behaviour stays that of the .py source).
+            compiler_directives={"binding": True, "annotation_typing": False},
             quiet=True,
+            # cythonize compares only file times: a changed directive must recompile too.
+            force=True,
         )
     )
 

@@ -13,6 +13,8 @@ import importlib
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +37,7 @@ from asyncpgalloc import segments as py_segments
 from asyncpgalloc.ranges import HUGE_PAGE_SIZE, KEY_MAX, PAGE_SIZE
 
 P = PAGE_SIZE
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def compiled_pages() -> ModuleType:
@@ -86,6 +89,13 @@ def test_a_missing_build_falls_back_with_one_warning() -> None:
     assert "ASYNCPGALLOC_NO_EXTENSIONS" in message
 
 
+def test_the_build_needs_cython_and_ships_the_compiled_package() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(r.startswith("Cython>=3") for r in pyproject["build-system"]["requires"])
+    assert "asyncpgalloc._compiled" in pyproject["tool"]["setuptools"]["packages"]
+    assert (ROOT / "setup.py").is_file()
+
+
 def test_this_process_runs_the_core_the_environment_asks_for() -> None:
     """In CI the compiled core must have been built (the suite runs once with each)."""
     if core.extensions_disabled():
@@ -106,6 +116,18 @@ def test_the_compiled_modules_are_compiled_and_use_each_other() -> None:
     assert py_segments.SegmentSet is not cs.SegmentSet
     # Both cores raise the package's one set of errors.
     assert cp.ReferenceCountError is asyncpgalloc.ReferenceCountError
+
+
+def test_both_cores_refuse_a_float_bound() -> None:
+    """Cython's default annotation typing took ``start: int`` as a C-level conversion and let
+    0.0 through the compiled inc_ref; the build turns it off (setup.py)."""
+    for module in (py_pages, compiled_pages()):
+        pages = module.PageSets(MemoryAccounting(), account=True)
+        pages.add_chunks(1, False)
+        pages.allocate_uncommitted(P, AllocOpts(), False)
+        for op in ("inc_ref", "dec_ref", "has_unique_ref"):
+            with pytest.raises(asyncpgalloc.RangeTypeError):
+                getattr(pages, op)(FileRange(0.0, P))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- differential
