@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .accounting import MemoryAccounting as MemoryAccounting
 from .accounting import MemoryKind as MemoryKind
+from .core import core_implementation as core_implementation
 from .errors import AllocatorError as AllocatorError
 from .errors import CheckpointError as CheckpointError
 from .errors import ClosedError as ClosedError
@@ -86,4 +87,5 @@ __all__ = (
     "UnsealableFileError",
     "WrongLoopError",
     "WrongThreadError",
+    "core_implementation",
 )

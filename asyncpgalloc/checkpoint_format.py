@@ -55,8 +55,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from crc32c import crc32c
 
 from .accounting import MemoryKind
+from .core import plan_release
 from .errors import CheckpointError
-from .pages import plan_release
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, MAX_MAPPABLE_CHUNKS, PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:

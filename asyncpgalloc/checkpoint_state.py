@@ -21,10 +21,9 @@ from .checkpoint_format import (
     committed_extents,
     merged,
 )
+from .core import MemAcct, SegmentSet, new_mem_acct_set, new_unfree_set
 from .errors import CheckpointError
-from .pages import MemAcct, new_mem_acct_set, new_unfree_set
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, KEY_MAX, PAGE_SIZE, PAGES_PER_HUGE_PAGE
-from .segments import SegmentSet
 
 __all__ = ["LoadedState", "build_state"]
 

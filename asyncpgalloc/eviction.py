@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from .core import SegmentSet
 from .errors import InvalidRangeError, check_int_bounds
 from .options import DelayedEviction
 from .ranges import KEY_MAX, EvictableRange
-from .segments import SegmentSet
 
 __all__ = ["EvictableMemoryUser", "Evictions"]
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from .accounting import MemoryAccounting, MemoryKind
 from .checkpoint_scan import zero_ranges_job
+from .core import PageView, count_states
 from .errors import InvariantError
-from .pages import PageView, count_states
 from .ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, KEY_MAX, PAGES_PER_HUGE_PAGE
 from .stats import MemoryFileStats
 

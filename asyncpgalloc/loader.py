@@ -40,9 +40,9 @@ from . import checkpoint_io
 from .blocking import BlockingRunner, finish_uncancelled
 from .checkpoint_format import Block, Header, block_seed
 from .checkpoint_format import crc as crc32c
+from .core import SegmentSet
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
 from .ranges import FileRange
-from .segments import SegmentSet
 from .stats import LoadProgress
 
 __all__ = ["LoadProgress", "PageLoader"]

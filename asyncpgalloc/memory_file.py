@@ -33,6 +33,7 @@ from . import host
 from .accounting import MemoryAccounting, MemoryKind
 from .blocking import BlockingRunner, finish_uncancelled
 from .chunks import Chunks
+from .core import PageSets, PageView, format_segments
 from .errors import (
     ClosedError,
     ExecutorDroppedError,
@@ -59,7 +60,6 @@ from .options import (
     MemoryFileOpts,
     check_file_opts,
 )
-from .pages import PageSets, PageView, format_segments
 from .pressure import MemcgPressureWatcher
 from .ranges import (
     HUGE_PAGE_SIZE,

@@ -54,8 +54,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .accounting import MemoryAccounting, MemoryKind
-from .errors import (
+# Absolute imports: this source is also compiled as asyncpgalloc._compiled.pages (see
+# setup.py), where a relative import would look inside _compiled. Only .segments is
+# relative, so the compiled copy uses the compiled segment sets and this one the Python ones.
+from asyncpgalloc.accounting import MemoryAccounting, MemoryKind
+from asyncpgalloc.errors import (
     InvalidLengthError,
     InvalidRangeError,
     InvariantError,
@@ -63,8 +66,8 @@ from .errors import (
     ReferenceCountError,
     check_int_bounds,
 )
-from .options import AllocationMode, AllocOpts, Direction
-from .ranges import (
+from asyncpgalloc.options import AllocationMode, AllocOpts, Direction
+from asyncpgalloc.ranges import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
     HUGE_PAGE_SIZE,
@@ -74,8 +77,9 @@ from .ranges import (
     FileRange,
     huge_round_down,
 )
+from asyncpgalloc.stats import MemoryFileStats
+
 from .segments import SegmentSet
-from .stats import MemoryFileStats
 
 __all__ = [
     "DEAD_SLICE",

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
-from .pages import MAX_RELEASING_BYTES, PageSets, ReleasePlan, plan_release
+from .core import MAX_RELEASING_BYTES, PageSets, ReleasePlan, plan_release
 from .ranges import FileRange
 
 __all__ = [

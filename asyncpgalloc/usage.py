@@ -17,8 +17,8 @@ from itertools import compress
 
 from . import host
 from .blocking import SLICE_SECONDS, BlockingRunner
+from .core import PageSets
 from .errors import ClosedError
-from .pages import PageSets
 from .ranges import PAGE_SIZE
 
 __all__ = [

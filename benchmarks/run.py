@@ -68,6 +68,7 @@ from asyncpgalloc import (
     FileRange,
     MemoryFile,
     MemoryFileOpts,
+    core_implementation,
     host,
 )
 
@@ -125,6 +126,8 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "scenario": self.scenario,
+            # Which page-state core ran (ASYNCPGALLOC_NO_EXTENSIONS=1 selects "python").
+            "core": core_implementation(),
             "unit": self.unit,
             "reps": len(self.samples),
             "median": _r(self.median),
@@ -846,7 +849,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print(
         f"\n{len(results)} results in {time.perf_counter() - t0:.0f} s "
-        f"(loop {args.loop}, lag on asyncio, {args.reps} reps{', quick' if args.quick else ''})"
+        f"(loop {args.loop}, lag on asyncio, {args.reps} reps{', quick' if args.quick else ''}, "
+        f"{core_implementation()} core)"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -20,8 +20,8 @@ import pytest
 from helpers import RecordingExecutor
 
 from asyncpgalloc import MemoryFile, MemoryFileOpts
+from asyncpgalloc.core import SegmentSet
 from asyncpgalloc.ranges import PAGE_SIZE as P
-from asyncpgalloc.segments import SegmentSet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 import asyncpgalloc.checkpoint_io as cio
 import asyncpgalloc.loader as loader_mod
 from asyncpgalloc import AllocationMode, AllocOpts, FileRange, MemoryFile
+from asyncpgalloc.core import count_states
 from asyncpgalloc.metrics import MemoryFileCollector
-from asyncpgalloc.pages import count_states
 from asyncpgalloc.stats import load_fields
 
 MiB = 1 << 20

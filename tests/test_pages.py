@@ -25,14 +25,14 @@ from asyncpgalloc import (
     OutOfMemoryError,
     ReferenceCountError,
 )
-from asyncpgalloc.invariants import check_invariants
-from asyncpgalloc.pages import (
+from asyncpgalloc.core import (
     DEAD_SLICE,
     MAX_RELEASING_BYTES,
     PageSets,
     count_states,
     format_segments,
 )
+from asyncpgalloc.invariants import check_invariants
 from asyncpgalloc.ranges import CHUNK_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 
 P = PAGE_SIZE

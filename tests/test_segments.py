@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedList
 
-from asyncpgalloc import segments
+from asyncpgalloc.core import SegmentSet, segments
 from asyncpgalloc.ranges import KEY_MAX
-from asyncpgalloc.segments import SegmentSet
 
 P = 0x1000
 

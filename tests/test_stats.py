@@ -35,10 +35,9 @@ from asyncpgalloc import (
     MemoryFileOpts,
     MemoryKind,
 )
+from asyncpgalloc.core import SegmentSet, count_states
 from asyncpgalloc.metrics import MemoryFileCollector, render_metrics
-from asyncpgalloc.pages import count_states
 from asyncpgalloc.releaser import punch_all
-from asyncpgalloc.segments import SegmentSet
 
 T = TypeVar("T")
 P = PAGE_SIZE

@@ -25,7 +25,7 @@ from asyncpgalloc import (
     MemoryKind,
 )
 from asyncpgalloc.blocking import run_signalling
-from asyncpgalloc.pages import MemAcct
+from asyncpgalloc.core import MemAcct
 
 P = PAGE_SIZE
 T = TypeVar("T")
