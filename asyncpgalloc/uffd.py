@@ -229,7 +229,7 @@ def read_faults(fd: int, most: int = 64) -> list[PageFault]:
 _probed: UffdProbe | None = None
 
 
-def probe(*, log: bool = True) -> UffdProbe:
+def probe() -> UffdProbe:
     """Which :class:`FaultMode` this process can use: a userfaultfd (with or without
     ``UFFD_USER_MODE_ONLY``) whose ``UFFDIO_API`` reports ``MISSING_SHMEM``, else
     :attr:`FaultMode.WAIT`. The first call opens and closes one uffd (a few syscalls)
@@ -257,9 +257,8 @@ def probe(*, log: bool = True) -> UffdProbe:
             found = UffdProbe(FaultMode.WAIT, features, "the kernel has no MISSING_SHMEM")
         break
     _probed = found
-    if log:
-        if found.mode is FaultMode.WAIT:
-            logger.info("userfaultfd: not usable (%s); guests wait for their pages", found.reason)
-        else:
-            logger.info("userfaultfd: mode %s, features %#x", found.mode.value, found.features)
+    if found.mode is FaultMode.WAIT:
+        logger.info("userfaultfd: not usable (%s); guests wait for their pages", found.reason)
+    else:
+        logger.info("userfaultfd: mode %s, features %#x", found.mode.value, found.features)
     return found

@@ -60,6 +60,7 @@ class FaultStats:
     """A :class:`FaultServer`'s counters.
 
     ``faults``: fault messages read; ``waited``: faults that waited for the loader;
+    ``waiting``: pages whose wait is still on;
     ``woken``: resolved with ``UFFDIO_WAKE`` (the page was loaded); ``zeroed``:
     resolved with ``UFFDIO_ZEROPAGE`` (a hole); ``unregistered``: the whole file was
     loaded and the range unregistered; ``failure``: why the guest was killed ("" if
@@ -68,6 +69,7 @@ class FaultStats:
 
     faults: int
     waited: int
+    waiting: int
     woken: int
     zeroed: int
     unregistered: bool
@@ -119,6 +121,7 @@ class FaultServer:
         return FaultStats(
             self._faults,
             self._waited,
+            len(self._waits),
             self._woken,
             self._zeroed,
             self._unregistered,
