@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import uffd
-from .errors import CheckpointError, ClosedError
+from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
 
 if TYPE_CHECKING:
@@ -185,7 +185,12 @@ class FaultServer:
             return
         off = page - self._base + self._offset
         fr = FileRange(off, off + PAGE_SIZE)
-        if self._mf.pending_load_bytes(fr):
+        try:
+            pending = self._mf.pending_load_bytes(fr)
+        except AllocatorError as e:  # poisoned, forked, a page beyond the file
+            self._fail(f"its fault at file offset {off:#x} cannot be served: {e}")
+            return
+        if pending:
             self._waited += 1
             self._waits[page] = self._loop.create_task(self._serve(page, fr))
         else:

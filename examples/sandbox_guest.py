@@ -19,7 +19,7 @@ true``), the guest first maps the whole memfd, registers that mapping with a
 userfaultfd for missing-page faults and hands the uffd to the supervisor; ``--verify``
 then reads each range through that mapping at once, without waiting (a page not
 loaded yet faults, and the supervisor resolves the fault once the page is in).
-``--shrink`` first allocates a page, then
+``--uid N`` drops to that uid once the memfd is in. ``--shrink`` first allocates a page, then
 tries to ``ftruncate`` the memfd to 0 and records the errno (``EPERM``: it is sealed).
 """
 
@@ -231,6 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=0, help="allocate N pages and wait (checkpoint)")
     p.add_argument("--verify", action="append", default=[], metavar="OFFSET:LENGTH:TOKEN")
     p.add_argument("--shrink", action="store_true", help="try to ftruncate the memfd to 0")
+    p.add_argument("--uid", type=int, help="drop to this uid (and gid) once the fd is in")
     return p.parse_args(argv)
 
 
@@ -239,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ch = GuestChannel(socket.socket(fileno=args.sock))
     hello, memfd = ch.hello()
     guest = Guest(ch, memfd, random.Random(args.seed))
+    if args.uid is not None:  # an unprivileged guest: its uffd is user-mode only
+        os.setgid(args.uid)
+        os.setuid(args.uid)
     if hello.get("uffd"):
         guest.attach_uffd()
     if args.shrink:  # once the file holds something of ours

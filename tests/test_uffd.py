@@ -46,7 +46,7 @@ gp = load_example("guest_protocol")
 
 MiB = 1 << 20
 #: Ranges in the checkpoint: RANGES of RANGE bytes filled with a token each, then one
-#: committed but never written (zero pages).
+#: committed but never written (zero pages) and one never committed (holes).
 RANGES = 4
 RANGE = 4 * MiB
 COMMIT = AllocOpts(mode=AllocationMode.COMMIT)
@@ -74,7 +74,8 @@ def fds() -> set[str]:
 
 @pytest.fixture
 async def ckpt(tmp_path: Path) -> tuple[Path, list[tuple[int, int, int]]]:
-    """A checkpoint of RANGES filled ranges and a zero one: (offset, length, token) each."""
+    """A checkpoint of RANGES filled ranges, a zero one and a hole: (offset, length,
+    token) each."""
     rng = random.Random(19)
     specs: list[tuple[int, int, int]] = []
     async with MemoryFile.open(opts=_opts()) as mf:
@@ -88,6 +89,8 @@ async def ckpt(tmp_path: Path) -> tuple[Path, list[tuple[int, int, int]]]:
                 pos += len(v)
             specs.append((fr.start, fr.length, token))
         fr = mf.allocate(RANGE, COMMIT)
+        specs.append((fr.start, fr.length, 0))
+        fr = mf.allocate(RANGE)  # never committed: holes in the memfd, after a load too
         specs.append((fr.start, fr.length, 0))
         path = tmp_path / "guest.ckpt"
         await mf.save(path)
@@ -114,8 +117,11 @@ class Restored:
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self, order: list[int], mode: FaultMode | None = FaultMode.UFFD) -> None:
+    async def start(
+        self, order: list[int], mode: FaultMode | None = FaultMode.UFFD, *extra: str
+    ) -> None:
         args = [f"--verify={o}:{n}:{t}" for o, n, t in (self.specs[i] for i in order)]
+        args += extra
         self.proc, self.task = await gp.start_guest(
             self.mf, self.session, *args, stdout=asyncio.subprocess.PIPE, fault_mode=mode
         )
@@ -186,23 +192,39 @@ def test_the_ioctls_fail_with_a_clear_error() -> None:
 async def test_a_restored_guest_faults_in_exactly_the_checkpoints_bytes(
     restored: Restored, gate: Gate
 ) -> None:
-    # The zero range first, then the filled ones from the last: none is loaded yet.
-    await restored.start([RANGES, *range(RANGES - 1, -1, -1)])
+    # The hole and the zero range first, then the filled ones from the last: none is
+    # loaded yet.
+    await restored.start([RANGES + 1, RANGES, *range(RANGES - 1, -1, -1)])
     assert restored.session.fault_mode == "uffd"
     await restored.first_wait()
     assert restored.mf.load_progress().loaded_bytes == 0  # type: ignore[union-attr]
     gate.release.set()
     rc, counts = await restored.result()
     assert rc == 0, counts
-    total = (RANGES + 1) * RANGE
+    total = (RANGES + 2) * RANGE
     assert counts["verified_bytes"] == counts["faulted_bytes"] == total  # every byte compared
     assert counts["bad_bytes"] == counts["errors"] == 0
     await restored.mf.wait_loaded()
     await restored.server.wait_closed()
     st = restored.server.stats()
     assert st.waited >= 1 and st.woken >= 1 and st.failure == ""
+    assert st.zeroed >= RANGE // PAGE_SIZE  # the hole's pages, one zero page each
     assert st.unregistered and st.closed and st.waiting == 0
     assert restored.session.closed_for == "bye"
+
+
+@needs_uffd
+async def test_an_unprivileged_guest_faults_in_with_user_mode_only(
+    restored: Restored, gate: Gate
+) -> None:
+    await restored.start([RANGES - 1, 0], FaultMode.UFFD, "--uid", "65534")
+    assert restored.session.fault_mode == "uffd-user"
+    await restored.first_wait()
+    gate.release.set()
+    rc, counts = await restored.result()
+    assert rc == 0, counts
+    assert counts["verified_bytes"] == counts["faulted_bytes"] == 2 * RANGE
+    assert counts["bad_bytes"] == counts["errors"] == 0
 
 
 @needs_uffd
