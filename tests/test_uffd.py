@@ -9,6 +9,7 @@ gate): each fault waits for its page's block, which goes to the front of the que
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -17,6 +18,7 @@ import os
 import random
 import signal
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +42,7 @@ from asyncpgalloc import (
     MemoryFileOpts,
 )
 from asyncpgalloc import uffd as U
+from asyncpgalloc.blocking import LEND_SECONDS, BlockingRunner
 from asyncpgalloc.uffd import FaultMode
 
 gp = load_example("guest_protocol")
@@ -312,3 +315,29 @@ async def test_without_userfaultfd_the_fd_is_handed_only_once_the_guests_ranges_
     assert restored.session.fault_mode == "wait" and restored.session.faults is None
     rc, counts = await restored.result()
     assert rc == 0 and counts["verified_bytes"] == 2 * RANGE and counts["faulted_bytes"] == 0
+
+
+async def test_two_jobs_in_flight_do_not_keep_an_idle_loop_busy_lending_the_gil() -> None:
+    """Each job's lender blocks the loop LEND_SECONDS per turn while the turns look busy;
+    two lenders made each other's turns look busy, for as long as both jobs ran: a loop
+    with nothing else to do turned over and over, each turn 2 x LEND_SECONDS late (a
+    fault server noticed each fault ~0.6 ms late while two load jobs were in flight)."""
+    release = threading.Event()
+    runner = BlockingRunner(concurrent.futures.ThreadPoolExecutor(2))
+    jobs = [asyncio.ensure_future(runner.run(release.wait, 5)) for _ in range(2)]
+    await asyncio.sleep(0.01)  # both jobs in flight, their lenders done or not
+    lends = 0
+    wait = threading.Event.wait
+
+    def counting_wait(self: threading.Event, timeout: float | None = None) -> bool:
+        nonlocal lends
+        if timeout == LEND_SECONDS:
+            lends += 1
+        return wait(self, timeout)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(threading.Event, "wait", counting_wait)
+        await asyncio.sleep(0.1)  # an idle loop: its poll sleeps
+    release.set()
+    await asyncio.gather(*jobs)
+    assert lends <= 2, f"{lends} lends of the GIL on an idle loop in 0.1 s"
