@@ -20,6 +20,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -114,7 +115,10 @@ class Releaser:
     def unhold(self) -> None:
         self._held -= 1
         if not self._held:
-            self.wakeup.set()  # whatever waste came meanwhile
+            # RuntimeError "Event loop is closed": a save's coroutine closed with its
+            # loop gone runs its finally here; no step can run again, nothing to wake.
+            with contextlib.suppress(RuntimeError):
+                self.wakeup.set()  # whatever waste came meanwhile
 
     def waste_appeared(self) -> None:
         """The first waste since the releaser last ran out: wait_released() must wait,
