@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ from asyncpgalloc.blocking import LEND_SECONDS, BlockingRunner
 from asyncpgalloc.uffd import FaultMode
 
 gp = load_example("guest_protocol")
+HERE = Path(__file__).resolve().parent
 
 MiB = 1 << 20
 #: Ranges in the checkpoint: RANGES of RANGE bytes filled with a token each, then one
@@ -341,3 +343,64 @@ async def test_two_jobs_in_flight_do_not_keep_an_idle_loop_busy_lending_the_gil(
     release.set()
     await asyncio.gather(*jobs)
     assert lends <= 2, f"{lends} lends of the GIL on an idle loop in 0.1 s"
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: A supervisor in its own process: restores the checkpoint with its loader held for
+#: good, starts a guest that faults, prints the guest's pid once it waits, then idles.
+SUPERVISOR = r"""
+import asyncio, json, sys, threading
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import asyncpgalloc.checkpoint_io as cio
+import asyncpgalloc.loader as loader_mod
+from test_uffd import Restored, _opts
+from asyncpgalloc import MemoryFile
+cio.BATCH_BLOCKS = 1
+never = threading.Event()
+loader_mod._read_blocks_job = lambda *args: never.wait()
+async def main():
+    mf = await MemoryFile.load(sys.argv[3], _opts(), async_pages=True)
+    r = Restored(mf, [tuple(s) for s in json.loads(sys.argv[4])])
+    await r.start([0])
+    await r.first_wait()
+    print(r.proc.pid, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+@needs_uffd
+async def test_a_supervisor_crash_leaves_no_guest_stuck_in_a_fault(
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+) -> None:
+    path, specs = ckpt
+    sup = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUPERVISOR,
+        str(HERE),
+        str(HERE.parent / "examples"),
+        str(path),
+        json.dumps(specs),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert sup.stdout is not None
+    line = await asyncio.wait_for(sup.stdout.readline(), 60)
+    guest = int(line)
+    pidfd = os.pidfd_open(guest)  # the guest is not our child: watch it through a pidfd
+    try:
+        sup.kill()  # the supervisor crashes with the guest in a fault
+        await sup.wait()
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _set_once, exited)
+        try:
+            await asyncio.wait_for(exited, 20)  # else the guest is stuck in its fault
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
