@@ -83,21 +83,27 @@ class FaultServer:
     ``fd`` is the guest's userfaultfd (non-blocking; the server owns this copy and
     closes it), ``base``/``length`` the registered mapping in the guest, which maps
     the file from ``offset``; ``pid`` the guest process (killed if a page it waits
-    for cannot be loaded). Construct and :meth:`start` on the file's loop.
+    for cannot be loaded). Construct and :meth:`start` on the file's loop; a bad
+    mapping is ``ValueError``, a guest already gone ``ProcessLookupError`` (``fd`` is
+    closed either way).
     """
 
     def __init__(
         self, mf: MemoryFile, fd: int, base: int, length: int, pid: int, *, offset: int = 0
     ) -> None:
-        if base % PAGE_SIZE or length <= 0 or length % PAGE_SIZE or offset % PAGE_SIZE:
-            raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
+        try:
+            if base % PAGE_SIZE or length <= 0 or length % PAGE_SIZE or offset % PAGE_SIZE:
+                raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
+            self._pidfd = os.pidfd_open(pid)  # ProcessLookupError: the guest is gone
+        except BaseException:
+            os.close(fd)  # ours from the call on, whatever happens
+            raise
         self._mf = mf
         self._fd = fd
         self._base = base
         self._length = length
         self._offset = offset
         self._pid = pid
-        self._pidfd = os.pidfd_open(pid)
         self._loop = asyncio.get_running_loop()
         self._waits: dict[int, asyncio.Task[None]] = {}  # page address -> its wait
         self._watch: asyncio.Task[None] | None = None

@@ -45,6 +45,7 @@ from asyncpgalloc import (
 from asyncpgalloc import uffd as U
 from asyncpgalloc.blocking import LEND_SECONDS, BlockingRunner
 from asyncpgalloc.uffd import FaultMode
+from asyncpgalloc.uffd_server import FaultServer
 
 gp = load_example("guest_protocol")
 HERE = Path(__file__).resolve().parent
@@ -404,3 +405,13 @@ async def test_a_supervisor_crash_leaves_no_guest_stuck_in_a_fault(
             loop.remove_reader(pidfd)
     finally:
         os.close(pidfd)
+
+
+async def test_a_fault_server_for_a_guest_already_gone_closes_its_uffd(mf: MemoryFile) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    fd = U.open_uffd()
+    with pytest.raises(ProcessLookupError):
+        FaultServer(mf, fd, 0, PAGE_SIZE, proc.pid)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the server, which owned it
