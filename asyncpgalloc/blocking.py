@@ -59,15 +59,28 @@ async def lend_gil_until(done: threading.Event, fut: asyncio.Future[Any] | None 
     wait until the loop goes idle (measured here: 30-170 ms behind a busy loop). So
     each loop turn blocks for up to LEND_SECONDS with the GIL released, and lending
     stops once a turn comes back at once: the loop is idle, its poll sleeps, and the
-    thread gets the GIL anyway. Costs the loop at most LEND_SECONDS per turn.
+    thread gets the GIL anyway. Costs the loop at most LEND_SECONDS per turn. The time
+    other lenders of this thread blocked in a turn does not make it busy: two jobs in
+    flight would otherwise keep each other lending on an idle loop for as long as they
+    run (each turn 2 x LEND_SECONDS late, I/O noticed that much later).
     """
-    while not done.wait(LEND_SECONDS):
-        if fut is not None and fut.done():
+    while True:
+        began = time.perf_counter()
+        finished = done.wait(LEND_SECONDS)
+        _lent.seconds += time.perf_counter() - began
+        if finished or (fut is not None and fut.done()):
             return
-        turn = time.perf_counter()
+        turn, lent = time.perf_counter(), _lent.seconds
         await asyncio.sleep(0)
-        if time.perf_counter() - turn < IDLE_TURN_SECONDS:
+        if time.perf_counter() - turn - (_lent.seconds - lent) < IDLE_TURN_SECONDS:
             return
+
+
+class _Lent(threading.local):
+    seconds = 0.0  # time this thread's lenders have blocked, in total
+
+
+_lent = _Lent()
 
 
 def _cancelling() -> int:

@@ -353,7 +353,9 @@ class PageLoader:
                 FileRange(s, e),
             )
 
-    def _pending_in(self, start: int, end: int) -> int:
+    def pending_in(self, start: int, end: int) -> int:
+        """Bytes of ``[start, end)`` still to load (a failed load's stay pending for
+        good). On the loop, O(log n + pending segments in the range)."""
         return sum(e - s for s, e, _ in self._pending.visit_range(start, end))
 
     def _prioritize(self, start: int, end: int) -> None:
@@ -378,7 +380,7 @@ class PageLoader:
         """
         if self._error is not None:
             raise self._error
-        need = self._pending_in(start, end)
+        need = self.pending_in(start, end)
         if not need:
             return
         self._waited_bytes += need
@@ -390,7 +392,7 @@ class PageLoader:
                 await asyncio.shield(self._progress)
                 if self._error is not None:
                     raise self._error
-                if not self._pending_in(start, end):
+                if not self.pending_in(start, end):
                     return
         finally:
             self._waiters -= 1

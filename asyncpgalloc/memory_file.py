@@ -1144,6 +1144,15 @@ class MemoryFile:
         if loader is not None:
             await loader.wait(start, end)
 
+    def pending_load_bytes(self, fr: FileRange) -> int:
+        """Bytes of ``fr`` an ``async_pages`` load has still to read in: 0 for a file
+        not loaded that way or once they are in (a failed load's pages stay pending for
+        good). O(log n + pending segments in ``fr``), never blocks. Raises
+        :class:`~asyncpgalloc.InvalidRangeError` for a bad ``fr``."""
+        self._check()
+        start, end = self._pages.check_range(fr, "pending_load_bytes")
+        return 0 if self._loader is None else self._loader.pending_in(start, end)
+
     def load_progress(self) -> LoadProgress | None:
         """How far an ``async_pages`` load has got (see
         :class:`~asyncpgalloc.LoadProgress`); None for a file not loaded that way.

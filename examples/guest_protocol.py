@@ -18,6 +18,17 @@ guest request                              supervisor answer
 ``{"op": "bye", "id"}``                      ``{"id", "ok": true}``, then the guest exits
 =========================================  =================================================
 
+A restored guest can fault its memory in instead of waiting: when the hello has
+``"uffd": true``, the guest's first frame (before it touches its memory) is ``{"op":
+"uffd", "id", "base", "length", "mode"}`` with its userfaultfd attached (``SCM_RIGHTS``):
+it mapped the whole memfd at ``base`` and registered that mapping for missing-page
+faults, which the supervisor then serves on its loop
+(:class:`~asyncpgalloc.uffd_server.FaultServer`) until the file is loaded. A guest that
+cannot make a uffd sends ``"mode": "wait"`` and no fd, and waits for its ranges as
+above. Where the supervisor's kernel has no userfaultfd for shmem, the hello comes only
+once the guest's ranges are loaded (``"uffd": false``). The answer is ``{"id", "ok":
+true, "mode"}``.
+
 ``kind`` is ``"anon"`` or ``"cache"``; only cached ranges can be made evictable, and a
 guest pins one (makes it unevictable again) before it touches it. ``wait`` is for a file
 restored with ``MemoryFile.load(..., async_pages=True)``: until its pages are read in,
@@ -57,6 +68,8 @@ from asyncpgalloc import (
     MemoryFile,
     MemoryKind,
 )
+from asyncpgalloc.uffd import FaultMode, probe
+from asyncpgalloc.uffd_server import FaultServer
 
 #: Longest frame either side accepts (the JSON object, without the 4-byte length).
 MAX_FRAME = 4096
@@ -124,8 +137,12 @@ class GuestChannel:
         self.buf += data
         return self.read(), fds[0]
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(encode(msg))
+    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send one frame (blocks), with ``fds`` attached (``SCM_RIGHTS``) if given."""
+        if fds:
+            socket.send_fds(self.sock, [encode(msg)], fds)
+        else:
+            self.sock.sendall(encode(msg))
 
     def read(self) -> dict[str, Any]:
         """The next frame (blocks); EOF is ConnectionError."""
@@ -168,6 +185,11 @@ class GuestSession:
     errors: int = 0
     closed_for: str = ""  # why the session ended ("" while it runs)
     writer: asyncio.StreamWriter | None = None
+    #: How the guest gets pages not loaded yet: "" (it waits for its ranges, or its
+    #: file is not being loaded), "uffd"/"uffd-user" (it faults them in through
+    #: :attr:`faults`) or "wait" (no userfaultfd here: it was handed its fd late).
+    fault_mode: str = ""
+    faults: FaultServer | None = None
     # The range a "wait" request asked for, set by handle() for serve() to await.
     _loading: FileRange | None = None
 
@@ -387,6 +409,13 @@ class GuestSession:
             w.transport.abort()
 
 
+def fault_mode_here() -> FaultMode:
+    """:attr:`FaultMode.UFFD` where this kernel serves shmem faults through a
+    userfaultfd (the probe is logged once), else :attr:`FaultMode.WAIT`."""
+    mode = probe().mode
+    return FaultMode.WAIT if mode is FaultMode.WAIT else FaultMode.UFFD
+
+
 def join_cgroup(cgroup: str, pid: int) -> None:
     """Move ``pid`` into the cgroup directory ``cgroup`` (v1 or v2). One cgroupfs write."""
     fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
@@ -396,6 +425,76 @@ def join_cgroup(cgroup: str, pid: int) -> None:
         os.close(fd)
 
 
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def recv_frame_fds(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One frame and the fds attached to it from a peer that sends nothing more until it
+    is answered, on the running loop (``sock`` non-blocking, not yet a stream). At most
+    :data:`FRAME_TIMEOUT` seconds; the caller owns the fds. ProtocolError for garbage or
+    bytes after the frame, ConnectionError at EOF."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    fds: list[int] = []
+    try:
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while True:
+                try:
+                    data, got, _flags, _addr = socket.recv_fds(sock, MAX_FRAME + _LEN.size, 4)
+                except BlockingIOError:
+                    ready: asyncio.Future[None] = loop.create_future()
+                    loop.add_reader(sock.fileno(), _set_once, ready)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_reader(sock.fileno())
+                    continue
+                fds += got
+                if not data:
+                    raise ConnectionError("the guest hung up")
+                buf += data
+                if len(buf) >= _LEN.size:
+                    n = frame_length(bytes(buf[: _LEN.size]))
+                    if len(buf) > _LEN.size + n:
+                        raise ProtocolError("a frame arrived before its answer was sent")
+                    if len(buf) == _LEN.size + n:
+                        return decode(bytes(buf[_LEN.size :])), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+async def _serve_faults(
+    mf: MemoryFile, session: GuestSession, ours: socket.socket, pid: int
+) -> None:
+    """Receive the guest's ``uffd`` frame and start serving its faults (or note that it
+    waits for its ranges instead); answer it. On the loop; at most FRAME_TIMEOUT."""
+    msg, fds = await recv_frame_fds(ours)
+    try:
+        if msg.get("op") != "uffd" or not isinstance(msg.get("id"), int):
+            raise ProtocolError(f"expected the uffd frame, got {msg!r}")
+        mode = msg.get("mode")
+        if mode == FaultMode.WAIT.value:
+            if fds:
+                raise ProtocolError("a uffd frame in wait mode carries no fd")
+        else:
+            base, length = msg.get("base"), msg.get("length")
+            if len(fds) != 1 or not isinstance(base, int) or not isinstance(length, int):
+                raise ProtocolError("a uffd frame needs one fd, a base and a length")
+            session.faults = FaultServer(mf, fds.pop(), base, length, pid)
+            session.faults.start()
+        session.fault_mode = str(mode)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    await asyncio.get_running_loop().sock_sendall(
+        ours, encode({"id": msg["id"], "ok": True, "mode": session.fault_mode})
+    )
+
+
 async def start_guest(
     mf: MemoryFile,
     session: GuestSession,
@@ -403,10 +502,18 @@ async def start_guest(
     cgroup: str | None = None,
     hello: dict[str, Any] | None = None,
     stdout: int | None = None,
+    fault_mode: FaultMode | None = None,
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
     """Start the guest program with ``args``, move it into ``cgroup`` (a directory
     with ``cgroup.procs``), hand it the sealed memfd and serve it with ``session``;
     ``stdout`` as for ``create_subprocess_exec`` (``asyncio.subprocess.PIPE``).
+
+    ``fault_mode`` is for a file still being loaded (``async_pages``):
+    :attr:`FaultMode.UFFD` (or ``UFFD_USER``: the same here, the guest picks) hands the
+    fd at once and serves the guest's faults on pages not loaded yet;
+    :attr:`FaultMode.WAIT` hands it only once the session's ranges are loaded; None (the
+    default) leaves it to the guest to ``wait``. :func:`fault_mode_here` is the best
+    this kernel offers.
 
     The guest waits for its hello before touching memory, so its pages are charged to
     its cgroup from the first. Returns the process and the serving task (which ends,
@@ -431,12 +538,22 @@ async def start_guest(
     try:
         if cgroup is not None:
             join_cgroup(cgroup, proc.pid)
+        faulting = fault_mode in (FaultMode.UFFD, FaultMode.UFFD_USER)
+        if fault_mode is FaultMode.WAIT:
+            session.fault_mode = fault_mode.value
+            for fr, _kind in list(session.ranges.values()):
+                await mf.wait_loaded(fr)
         gfd = mf.guest_fd()
         try:
             msg = {"event": "hello", "pid": proc.pid, "time": time.time(), **(hello or {})}
+            if fault_mode is not None:
+                msg["uffd"] = faulting
             socket.send_fds(ours, [encode(msg)], [gfd])
         finally:
             os.close(gfd)
+        if faulting:
+            ours.setblocking(False)
+            await _serve_faults(mf, session, ours, proc.pid)
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_FRAME * 4)
     except BaseException:
         ours.close()

@@ -23,8 +23,10 @@ them reporting into one ``MemoryAccounting`` (the host's view). For each sandbox
 At the end a checkpoint step: a guest fills ``--checkpoint-mib`` MiB, is stopped
 (``SIGSTOP``), the supervisor takes over its pages and saves its file, the guest is
 killed; the checkpoint is loaded into a new file with ``async_pages=True`` (its progress
-shown from ``load_progress()``) and a new guest, started at once, waits for each range to
-be loaded and verifies that its data survived. The live view shows every guest's pid,
+shown from ``load_progress()``) and a new guest, started at once, verifies that its data
+survived: it faults its pages in through a userfaultfd that the supervisor serves on its
+loop (each fault's block goes first in the loader's queue), or, where the kernel has none
+for shmem, it gets its fd once its ranges are loaded. The live view shows every guest's pid,
 cgroup, bytes used / cached / evicted and requests per second: a ``rich`` table on a
 terminal (``pip install 'asyncpgalloc[demo]'``), plain lines otherwise. It exits 0 only
 if every page came back (``used_bytes == 0``, nothing committed or accounted, invariants
@@ -55,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_protocol import GuestSession, start_guest
+from guest_protocol import GuestSession, fault_mode_here, start_guest
 
 from asyncpgalloc import (
     PAGE_SIZE,
@@ -65,6 +67,7 @@ from asyncpgalloc import (
     MemoryFile,
     MemoryFileOpts,
 )
+from asyncpgalloc.uffd import FaultMode
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -247,10 +250,16 @@ class Sandbox:
         age = (self.ended or time.monotonic()) - self.started
         return self.session.requests / age if age > 0 else 0.0
 
-    async def start(self, *guest_args: str) -> None:
-        """Start the guest in the sandbox's cgroup and serve it (a fork+exec)."""
+    async def start(self, *guest_args: str, fault_mode: FaultMode | None = None) -> None:
+        """Start the guest in the sandbox's cgroup and serve it (a fork+exec); with
+        ``fault_mode``, its faults on pages not loaded yet too (see ``start_guest``)."""
         self.proc, self.serving = await start_guest(
-            self.mf, self.session, *guest_args, cgroup=self.cgroup, stdout=asyncio.subprocess.PIPE
+            self.mf,
+            self.session,
+            *guest_args,
+            cgroup=self.cgroup,
+            stdout=asyncio.subprocess.PIPE,
+            fault_mode=fault_mode,
         )
         self.started = time.monotonic()
 
@@ -281,6 +290,8 @@ class Sandbox:
             self.rc = await proc.wait()
             if self.rc == -signal.SIGKILL and not self.killed and self.cgroup is not None:
                 self.oom_killed = oom_kills(self.cgroup) > 0
+        if self.session.faults is not None:
+            self.session.faults.close()  # the guest is gone: nothing left to serve
         if self.serving is not None:
             # The guest is gone: its socket's end is closed, so serve() returns.
             await self.serving
@@ -463,7 +474,10 @@ class Supervisor:
                 # The restored file holds the old guest's ranges: the new guest owns them.
                 kinds = {fr.start: kind for fr, kind in held}
                 rsb.session.adopt([(FileRange(o, o + n), kinds[o]) for o, n, _t in ranges])
-                await rsb.start(*(f"--verify={o}:{n}:{tok}" for o, n, tok in ranges))
+                await rsb.start(
+                    *(f"--verify={o}:{n}:{tok}" for o, n, tok in ranges),
+                    fault_mode=fault_mode_here(),
+                )
                 loading = asyncio.create_task(rsb.mf.wait_loaded())
                 await show_load(rsb.mf, loading, live)
                 all_in = time.perf_counter() - t
@@ -471,6 +485,13 @@ class Supervisor:
                 await loading
                 await rsb.run(30.0)
         total = sum(n for _o, n, _t in ranges)
+        faults = rsb.session.faults
+        faulted = (
+            f"its pages came in {rsb.session.fault_mode} mode"
+            if faults is None
+            else f"{faults.stats().faults} faults served through its userfaultfd"
+            + (f" ({faults.stats().failure})" if faults.stats().failure else "")
+        )
         good = (
             rsb.rc == 0
             and bool(ranges)
@@ -483,7 +504,7 @@ class Supervisor:
             f"{fmt(total)} in {len(ranges)} ranges of stopped pid {stopped_pid} saved in "
             f"{saved * 1e3:.0f} ms; load(async_pages=True) returned in {returned * 1e3:.0f} ms, "
             f"every page in after {all_in * 1e3:.0f} ms; verified by pid {rsb.pid}: "
-            f"{'ok' if good else 'FAILED'}"
+            f"{'ok' if good else 'FAILED'}; {faulted}"
         )
 
     async def watch_budget(self) -> None:

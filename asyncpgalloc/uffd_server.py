@@ -1,0 +1,259 @@
+"""Serving a guest's page faults on the event loop, from a file still being loaded.
+
+A guest process maps the sandbox's memfd, registers the mapping with a userfaultfd
+for missing-page faults and hands the uffd to its supervisor (see
+:mod:`asyncpgalloc.uffd`). While the file is loaded with ``async_pages=True``, a page
+the loader has not written yet is a hole in the memfd: the guest's touch of it
+faults, and :class:`FaultServer` resolves the fault on the loop:
+
+- the page is still pending in the load: ``await mf.wait_loaded(page)`` (its block
+  goes to the front of the loader's queue, and is CRC-checked), then ``UFFDIO_WAKE``:
+  the loader wrote it into the memfd's page cache, so the retried fault finds it;
+- the page is not pending (the checkpoint holds it as zero or free, or it is a
+  fresh allocation's hole): ``UFFDIO_ZEROPAGE``, a zeroed page in the page cache
+  (``EEXIST``, someone filled it first: ``UFFDIO_WAKE``).
+
+Once the whole file is loaded, the range is unregistered (later touches cost
+nothing) and the server closes. A page that cannot be loaded (a damaged block, a
+read error, the file's ``aclose()``) kills the guest waiting for it (``SIGKILL``
+through a pidfd, the reason logged and kept in :attr:`FaultServer.failure`): it never
+sees zeros or wrong bytes. The guest's exit (its pidfd becomes readable) closes the
+server with nothing left behind: its reader, its waits, its fds.
+
+The guest keeps its own copy of the uffd open, so that closing the supervisor's copy
+never wakes a faulting thread into a hole; a guest should also ask for
+``PR_SET_PDEATHSIG`` so that a supervisor's crash does not leave it in a fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import uffd
+from .errors import AllocatorError, CheckpointError, ClosedError
+from .ranges import PAGE_SIZE, FileRange
+
+if TYPE_CHECKING:
+    from .memory_file import MemoryFile
+
+__all__ = ["FaultServer", "FaultStats"]
+
+logger = logging.getLogger("asyncpgalloc")
+
+#: Fault messages read in one ``read`` of the uffd.
+READ_BATCH = 64
+#: Reads per wake-up before the loop gets a turn (the rest on the next wake-up).
+READS_PER_WAKEUP = 4
+# The guest's mm is gone (it is exiting): nothing left to resolve.
+_GONE = (errno.ESRCH, errno.ENOENT)
+
+
+@dataclass(frozen=True)
+class FaultStats:
+    """A :class:`FaultServer`'s counters.
+
+    ``faults``: fault messages read; ``waited``: faults that waited for the loader;
+    ``waiting``: pages whose wait is still on;
+    ``woken``: resolved with ``UFFDIO_WAKE`` (the page was loaded); ``zeroed``:
+    resolved with ``UFFDIO_ZEROPAGE`` (a hole); ``unregistered``: the whole file was
+    loaded and the range unregistered; ``failure``: why the guest was killed ("" if
+    not); ``closed``: the server is done (its fds closed).
+    """
+
+    faults: int
+    waited: int
+    waiting: int
+    woken: int
+    zeroed: int
+    unregistered: bool
+    failure: str
+    closed: bool
+
+
+class FaultServer:
+    """Serves the missing-page faults of one guest's mapping of ``mf``.
+
+    ``fd`` is the guest's userfaultfd (non-blocking; the server owns this copy and
+    closes it), ``base``/``length`` the registered mapping in the guest, which maps
+    the file from ``offset``; ``pid`` the guest process (killed if a page it waits
+    for cannot be loaded). Construct and :meth:`start` on the file's loop; a bad
+    mapping is ``ValueError``, a guest already gone ``ProcessLookupError`` (``fd`` is
+    closed either way).
+    """
+
+    def __init__(
+        self, mf: MemoryFile, fd: int, base: int, length: int, pid: int, *, offset: int = 0
+    ) -> None:
+        try:
+            if base % PAGE_SIZE or length <= 0 or length % PAGE_SIZE or offset % PAGE_SIZE:
+                raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
+            self._pidfd = os.pidfd_open(pid)  # ProcessLookupError: the guest is gone
+        except BaseException:
+            os.close(fd)  # ours from the call on, whatever happens
+            raise
+        self._mf = mf
+        self._fd = fd
+        self._base = base
+        self._length = length
+        self._offset = offset
+        self._pid = pid
+        self._loop = asyncio.get_running_loop()
+        self._waits: dict[int, asyncio.Task[None]] = {}  # page address -> its wait
+        self._watch: asyncio.Task[None] | None = None
+        self._done = self._loop.create_future()
+        self._faults = self._waited = self._woken = self._zeroed = 0
+        self._unregistered = False
+        self._closed = False
+        self.failure = ""
+
+    def start(self) -> None:
+        """Watch the uffd and the guest's exit; unregister once the file is loaded.
+        Two ``add_reader`` calls and a task, on the loop."""
+        self._loop.add_reader(self._fd, self._readable)
+        self._loop.add_reader(self._pidfd, self.close)
+        self._watch = self._loop.create_task(
+            self._unregister_when_loaded(), name=f"asyncpgalloc-uffd-{self._pid}"
+        )
+
+    def stats(self) -> FaultStats:
+        """The counters (see :class:`FaultStats`). O(1)."""
+        return FaultStats(
+            self._faults,
+            self._waited,
+            len(self._waits),
+            self._woken,
+            self._zeroed,
+            self._unregistered,
+            self.failure,
+            self._closed,
+        )
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is done: the guest exited, was killed, or its range
+        was unregistered."""
+        await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """Stop serving: readers removed, waits cancelled, the fds closed. Idempotent,
+        synchronous. Does not kill the guest: called while the range is still
+        registered and the guest alive, its next fault on a hole waits until the guest
+        is killed or exits (its own uffd copy keeps the fault pending)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing watches
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._pidfd)
+        for task in self._waits.values():
+            task.cancel()
+        self._waits.clear()
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+        os.close(self._fd)
+        os.close(self._pidfd)
+        if not self._done.done():
+            self._done.set_result(None)
+
+    # ---------------------------------------------------------------- the faults
+
+    def _readable(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                faults = uffd.read_faults(self._fd, READ_BATCH)
+            except uffd.UffdError as e:
+                self._fail(f"reading its userfaultfd failed: {e}")
+                return
+            for f in faults:
+                self._fault(f.address)
+                if self._closed:
+                    return
+            if len(faults) < READ_BATCH:
+                return
+
+    def _fault(self, address: int) -> None:
+        """One fault: resolve a hole at once, or start a wait for a pending page."""
+        self._faults += 1
+        page = address & ~(PAGE_SIZE - 1)
+        if page in self._waits:
+            return  # another thread on the same page: its wake-up wakes both
+        if not self._base <= page < self._base + self._length:
+            self._resolve(page, hole=False)  # not ours: let it retry
+            return
+        if self._mf.closed:
+            self._fail("its file was closed before its pages were loaded")
+            return
+        off = page - self._base + self._offset
+        fr = FileRange(off, off + PAGE_SIZE)
+        try:
+            pending = self._mf.pending_load_bytes(fr)
+        except AllocatorError as e:  # poisoned, forked, a page beyond the file
+            self._fail(f"its fault at file offset {off:#x} cannot be served: {e}")
+            return
+        if pending:
+            self._waited += 1
+            self._waits[page] = self._loop.create_task(self._serve(page, fr))
+        else:
+            self._resolve(page, hole=True)
+
+    async def _serve(self, page: int, fr: FileRange) -> None:
+        try:
+            await self._mf.wait_loaded(fr)
+        except (CheckpointError, ClosedError) as e:
+            self._waits.pop(page, None)
+            self._fail(f"page {fr.start:#x} of its file cannot be loaded: {e}")
+            return
+        self._waits.pop(page, None)
+        # In the page cache now (or dropped as waste: the retried fault finds a hole
+        # and comes back, no longer pending, for a zero page).
+        self._resolve(page, hole=False)
+
+    def _resolve(self, page: int, *, hole: bool) -> None:
+        """A zero page for a hole, else a wake-up; a dead guest's mm is no error."""
+        try:
+            if hole:
+                try:
+                    uffd.zeropage(self._fd, page, PAGE_SIZE)
+                    self._zeroed += 1
+                    return
+                except uffd.UffdError as e:
+                    if e.errno not in (errno.EEXIST, errno.EAGAIN):
+                        raise
+            uffd.wake(self._fd, page, PAGE_SIZE)  # EAGAIN: the mm changed; it refaults
+            self._woken += 1
+        except uffd.UffdError as e:
+            if e.errno not in _GONE:
+                self._fail(f"resolving its fault at {page:#x} failed: {e}")
+
+    def _fail(self, reason: str) -> None:
+        """Kill the guest (its faulting thread must never see the hole) and close."""
+        if self._closed:
+            return
+        self.failure = reason
+        logger.warning("guest %d killed: %s", self._pid, reason)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        self.close()
+
+    async def _unregister_when_loaded(self) -> None:
+        try:
+            await self._mf.wait_loaded()
+        except (CheckpointError, ClosedError):
+            return  # a fault on a page not loaded will end the guest
+        if self._closed:
+            return
+        try:
+            uffd.unregister(self._fd, self._base, self._length)
+        except uffd.UffdError as e:
+            if e.errno not in _GONE:
+                self._fail(f"unregistering its mapping failed: {e}")
+                return
+        self._unregistered = True
+        logger.debug("guest %d: its file is loaded, userfaultfd unregistered", self._pid)
+        self.close()

@@ -1,0 +1,417 @@
+"""Restored guests fault in their own memory through a userfaultfd served on the loop.
+
+Real guest processes (``examples/sandbox_guest.py``) get the memfd of a file loaded with
+``async_pages=True`` at once, register their mapping of it with a userfaultfd and read
+their ranges through it while the loader is held back (the real loader job behind a
+gate): each fault waits for its page's block, which goes to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import json
+import mmap
+import os
+import random
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import load_example
+from test_async_load import Gate, damage
+
+import asyncpgalloc.checkpoint_io as cio
+import asyncpgalloc.loader as loader_mod
+from asyncpgalloc import (
+    PAGE_SIZE,
+    AccessType,
+    AllocationMode,
+    AllocOpts,
+    DelayedEviction,
+    FileRange,
+    LoadProgress,
+    MemoryFile,
+    MemoryFileOpts,
+)
+from asyncpgalloc import uffd as U
+from asyncpgalloc.blocking import LEND_SECONDS, BlockingRunner
+from asyncpgalloc.uffd import FaultMode
+from asyncpgalloc.uffd_server import FaultServer
+
+gp = load_example("guest_protocol")
+HERE = Path(__file__).resolve().parent
+
+MiB = 1 << 20
+#: Ranges in the checkpoint: RANGES of RANGE bytes filled with a token each, then one
+#: committed but never written (zero pages) and one never committed (holes).
+RANGES = 4
+RANGE = 4 * MiB
+COMMIT = AllocOpts(mode=AllocationMode.COMMIT)
+
+needs_uffd = pytest.mark.skipif(
+    U.probe().mode is FaultMode.WAIT, reason=f"no userfaultfd for shmem: {U.probe().reason}"
+)
+
+
+def _opts() -> MemoryFileOpts:
+    return MemoryFileOpts(delayed_eviction=DelayedEviction.MANUAL)
+
+
+def fds() -> set[str]:
+    """This process's fds and what they are, but /dev/null (uvloop keeps one open for
+    its children once it has started one)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link != "/dev/null":
+                out.add(f"{fd}: {link}")
+    return out
+
+
+@pytest.fixture
+async def ckpt(tmp_path: Path) -> tuple[Path, list[tuple[int, int, int]]]:
+    """A checkpoint of RANGES filled ranges, a zero one and a hole: (offset, length,
+    token) each."""
+    rng = random.Random(19)
+    specs: list[tuple[int, int, int]] = []
+    async with MemoryFile.open(opts=_opts()) as mf:
+        for _ in range(RANGES):
+            fr = mf.allocate(RANGE, COMMIT)
+            token = rng.getrandbits(64)
+            pattern = struct.pack("<Q", token) * (RANGE // 8)
+            pos = 0
+            for v in mf.map_internal(fr, AccessType.WRITE):
+                v[:] = pattern[pos : pos + len(v)]
+                pos += len(v)
+            specs.append((fr.start, fr.length, token))
+        fr = mf.allocate(RANGE, COMMIT)
+        specs.append((fr.start, fr.length, 0))
+        fr = mf.allocate(RANGE)  # never committed: holes in the memfd, after a load too
+        specs.append((fr.start, fr.length, 0))
+        path = tmp_path / "guest.ckpt"
+        await mf.save(path)
+    return path, specs
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    """One 1 MiB block per loader job, every job held in its thread until released."""
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    g = Gate(loader_mod._read_blocks_job)
+    monkeypatch.setattr(loader_mod, "_read_blocks_job", g)
+    return g
+
+
+class Restored:
+    """A restored file, a session holding the checkpoint's ranges, and its guest."""
+
+    def __init__(self, mf: MemoryFile, specs: list[tuple[int, int, int]]) -> None:
+        self.mf = mf
+        self.specs = specs
+        self.session = gp.GuestSession(mf, memcg_id=1)
+        self.session.adopt([(FileRange(o, o + n), "anon") for o, n, _t in specs])
+        self.proc: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(
+        self, order: list[int], mode: FaultMode | None = FaultMode.UFFD, *extra: str
+    ) -> None:
+        args = [f"--verify={o}:{n}:{t}" for o, n, t in (self.specs[i] for i in order)]
+        args += extra
+        self.proc, self.task = await gp.start_guest(
+            self.mf, self.session, *args, stdout=asyncio.subprocess.PIPE, fault_mode=mode
+        )
+
+    async def first_wait(self) -> None:
+        """Until the guest is in a fault that waits for the loader (a hang guard only)."""
+        deadline = time.monotonic() + 20
+        # The fault's wait and the server's own one for the whole file are both on.
+        while self.server.stats().waiting == 0 or self.progress().waiters < 2:
+            assert time.monotonic() < deadline, "the guest never faulted on a pending page"
+            await asyncio.sleep(0.002)
+
+    def progress(self) -> LoadProgress:
+        progress = self.mf.load_progress()
+        assert progress is not None
+        return progress
+
+    @property
+    def server(self) -> Any:
+        assert self.session.faults is not None
+        return self.session.faults
+
+    async def result(self) -> tuple[int, dict[str, int]]:
+        assert self.proc is not None and self.proc.stdout is not None and self.task
+        out = await self.proc.stdout.read()
+        rc = await self.proc.wait()
+        await self.task
+        return rc, (json.loads(out) if out else {})
+
+
+@pytest.fixture
+async def restored(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], gate: Gate
+) -> AsyncIterator[Restored]:
+    """The checkpoint loaded with async pages, its loader held by ``gate`` from the first."""
+    path, specs = ckpt
+    mf = await MemoryFile.load(path, _opts(), async_pages=True)
+    try:
+        yield Restored(mf, specs)
+    finally:
+        await mf.aclose()
+
+
+def test_the_probe_finds_userfaultfd_for_shmem_here() -> None:
+    found = U.probe()
+    assert found.mode is not FaultMode.WAIT, found.reason
+    assert found.features & U.FEATURE_MISSING_SHMEM
+    assert U.probe() is found  # probed (and logged) once
+
+
+def test_the_ioctls_fail_with_a_clear_error() -> None:
+    fd = U.open_uffd()
+    try:
+        U.api(fd)
+        m = mmap.mmap(-1, PAGE_SIZE)
+        with pytest.raises(U.UffdError) as info:
+            U.api(fd)  # a second handshake
+        assert info.value.errno == errno.EINVAL and "UFFDIO_API" in str(info.value)
+        with pytest.raises(U.UffdError) as info:
+            U.wake(fd, 12345, PAGE_SIZE)  # unaligned
+        assert info.value.errno == errno.EINVAL and "UFFDIO_WAKE [0x3039" in str(info.value)
+        m.close()
+    finally:
+        os.close(fd)
+
+
+@needs_uffd
+async def test_a_restored_guest_faults_in_exactly_the_checkpoints_bytes(
+    restored: Restored, gate: Gate
+) -> None:
+    # The hole and the zero range first, then the filled ones from the last: none is
+    # loaded yet.
+    await restored.start([RANGES + 1, RANGES, *range(RANGES - 1, -1, -1)])
+    assert restored.session.fault_mode == "uffd"
+    await restored.first_wait()
+    assert restored.mf.load_progress().loaded_bytes == 0  # type: ignore[union-attr]
+    gate.release.set()
+    rc, counts = await restored.result()
+    assert rc == 0, counts
+    total = (RANGES + 2) * RANGE
+    assert counts["verified_bytes"] == counts["faulted_bytes"] == total  # every byte compared
+    assert counts["bad_bytes"] == counts["errors"] == 0
+    await restored.mf.wait_loaded()
+    await restored.server.wait_closed()
+    st = restored.server.stats()
+    assert st.waited >= 1 and st.woken >= 1 and st.failure == ""
+    assert st.zeroed >= RANGE // PAGE_SIZE  # the hole's pages, one zero page each
+    assert st.unregistered and st.closed and st.waiting == 0
+    assert restored.session.closed_for == "bye"
+
+
+@needs_uffd
+async def test_an_unprivileged_guest_faults_in_with_user_mode_only(
+    restored: Restored, gate: Gate
+) -> None:
+    await restored.start([RANGES - 1, 0], FaultMode.UFFD, "--uid", "65534")
+    assert restored.session.fault_mode == "uffd-user"
+    await restored.first_wait()
+    gate.release.set()
+    rc, counts = await restored.result()
+    assert rc == 0, counts
+    assert counts["verified_bytes"] == counts["faulted_bytes"] == 2 * RANGE
+    assert counts["bad_bytes"] == counts["errors"] == 0
+
+
+@needs_uffd
+async def test_a_guest_killed_mid_fault_leaves_nothing_behind(
+    restored: Restored, gate: Gate
+) -> None:
+    before = fds()
+    await restored.start([RANGES - 1])
+    await restored.first_wait()
+    progress = restored.mf.load_progress()
+    # The guest's fault and the server's wait for the whole file (to unregister then).
+    assert progress is not None and progress.waiters == 2
+    assert restored.proc is not None
+    restored.proc.kill()
+    rc, _ = await restored.result()
+    assert rc == -signal.SIGKILL
+    await restored.server.wait_closed()
+    await asyncio.sleep(0)  # the cancelled wait leaves the loader
+    st = restored.server.stats()
+    assert st.closed and st.waiting == 0 and st.failure == "" and not st.unregistered
+    progress = restored.mf.load_progress()
+    assert progress is not None and progress.waiters == 0
+    assert fds() == before  # its uffd and pidfd closed, its socket gone
+    assert restored.session.used_bytes == 0  # every page it held freed
+    gate.release.set()
+    await restored.mf.wait_loaded()  # the load goes on
+    restored.mf.check_invariants()
+
+
+@needs_uffd
+async def test_a_damaged_block_under_a_waiting_guest_kills_it_and_the_supervisor_goes_on(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, specs = ckpt
+    last = RANGES - 1
+    damage(path, specs[last][0] // MiB)  # the first block the guest touches
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        r = Restored(mf, specs)
+        await r.start([last])
+        await r.first_wait()
+        gate.release.set()
+        rc, counts = await r.result()
+        assert rc == -signal.SIGKILL and counts == {}  # killed before it read a byte
+        assert "checksum mismatch" in r.server.stats().failure
+        assert any("killed" in m and "checksum mismatch" in m for m in caplog.messages)
+        assert r.session.closed_for == "hung up" and r.session.used_bytes == 0
+    # The supervisor goes on: another guest on a fresh file runs as ever.
+    async with MemoryFile.open(opts=_opts()) as fresh:
+        session = gp.GuestSession(fresh, memcg_id=2)
+        proc, task = await gp.start_guest(
+            fresh, session, "--seconds", "0.2", stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        out = await proc.stdout.read()
+        assert await proc.wait() == 0
+        await task
+        assert json.loads(out)["bad_bytes"] == 0
+
+
+@needs_uffd
+async def test_aclose_with_a_guest_waiting_kills_the_guest(restored: Restored, gate: Gate) -> None:
+    await restored.start([RANGES - 1])
+    await restored.first_wait()
+    closing = asyncio.create_task(restored.mf.aclose())
+    await asyncio.sleep(0)
+    gate.release.set()  # the two jobs in flight finish; the guest's block never starts
+    await closing
+    rc, counts = await restored.result()
+    assert rc == -signal.SIGKILL and counts == {}
+    await restored.server.wait_closed()
+    st = restored.server.stats()
+    assert "cannot be loaded" in st.failure and st.closed and st.waiting == 0
+
+
+async def test_without_userfaultfd_the_fd_is_handed_only_once_the_guests_ranges_are_in(
+    restored: Restored, gate: Gate
+) -> None:
+    starting = asyncio.create_task(restored.start([0, RANGES], mode=FaultMode.WAIT))
+    done, _ = await asyncio.wait([starting], timeout=0.5)
+    assert not done  # the hello waits for the loader
+    gate.release.set()
+    await starting
+    for fr, _kind in restored.session.ranges.values():
+        assert restored.mf.pending_load_bytes(fr) == 0
+    assert restored.session.fault_mode == "wait" and restored.session.faults is None
+    rc, counts = await restored.result()
+    assert rc == 0 and counts["verified_bytes"] == 2 * RANGE and counts["faulted_bytes"] == 0
+
+
+async def test_two_jobs_in_flight_do_not_keep_an_idle_loop_busy_lending_the_gil() -> None:
+    """Each job's lender blocks the loop LEND_SECONDS per turn while the turns look busy;
+    two lenders made each other's turns look busy, for as long as both jobs ran: a loop
+    with nothing else to do turned over and over, each turn 2 x LEND_SECONDS late (a
+    fault server noticed each fault ~0.6 ms late while two load jobs were in flight)."""
+    release = threading.Event()
+    runner = BlockingRunner(concurrent.futures.ThreadPoolExecutor(2))
+    jobs = [asyncio.ensure_future(runner.run(release.wait, 5)) for _ in range(2)]
+    await asyncio.sleep(0.01)  # both jobs in flight, their lenders done or not
+    lends = 0
+    wait = threading.Event.wait
+
+    def counting_wait(self: threading.Event, timeout: float | None = None) -> bool:
+        nonlocal lends
+        if timeout == LEND_SECONDS:
+            lends += 1
+        return wait(self, timeout)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(threading.Event, "wait", counting_wait)
+        await asyncio.sleep(0.1)  # an idle loop: its poll sleeps
+    release.set()
+    await asyncio.gather(*jobs)
+    assert lends <= 2, f"{lends} lends of the GIL on an idle loop in 0.1 s"
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: A supervisor in its own process: restores the checkpoint with its loader held for
+#: good, starts a guest that faults, prints the guest's pid once it waits, then idles.
+SUPERVISOR = r"""
+import asyncio, json, sys, threading
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import asyncpgalloc.checkpoint_io as cio
+import asyncpgalloc.loader as loader_mod
+from test_uffd import Restored, _opts
+from asyncpgalloc import MemoryFile
+cio.BATCH_BLOCKS = 1
+never = threading.Event()
+loader_mod._read_blocks_job = lambda *args: never.wait()
+async def main():
+    mf = await MemoryFile.load(sys.argv[3], _opts(), async_pages=True)
+    r = Restored(mf, [tuple(s) for s in json.loads(sys.argv[4])])
+    await r.start([0])
+    await r.first_wait()
+    print(r.proc.pid, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+@needs_uffd
+async def test_a_supervisor_crash_leaves_no_guest_stuck_in_a_fault(
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+) -> None:
+    path, specs = ckpt
+    sup = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUPERVISOR,
+        str(HERE),
+        str(HERE.parent / "examples"),
+        str(path),
+        json.dumps(specs),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert sup.stdout is not None
+    line = await asyncio.wait_for(sup.stdout.readline(), 60)
+    guest = int(line)
+    pidfd = os.pidfd_open(guest)  # the guest is not our child: watch it through a pidfd
+    try:
+        sup.kill()  # the supervisor crashes with the guest in a fault
+        await sup.wait()
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _set_once, exited)
+        try:
+            await asyncio.wait_for(exited, 20)  # else the guest is stuck in its fault
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def test_a_fault_server_for_a_guest_already_gone_closes_its_uffd(mf: MemoryFile) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    fd = U.open_uffd()
+    with pytest.raises(ProcessLookupError):
+        FaultServer(mf, fd, 0, PAGE_SIZE, proc.pid)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the server, which owned it
