@@ -15,7 +15,9 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-_SOURCES = ("segments", "pages")
+# Module of asyncpgalloc._compiled -> its source. The segment set is hand-written Cython (a
+# B+ tree in C memory); the page-state core is pages.py itself, compiled in pure Python mode.
+_SOURCES = {"segments": "asyncpgalloc/segtree.pyx", "pages": "asyncpgalloc/pages.py"}
 
 
 def _flag(name: str) -> bool:
@@ -56,8 +58,7 @@ def _extensions() -> list[Extension]:
         print("asyncpgalloc: Cython missing, compiled core not built", file=sys.stderr)
         return []
     exts = [
-        Extension(f"asyncpgalloc._compiled.{name}", [f"asyncpgalloc/{name}.py"])
-        for name in _SOURCES
+        Extension(f"asyncpgalloc._compiled.{name}", [source]) for name, source in _SOURCES.items()
     ]
     return list(
         cythonize(

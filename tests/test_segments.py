@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import os
 import itertools
 import random
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedList
 
-from asyncpgalloc.core import SegmentSet, segments
+from asyncpgalloc import segments as py_segments
+from asyncpgalloc.core import SegmentSet, core_implementation, segments
 from asyncpgalloc.ranges import KEY_MAX
 
 P = 0x1000
@@ -480,11 +482,20 @@ def test_str() -> None:
 
 def test_check_invariants_detects_corruption() -> None:
     s = make([(0, 10, 1), (20, 30, 2)])
-    s._gap_start[99] = 98  # corrupt the gap index
+    t = make([(0, 10, 1), (10, 20, 2)])
+    if core_implementation() == "compiled":
+        # The compiled set's structure is C memory: it breaks itself on request.
+        s._test_corrupt("gap")  # type: ignore[attr-defined]
+        t._test_corrupt("value")  # type: ignore[attr-defined]
+        u = make([(0, 10, 1), (20, 30, 2)])
+        u._test_corrupt("summary")  # type: ignore[attr-defined]
+        with pytest.raises(AssertionError):
+            u.check_invariants()
+    else:
+        s._gap_start[99] = 98  # corrupt the gap index
+        t._vals[10] = 1  # equal neighbours, unmerged
     with pytest.raises(AssertionError):
         s.check_invariants()
-    t = make([(0, 10, 1), (10, 20, 2)])
-    t._vals[10] = 1  # equal neighbours, unmerged
     with pytest.raises(AssertionError):
         t.check_invariants()
 
@@ -649,22 +660,24 @@ def test_floor_implementations_agree() -> None:
     keys = [*rng.sample(range(-5, 10**6 + 5), 3000), *values, *(v - 1 for v in values)]
     for k in keys:
         want = _floor_model(values, k)
-        assert segments._floor_irange(sl, k) == want
-        assert segments._floor_internal(sl, k) == want
+        assert py_segments._floor_irange(sl, k) == want
+        assert py_segments._floor_internal(sl, k) == want
     empty = SortedList()
-    assert segments._floor_irange(empty, 5) is None
-    assert segments._floor_internal(empty, 5) is None
+    assert py_segments._floor_irange(empty, 5) is None
+    assert py_segments._floor_internal(empty, 5) is None
     # The internal layout is present in the pinned sortedcontainers, so the
-    # fast path is the one in use.
-    assert segments._floor is segments._floor_internal
+    # fast path is the one in use (by the pure-Python set).
+    assert py_segments._floor is py_segments._floor_internal
 
 
 @pytest.mark.parametrize("use_irange", [False, True])
 def test_many_segments_against_model(use_irange: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The irange fallback is the pure-Python set's own; the other run uses the core's set.
+    impl = py_segments if use_irange else segments
     if use_irange:
-        monkeypatch.setattr(segments, "_floor", segments._floor_irange)
+        monkeypatch.setattr(py_segments, "_floor", py_segments._floor_irange)
     rng = random.Random(3)
-    s: SegmentSet[int] = SegmentSet()
+    s: SegmentSet[int] = impl.SegmentSet()
     model: dict[int, tuple[int, int]] = {}  # start -> (end, value)
     pos = 0
     for i in range(4000):
@@ -1085,8 +1098,9 @@ def test_set_without_gap_index() -> None:
 
 
 def test_start_index_keeps_and_drops_empty_blocks() -> None:
-    s: SegmentSet[int] = SegmentSet(merge=False)
-    block = 1 << segments._BLOCK_SHIFT
+    # The pure-Python set's start index (the compiled one has none: see test_tree_shapes).
+    s: SegmentSet[int] = py_segments.SegmentSet(merge=False)
+    block = 1 << py_segments._BLOCK_SHIFT
     for i in range(40):
         s.insert_range(i * block, i * block + P, i)
     for i in range(0, 40, 2):
@@ -1099,3 +1113,114 @@ def test_start_index_keeps_and_drops_empty_blocks() -> None:
         assert s.find_gap((i + 1) * block + 5) == want
     s.check_invariants()
     assert s.last_segment() == (39 * block, 39 * block + P, 39)
+
+
+# ----------------------------------------------------------------------
+# The compiled set against the pure-Python one, on trees several levels deep.
+
+
+def _compiled_set_class() -> type[SegmentSet[int]]:
+    import importlib
+
+    try:
+        mod = importlib.import_module("asyncpgalloc._compiled.segments")
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("the compiled core is not built")
+    cls: type[SegmentSet[int]] = mod.SegmentSet
+    return cls
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("gap_index", [True, False])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_tree_shapes(merge: bool, gap_index: bool, seed: int) -> None:
+    """Thousands of random operations on both sets, grown past two tree levels (64 x 64
+    segments) and shrunk back, every query compared; leaf splits, merges, node splits and
+    root collapses all happen, and the compiled set's invariants are checked throughout."""
+    compiled = _compiled_set_class()
+    rng = random.Random(seed)
+    a: SegmentSet[int] = compiled(merge=merge, gap_index=gap_index)
+    b: SegmentSet[int] = py_segments.SegmentSet(merge=merge, gap_index=gap_index)
+    span = 1 << 30
+    nvals = 3 if merge else 1000
+    sizes: list[int] = []
+
+    def both(name: str, *args: object) -> object:
+        ra: object
+        rb: object
+        try:
+            ra = getattr(a, name)(*args)
+        except Exception as exc:  # the same error from both
+            ra = (type(exc), str(exc))
+        try:
+            rb = getattr(b, name)(*args)
+        except Exception as exc:
+            rb = (type(exc), str(exc))
+        if isinstance(ra, type(iter(()))) or hasattr(ra, "__next__"):
+            ra, rb = list(ra), list(rb)  # type: ignore[call-overload]
+        assert ra == rb, (name, args)
+        return ra
+
+    def grow(n: int) -> None:
+        for _ in range(n):
+            k = rng.randrange(span)
+            gap = b.find_gap(k)
+            if gap is None:
+                continue
+            s = rng.randrange(gap[0], gap[1])
+            e = min(gap[1], s + rng.randint(1, 4) * P)
+            both("insert_range", s, e, rng.randrange(nvals))
+
+    for phase in range(6):
+        grow(9000 if phase % 2 == 0 else 500)
+        for _ in range(1500):
+            op = rng.randrange(9)
+            s = rng.randrange(span)
+            e = min(KEY_MAX, s + rng.choice([1, P, 16 * P, 1 << 20]))
+            if op == 0:
+                both("remove_range", s, e)
+            elif op == 1:
+                both("pop_range", s, e)
+            elif op == 2:
+                both("mutate_range", s, e, lambda _s, _e, v: (v + 1) % nvals)
+            elif op == 3:
+                seg = b.find_segment(s)
+                if seg is not None:
+                    both("replace_value", seg[0], rng.randrange(nvals))
+            elif op == 4:
+                seg = b.find_segment(s)
+                if seg is not None and seg[1] - seg[0] > 2:
+                    cuts = sorted(rng.sample(range(seg[0] + 1, seg[1]), 2))
+                    both("refine", seg[0], cuts, [rng.randrange(nvals) for _ in range(3)])
+            elif op == 5 and gap_index:
+                n = rng.choice([1, P, 3 * P, 64 * P, 1 << 22])
+                both("first_large_enough_gap", n)
+                both("last_large_enough_gap", n)
+                both(rng.choice(["take_first_gap", "take_last_gap"]), n, rng.randrange(nvals))
+            elif op == 6:
+                both("find_segment", s)
+                both("find_gap", s)
+                both("get_exact", s, e, None)
+            elif op == 7:
+                both("visit_range", s, e)
+                both("gaps", s, e)
+                both("is_fully_covered", s, e)
+            else:
+                both("insert_range", s, e, 0)
+        if phase % 2 == 1:
+            # Shrink: big removals empty whole leaves and collapse levels.
+            for _ in range(40):
+                s = rng.randrange(span)
+                both("remove_range", s, min(span, s + span // 16))
+        a.check_invariants()
+        sizes.append(len(a))
+        assert list(a) == list(b)
+        assert list(a.gaps_descending()) == list(b.gaps_descending())
+        assert len(a) == len(b) and a.last_segment() == b.last_segment()
+    both("merge_all")
+    assert list(a) == list(b)
+    a.check_invariants()
+    # Deep enough for node splits (over 64 leaves), shrunk back by the removals.
+    assert max(sizes) > 64 * 64 * 2 and min(sizes[1::2]) < max(sizes) // 4, sizes
