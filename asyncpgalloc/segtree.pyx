@@ -97,6 +97,8 @@ cdef struct Leaf:
     Leaf* next
     uint64_t kmin        # cached summary, equal to the parent's entry for this leaf
     uint64_t maxg
+    uint64_t wmax        # the largest gap now, unless stale (then rescanned on refresh)
+    bint stale
     uint64_t* gap        # NULL without a gap index
     uint64_t start[CAP]
     uint64_t last[CAP]
@@ -250,6 +252,8 @@ cdef class SegmentSet:
         lf.next = NULL
         lf.kmin = 0
         lf.maxg = 0
+        lf.wmax = 0
+        lf.stale = False
         return lf
 
     cdef void _free_leaf_mem(self, Leaf* lf) noexcept:
@@ -302,6 +306,8 @@ cdef class SegmentSet:
         lf.next = NULL
         lf.kmin = 0
         lf.maxg = 0
+        lf.wmax = 0
+        lf.stale = False
         return lf
 
     cdef void _give_leaf(self, Leaf* lf) noexcept:
@@ -348,16 +354,24 @@ cdef class SegmentSet:
     cdef void _push_up(self, Node* nd, void* kid, uint64_t k, uint64_t g) noexcept:
         """Store a child's new summary in its parent and on up while summaries change."""
         cdef int i
-        cdef uint64_t nk, ng
+        cdef uint64_t nk, ng, old
         while nd != NULL:
             i = self._index_of(nd, kid)
             nd.key[i] = k
+            old = nd.mgap[i]
             nd.mgap[i] = g
             nk = nd.key[0]
-            ng = 0
-            for i in range(nd.n):
-                if nd.mgap[i] > ng:
-                    ng = nd.mgap[i]
+            # nd.maxg is the exact largest entry before this change (every structural
+            # change rescans): rescan only when the largest entry shrank.
+            if g >= nd.maxg:
+                ng = g
+            elif old == nd.maxg:
+                ng = 0
+                for i in range(nd.n):
+                    if nd.mgap[i] > ng:
+                        ng = nd.mgap[i]
+            else:
+                ng = nd.maxg
             if nk == nd.kmin and ng == nd.maxg:
                 return
             nd.kmin = nk
@@ -368,6 +382,7 @@ cdef class SegmentSet:
             nd = nd.parent
 
     cdef inline void _leaf_summary(self, Leaf* lf, uint64_t* k, uint64_t* g) noexcept:
+        """The leaf's summary by a full scan (also makes its working max exact)."""
         cdef int i
         cdef uint64_t m = 0
         k[0] = lf.start[0] if lf.n else 0
@@ -379,7 +394,13 @@ cdef class SegmentSet:
 
     cdef void _refresh_leaf(self, Leaf* lf) noexcept:
         cdef uint64_t k, g
-        self._leaf_summary(lf, &k, &g)
+        if lf.stale or lf.gap == NULL:
+            self._leaf_summary(lf, &k, &g)
+            lf.wmax = g
+            lf.stale = False
+        else:
+            k = lf.start[0] if lf.n else 0
+            g = lf.wmax
         if k == lf.kmin and g == lf.maxg:
             return
         lf.kmin = k
@@ -406,7 +427,7 @@ cdef class SegmentSet:
 
     cdef inline void _regap(self, Leaf* lf, int j) noexcept:
         """Recompute the gap before entry ``j`` of ``lf`` (no summary update)."""
-        cdef uint64_t p
+        cdef uint64_t p, old, new
         if lf.gap == NULL:
             return
         if j > 0:
@@ -416,7 +437,13 @@ cdef class SegmentSet:
             p = lf.prev.last[lf.prev.n - 1] + 1
         else:
             p = 0
-        lf.gap[j] = lf.start[j] - p
+        old = lf.gap[j]
+        new = lf.start[j] - p
+        lf.gap[j] = new
+        if new > lf.wmax:
+            lf.wmax = new
+        elif old == lf.wmax and new < old:
+            lf.stale = True
 
     cdef void _regap_next(self, Leaf* lf, int j) noexcept:
         """Recompute the gap before the successor of entry ``j`` of ``lf``, if any, and
@@ -574,6 +601,13 @@ cdef class SegmentSet:
             self._lastleaf = lf.prev
 
     cdef inline void _move_entries(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
+        """Move entries between leaves: both rescan their largest gap on refresh."""
+        dst.stale = True
+        src.stale = True
+        self._shift(dst, di, src, si, k)
+
+    cdef inline void _shift(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
+        # Invariant (callers): 0 <= di, si and di + k, si + k <= CAP.
         memmove(&dst.start[di], &src.start[si], k * sizeof(uint64_t))
         memmove(&dst.last[di], &src.last[si], k * sizeof(uint64_t))
         memmove(&dst.val[di], &src.val[si], k * sizeof(PyObject*))
@@ -608,7 +642,10 @@ cdef class SegmentSet:
                 idx -= HALF
         m = lf.n - idx
         if m > 0:
-            self._move_entries(lf, idx + 1, lf, idx, m)
+            # Shifted entries keep their gaps: the leaf's largest gap stands.
+            self._shift(lf, idx + 1, lf, idx, m)
+        if lf.gap != NULL:
+            lf.gap[idx] = 0
         lf.start[idx] = s
         lf.last[idx] = l
         Py_INCREF(v)
@@ -630,9 +667,11 @@ cdef class SegmentSet:
         cdef int j, m
         if has_next:
             nxt = lf.start[i + 1] if i + 1 < lf.n else lf.next.start[0]
+        if lf.gap != NULL and lf.gap[i] == lf.wmax:
+            lf.stale = True
         m = lf.n - i - 1
         if m > 0:
-            self._move_entries(lf, i, lf, i + 1, m)
+            self._shift(lf, i, lf, i + 1, m)
         lf.n -= 1
         self._count -= 1
         if lf.parent != NULL:
@@ -1050,14 +1089,17 @@ cdef class SegmentSet:
         cdef uint64_t m, tail_len
         cdef Leaf* ll
         cdef bint have_tail
-        if n < 1:
-            raise ValueError(f"gap length must be >= 1, not {n}")
+        if not (_u64(n, &m) and m >= 1):
+            # The slow path: errors, and lengths past 2**64 - 1.
+            if n < 1:
+                raise ValueError(f"gap length must be >= 1, not {n}")
+            if not self._indexed:
+                raise TypeError("this SegmentSet was created with gap_index=False")
+            return 2 if self._count == 0 and n <= KEY_MAX else 0
         if not self._indexed:
             raise TypeError("this SegmentSet was created with gap_index=False")
         if self._count == 0:
-            return 2 if n <= KEY_MAX else 0
-        if not _u64(n, &m):
-            return 0
+            return 2
         ll = self._lastleaf
         tail_len = U64MAX - ll.last[ll.n - 1]
         have_tail = tail_len >= m
@@ -1395,7 +1437,7 @@ cdef class SegmentSet:
             if not 0 <= lf.n <= CAP or (parent != NULL and lf.n == 0):
                 raise AssertionError(f"leaf holds {lf.n} entries")
             self._leaf_summary(lf, &k, &g)
-            if k != lf.kmin or g != lf.maxg:
+            if k != lf.kmin or g != lf.maxg or (not lf.stale and lf.gap != NULL and g != lf.wmax):
                 raise AssertionError("stale leaf summary")
             leaves.append(<size_t>lf)
             return (k, g)

@@ -20,7 +20,7 @@ import pytest
 from helpers import RecordingExecutor
 
 from asyncpgalloc import MemoryFile, MemoryFileOpts
-from asyncpgalloc.core import SegmentSet
+from asyncpgalloc.core import PageSets
 from asyncpgalloc.ranges import PAGE_SIZE as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +168,8 @@ async def test_a_poisoned_file_releases_nothing_more_and_still_closes(
         def interrupted(*args: object) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(SegmentSet, "replace_value", interrupted)
+        # The core's transition (the compiled segment set is a C type: nothing to patch in it).
+        monkeypatch.setattr(PageSets, "dec_ref", interrupted)
         with pytest.raises(KeyboardInterrupt):
             mf.dec_ref(other)  # an interrupt inside the transition
         monkeypatch.undo()
