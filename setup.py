@@ -17,7 +17,8 @@ from setuptools.command.build_ext import build_ext
 
 # Module of asyncpgalloc._compiled -> its source. The segment set is hand-written Cython (a
 # B+ tree in C memory); the page-state core is pages.py itself, compiled in pure Python mode.
-_SOURCES = {"segments": "asyncpgalloc/segtree.pyx", "pages": "asyncpgalloc/pages.py"}
+# (asyncpgalloc/_compiled/pages.pxd types the latter's attributes and calls.)
+_SOURCES = {"segments": "asyncpgalloc/_compiled/segments.pyx", "pages": "asyncpgalloc/pages.py"}
 
 
 def _flag(name: str) -> bool:

@@ -112,7 +112,9 @@ def test_the_compiled_modules_are_compiled_and_use_each_other() -> None:
     cs = importlib.import_module("asyncpgalloc._compiled.segments")
     assert cp.__file__ is not None and cp.__file__.endswith(".so")
     assert cs.__file__ is not None and cs.__file__.endswith(".so")
-    assert cp.SegmentSet is cs.SegmentSet
+    # The compiled core's sets are the compiled segment sets (typed C calls, pages.pxd).
+    assert type(cp.new_unfree_set()) is cs.SegmentSet
+    assert type(cp.new_mem_acct_set()) is cs.SegmentSet
     assert py_segments.SegmentSet is not cs.SegmentSet
     # Both cores raise the package's one set of errors.
     assert cp.ReferenceCountError is asyncpgalloc.ReferenceCountError

@@ -20,7 +20,7 @@ import pytest
 from helpers import RecordingExecutor
 
 from asyncpgalloc import MemoryFile, MemoryFileOpts
-from asyncpgalloc.core import PageSets
+import asyncpgalloc.memory_file
 from asyncpgalloc.ranges import PAGE_SIZE as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +168,8 @@ async def test_a_poisoned_file_releases_nothing_more_and_still_closes(
         def interrupted(*args: object) -> None:
             raise KeyboardInterrupt
 
-        # The core's transition (the compiled segment set is a C type: nothing to patch in it).
-        monkeypatch.setattr(PageSets, "dec_ref", interrupted)
+        # Inside the public call (the compiled core's types have no attribute to patch).
+        monkeypatch.setattr(asyncpgalloc.memory_file, "_get_running_loop", interrupted)
         with pytest.raises(KeyboardInterrupt):
             mf.dec_ref(other)  # an interrupt inside the transition
         monkeypatch.undo()

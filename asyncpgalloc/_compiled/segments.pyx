@@ -64,10 +64,9 @@ cdef extern from "Python.h":
     void PyErr_Clear()
 
 
+# CAP (segments.pxd), entries per leaf and children per node, is 64: a node's arrays
+# stay in a few cache lines, a 1M-segment tree 4 levels deep, a leaf memmove under 2 KiB.
 cdef enum:
-    # Entries per leaf and children per node. 64 keeps a node's arrays in a few cache lines
-    # and a 1M-segment tree 4 levels deep; memmoves within a leaf stay under 2 KiB.
-    CAP = 64
     HALF = 32
     # A leaf under CAP / 4 entries merges with a sibling when both fit in 3/4 of a leaf.
     LOW = 16
@@ -78,31 +77,6 @@ cdef enum:
 
 cdef uint64_t U64MAX = 0xFFFFFFFFFFFFFFFF
 
-
-cdef struct Node:
-    int n
-    bint leaves          # children are Leaf*, else Node*
-    Node* parent
-    uint64_t kmin        # cached summary: lowest start and largest gap in this subtree
-    uint64_t maxg
-    uint64_t key[CAP]    # per child: its lowest start
-    uint64_t mgap[CAP]   # per child: its largest gap before a segment
-    void* kid[CAP]
-
-
-cdef struct Leaf:
-    int n
-    Node* parent
-    Leaf* prev
-    Leaf* next
-    uint64_t kmin        # cached summary, equal to the parent's entry for this leaf
-    uint64_t maxg
-    uint64_t wmax        # the largest gap now, unless stale (then rescanned on refresh)
-    bint stale
-    uint64_t* gap        # NULL without a gap index
-    uint64_t start[CAP]
-    uint64_t last[CAP]
-    PyObject* val[CAP]
 
 
 # ------------------------------------------------------------------ key conversion
@@ -184,19 +158,6 @@ cdef class SegmentSet:
     the last key they yielded) by mutation.
     """
 
-    cdef void* _root
-    cdef int _height             # 0: the root is a leaf
-    cdef Py_ssize_t _count
-    cdef bint _merge
-    cdef bint _indexed
-    cdef Leaf* _first
-    cdef Leaf* _lastleaf
-    # Bumped by every mutation: iterators trust their cached leaf only while it is unchanged.
-    cdef unsigned long long _mod
-    cdef Leaf* _spare_leaves
-    cdef Node* _spare_nodes
-    cdef int _n_spare_leaves
-    cdef int _n_spare_nodes
 
     def __cinit__(self, *, merge=True, gap_index=True):
         self._merge = bool(merge)
@@ -338,13 +299,13 @@ cdef class SegmentSet:
 
     # ------------------------------------------------------------ summaries
 
-    cdef inline void _set_parent(self, void* kid, bint leaf, Node* p) noexcept:
+    cdef void _set_parent(self, void* kid, bint leaf, Node* p) noexcept:
         if leaf:
             (<Leaf*>kid).parent = p
         else:
             (<Node*>kid).parent = p
 
-    cdef inline int _index_of(self, Node* nd, void* kid) noexcept:
+    cdef int _index_of(self, Node* nd, void* kid) noexcept:
         # Invariant: kid's parent is nd, so kid is among nd.kid[0:n].
         cdef int i = 0
         while i < nd.n and nd.kid[i] != kid:
@@ -381,7 +342,7 @@ cdef class SegmentSet:
             g = ng
             nd = nd.parent
 
-    cdef inline void _leaf_summary(self, Leaf* lf, uint64_t* k, uint64_t* g) noexcept:
+    cdef void _leaf_summary(self, Leaf* lf, uint64_t* k, uint64_t* g) noexcept:
         """The leaf's summary by a full scan (also makes its working max exact)."""
         cdef int i
         cdef uint64_t m = 0
@@ -425,7 +386,7 @@ cdef class SegmentSet:
         nd.maxg = g
         self._push_up(nd.parent, nd, k, g)
 
-    cdef inline void _regap(self, Leaf* lf, int j) noexcept:
+    cdef void _regap(self, Leaf* lf, int j) noexcept:
         """Recompute the gap before entry ``j`` of ``lf`` (no summary update)."""
         cdef uint64_t p, old, new
         if lf.gap == NULL:
@@ -600,13 +561,13 @@ cdef class SegmentSet:
         else:
             self._lastleaf = lf.prev
 
-    cdef inline void _move_entries(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
+    cdef void _move_entries(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
         """Move entries between leaves: both rescan their largest gap on refresh."""
         dst.stale = True
         src.stale = True
         self._shift(dst, di, src, si, k)
 
-    cdef inline void _shift(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
+    cdef void _shift(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept:
         # Invariant (callers): 0 <= di, si and di + k, si + k <= CAP.
         memmove(&dst.start[di], &src.start[si], k * sizeof(uint64_t))
         memmove(&dst.last[di], &src.last[si], k * sizeof(uint64_t))
@@ -715,7 +676,7 @@ cdef class SegmentSet:
         self._regap(lf, i)
         self._refresh_leaf(lf)
 
-    cdef inline void _set_val(self, Leaf* lf, int i, object v, PyObject** old) noexcept:
+    cdef void _set_val(self, Leaf* lf, int i, object v, PyObject** old) noexcept:
         Py_INCREF(v)
         old[0] = lf.val[i]
         lf.val[i] = <PyObject*>v
@@ -867,7 +828,7 @@ cdef class SegmentSet:
             return None
         return (_key(lf.start[lf.n - 1]), _end(lf.last[lf.n - 1]), <object>lf.val[lf.n - 1])
 
-    def find_segment(self, key):
+    cpdef find_segment(self, key):
         """The segment containing ``key``, or None. O(log n)."""
         cdef uint64_t k
         cdef Leaf* lf
@@ -878,7 +839,7 @@ cdef class SegmentSet:
             return None
         return (_key(lf.start[i]), _end(lf.last[i]), <object>lf.val[i])
 
-    def segment_end(self, start):
+    cpdef segment_end(self, start):
         """The end of the segment that starts at ``start``; KeyError if none does. O(log n)."""
         cdef uint64_t k
         cdef Leaf* lf
@@ -889,7 +850,7 @@ cdef class SegmentSet:
                 return _end(lf.last[i])
         raise KeyError(start)
 
-    def get_exact(self, start, end, default):
+    cpdef get_exact(self, start, end, default):
         """The value of the segment ``[start, end)`` if exactly that segment exists, else
         ``default``. O(log n)."""
         cdef uint64_t k, l
@@ -901,7 +862,7 @@ cdef class SegmentSet:
                 return <object>lf.val[i]
         return default
 
-    def find_gap(self, key):
+    cpdef find_gap(self, key):
         """The maximal gap ``(start, end)`` containing ``key``, or None if ``key`` is in a
         segment. O(log n)."""
         cdef uint64_t k
@@ -925,7 +886,7 @@ cdef class SegmentSet:
             return (gs, _key(lf.start[i]))
         return (gs, KEY_MAX)
 
-    def visit_range(self, start, end):
+    cpdef visit_range(self, start, end):
         """The segments overlapping ``[start, end)``, clipped to it, ascending. O(log n) to
         start, then O(1) per segment."""
         cdef uint64_t s, l
@@ -935,7 +896,7 @@ cdef class SegmentSet:
         _need_range(start, end, &s, &l)
         return self._visit(s, l, True)
 
-    def is_fully_covered(self, start, end):
+    cpdef is_fully_covered(self, start, end):
         """True if every key in ``[start, end)`` lies in some segment. O(log n + k)."""
         cdef uint64_t s, l
         cdef Leaf* lf
@@ -1120,7 +1081,7 @@ cdef class SegmentSet:
             return 1
         return 0
 
-    def first_large_enough_gap(self, n):
+    cpdef first_large_enough_gap(self, n):
         """The gap with the lowest start whose length is ``>= n``, or None. O(log n).
         Raises ``TypeError`` with ``gap_index=False``."""
         cdef Leaf* lf
@@ -1133,7 +1094,7 @@ cdef class SegmentSet:
             return (0, KEY_MAX)
         return (_key(gs), _end(gs + (glen - 1)))
 
-    def last_large_enough_gap(self, n):
+    cpdef last_large_enough_gap(self, n):
         """The gap with the highest start whose length is ``>= n``, or None. O(log n)."""
         cdef Leaf* lf
         cdef int i
@@ -1147,13 +1108,13 @@ cdef class SegmentSet:
 
     # ------------------------------------------------------------ mutations
 
-    def take_first_gap(self, n, value):
+    cpdef take_first_gap(self, n, value):
         """First fit: insert ``[gs, gs + n)`` with ``value`` at the start of the first gap of
         length ``>= n`` and return ``gs``; None (changing nothing) if there is none.
         O(log n)."""
         return self._take_gap(n, value, True)
 
-    def take_last_gap(self, n, value):
+    cpdef take_last_gap(self, n, value):
         """Last fit: insert ``[ge - n, ge)`` at the end of the last gap of length ``>= n`` and
         return its start; None (changing nothing) if there is none. O(log n)."""
         return self._take_gap(n, value, False)
@@ -1180,7 +1141,7 @@ cdef class SegmentSet:
         self._ins(lf, i, s, s + (m - 1), value)
         return _key(s)
 
-    def insert_range(self, start, end, value):
+    cpdef insert_range(self, start, end, value):
         """Add the segment ``[start, end)`` with ``value``; it must lie within one gap.
         Raises ValueError, changing nothing, if it overlaps a segment. O(log n)."""
         cdef uint64_t s, l, ge_last
@@ -1215,7 +1176,7 @@ cdef class SegmentSet:
         if self._merge:
             self._merge_span(s - 1 if s else 0, l)
 
-    def replace_value(self, start, value):
+    cpdef replace_value(self, start, value):
         """Set the value of the segment that starts at ``start`` (KeyError if none does,
         changing nothing); a merging set then merges it with equal neighbours. O(log n)."""
         cdef uint64_t k
@@ -1235,12 +1196,12 @@ cdef class SegmentSet:
                 return
         raise KeyError(start)
 
-    def remove_range(self, start, end):
+    cpdef remove_range(self, start, end):
         """Remove every part of every segment inside ``[start, end)``; straddling segments
         are split. O(log n) per segment removed."""
         self._remove(start, end, None)
 
-    def pop_range(self, start, end):
+    cpdef pop_range(self, start, end):
         """As :meth:`remove_range`, returning the removed pieces ``(start, end, value)``
         (clipped to the range), ascending. Same cost."""
         out = []
@@ -1274,7 +1235,7 @@ cdef class SegmentSet:
             old = self._rm(lf, i)
             Py_DECREF(<object>old)
 
-    def refine(self, start, cuts, values):
+    cpdef refine(self, start, cuts, values):
         """Split the segment that starts at ``start`` at ``cuts`` and give the pieces
         ``values`` (one more than cuts; merging sets then merge). Raises ValueError,
         changing nothing, on bad input. O(k log n) for k cuts."""
@@ -1320,7 +1281,7 @@ cdef class SegmentSet:
         if self._merge:
             self._merge_span(k - 1 if k else 0, seg_last)
 
-    def mutate_range(self, start, end, fn):
+    cpdef mutate_range(self, start, end, fn):
         """Set each segment ``(s, e, v)`` overlapping ``[start, end)`` to ``fn(s, e, v)``
         (straddling segments split so that ``fn`` sees only the range's part), ascending.
         Merging sets then merge, across the edges too. If ``fn`` raises, the segments
