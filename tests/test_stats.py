@@ -35,7 +35,7 @@ from asyncpgalloc import (
     MemoryFileOpts,
     MemoryKind,
 )
-from asyncpgalloc.core import SegmentSet, count_states
+from asyncpgalloc.core import SegmentSet, core_implementation, count_states
 from asyncpgalloc.metrics import MemoryFileCollector, render_metrics
 from asyncpgalloc.releaser import punch_all
 
@@ -313,9 +313,16 @@ _SEGMENT_READS = (
 
 @pytest.fixture
 def no_segment_reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Call the result to make every way of walking or changing a SegmentSet raise."""
+    """Call the result to make every way of walking or changing a SegmentSet raise.
+
+    On the compiled core the set is a C type with nothing to patch: arming does nothing
+    there, and the callers' other checks (dead allocations left unsettled) still run. The
+    code under test is the same source on both cores, and CI runs this on the pure one too.
+    """
 
     def arm() -> None:
+        if core_implementation() == "compiled":
+            return
         for name in _SEGMENT_READS:
 
             def refuse(*args: object, _name: str = name, **kwargs: object) -> Any:
@@ -343,6 +350,7 @@ async def test_stats_and_the_collector_read_no_segment(
     families = list(registry.collect())
     line = repr(mf)
     assert str(mf) == line
+    assert mf._pages.has_dead()  # nothing above settled the dead allocations
     monkeypatch.undo()
     assert st == count_states(mf.page_view())
     assert st.used_bytes == expected.used_bytes - sum(fr.length for fr in frs[1::4])
