@@ -482,6 +482,24 @@ cdef class SegmentSet:
             self._height += 1
             return
         i = self._index_of(nd, left)
+        if nd.n == CAP and i == CAP - 1:
+            # Appending to a full node: a new node of just ``right`` keeps nodes full
+            # under sequential growth.
+            nn = self._take_node()
+            nn.leaves = nd.leaves
+            nn.n = 1
+            nn.kid[0] = right
+            if leaf:
+                nn.key[0] = (<Leaf*>right).kmin
+                nn.mgap[0] = (<Leaf*>right).maxg
+            else:
+                nn.key[0] = (<Node*>right).kmin
+                nn.mgap[0] = (<Node*>right).maxg
+            self._set_parent(right, leaf, nn)
+            nn.kmin = nn.key[0]
+            nn.maxg = nn.mgap[0]
+            self._node_insert_after(nd.parent, nd, nn, False)
+            return
         if nd.n == CAP:
             nn = self._take_node()
             nn.leaves = nd.leaves
@@ -580,12 +598,15 @@ cdef class SegmentSet:
         it belongs in order. Needs the reserve (the caller's public method ran _reserve)."""
         cdef Leaf* nl
         cdef uint64_t k, g
-        cdef int m
+        cdef int m, sp
         if lf.n == CAP:
+            # Split in half, but keep leaves full under sequential growth: an append moves
+            # nothing (the new leaf holds just the new entry), a prepend moves everything.
+            sp = CAP if idx == CAP else (0 if idx == 0 else HALF)
             nl = self._take_leaf()
-            self._move_entries(nl, 0, lf, HALF, CAP - HALF)
-            nl.n = CAP - HALF
-            lf.n = HALF
+            self._move_entries(nl, 0, lf, sp, CAP - sp)
+            nl.n = CAP - sp
+            lf.n = sp
             nl.prev = lf
             nl.next = lf.next
             if lf.next != NULL:
@@ -598,9 +619,10 @@ cdef class SegmentSet:
             nl.maxg = g
             self._node_insert_after(lf.parent, lf, nl, True)
             self._refresh_leaf(lf)
-            if idx > HALF:
+            # (An empty half's summary is refreshed below, once it holds the new entry.)
+            if idx > sp or sp == CAP:
                 lf = nl
-                idx -= HALF
+                idx -= sp
         m = lf.n - idx
         if m > 0:
             # Shifted entries keep their gaps: the leaf's largest gap stands.
