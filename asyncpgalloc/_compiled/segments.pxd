@@ -74,7 +74,7 @@ cdef class SegmentSet:
     cdef void _move_entries(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept
     cdef void _shift(self, Leaf* dst, int di, Leaf* src, int si, int k) noexcept
     cdef void _ins(self, Leaf* lf, int idx, uint64_t s, uint64_t l, object v) noexcept
-    cdef PyObject* _rm(self, Leaf* lf, int i) noexcept
+    cdef int _rm_n(self, Leaf* lf, int i, int k, list out) except -1
     cdef void _set_last(self, Leaf* lf, int i, uint64_t l) noexcept
     cdef void _set_start(self, Leaf* lf, int i, uint64_t s) noexcept
     cdef void _set_val(self, Leaf* lf, int i, object v, PyObject** old) noexcept

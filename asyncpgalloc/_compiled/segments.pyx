@@ -639,30 +639,38 @@ cdef class SegmentSet:
         self._regap_next(lf, idx)
         self._refresh_leaf(lf)
 
-    cdef PyObject* _rm(self, Leaf* lf, int i) noexcept:
-        """Remove entry ``i`` of ``lf``; returns its value reference, which the caller owns
-        (and must release once the set is consistent: a __del__ then sees a whole set)."""
-        cdef PyObject* v = lf.val[i]
-        cdef bint has_next = i + 1 < lf.n or lf.next != NULL
+    cdef int _rm_n(self, Leaf* lf, int i, int k, list out) except -1:
+        """Remove entries ``i .. i + k - 1`` of ``lf`` (``1 <= k <= lf.n - i``), appending
+        them to ``out`` (if not None) as ``(start, end, value)`` first: that can fail, and
+        then nothing has changed. Values are released once the set is consistent."""
+        cdef PyObject* vals[CAP]
+        cdef bint has_next = i + k < lf.n or lf.next != NULL
         cdef uint64_t nxt = 0
         cdef Leaf* sib
         cdef Leaf* keep = lf
+        cdef bint moved = False
         cdef int j, m
+        if out is not None:
+            for j in range(i, i + k):
+                out.append((_key(lf.start[j]), _end(lf.last[j]), <object>lf.val[j]))
+        for j in range(k):
+            vals[j] = lf.val[i + j]
+            if lf.gap != NULL and lf.gap[i + j] == lf.wmax:
+                lf.stale = True
         if has_next:
-            nxt = lf.start[i + 1] if i + 1 < lf.n else lf.next.start[0]
-        if lf.gap != NULL and lf.gap[i] == lf.wmax:
-            lf.stale = True
-        m = lf.n - i - 1
+            nxt = lf.start[i + k] if i + k < lf.n else lf.next.start[0]
+        m = lf.n - i - k
         if m > 0:
-            self._shift(lf, i, lf, i + 1, m)
-        lf.n -= 1
-        self._count -= 1
+            self._shift(lf, i, lf, i + k, m)
+        lf.n -= k
+        self._count -= k
         if lf.parent != NULL:
             if lf.n == 0:
                 self._unlink_leaf(lf)
                 self._node_remove(lf.parent, lf)
                 self._give_leaf(lf)
                 keep = NULL
+                moved = True
             elif lf.n < LOW:
                 sib = lf.next
                 if sib != NULL and sib.parent == lf.parent and lf.n + sib.n <= MERGED_MAX:
@@ -671,6 +679,7 @@ cdef class SegmentSet:
                     self._unlink_leaf(sib)
                     self._node_remove(sib.parent, sib)
                     self._give_leaf(sib)
+                    moved = True
                 else:
                     sib = lf.prev
                     if sib != NULL and sib.parent == lf.parent and lf.n + sib.n <= MERGED_MAX:
@@ -680,13 +689,24 @@ cdef class SegmentSet:
                         self._node_remove(lf.parent, lf)
                         self._give_leaf(lf)
                         keep = sib
+                        moved = True
         if keep != NULL:
             self._refresh_leaf(keep)
         if has_next:
-            j = self._find(nxt, &sib)
+            # The successor's gap now starts at the removed entries' predecessor.
+            if moved:
+                j = self._find(nxt, &sib)
+            elif i < lf.n:
+                sib = lf
+                j = i
+            else:
+                sib = lf.next
+                j = 0
             self._regap(sib, j)
             self._refresh_leaf(sib)
-        return v
+        for j in range(k):
+            Py_DECREF(<object>vals[j])
+        return 0
 
     cdef void _set_last(self, Leaf* lf, int i, uint64_t l) noexcept:
         lf.last[i] = l
@@ -777,11 +797,10 @@ cdef class SegmentSet:
                 if r:
                     cur = lf.start[i]
                     l = nl.last[j]
-                    old = self._rm(nl, j)
+                    self._mod += 1
+                    self._rm_n(nl, j, 1, None)
                     i = self._find(cur, &lf)
                     self._set_last(lf, i, l)
-                    self._mod += 1
-                    Py_DECREF(<object>old)
                     continue
             if nl.start[j] > hi:
                 return 0
@@ -1233,8 +1252,7 @@ cdef class SegmentSet:
     cdef int _remove(self, object start, object end, list out) except -1:
         cdef uint64_t s, l
         cdef Leaf* lf
-        cdef int i
-        cdef PyObject* old
+        cdef int i, j
         _check_range(start, end)
         if start == end:
             return 0
@@ -1249,13 +1267,15 @@ cdef class SegmentSet:
             self._reserve()
             self._split_at(l + 1)
         while True:
+            # After the splits every segment starting in [s, l] lies inside it: remove a
+            # leaf's run of them at a time.
             i = self._first_at_or_after(s, &lf)
             if i < 0 or lf.start[i] > l:
                 return 0
-            if out is not None:
-                out.append((_key(lf.start[i]), _end(lf.last[i]), <object>lf.val[i]))
-            old = self._rm(lf, i)
-            Py_DECREF(<object>old)
+            j = i + 1
+            while j < lf.n and lf.start[j] <= l:
+                j += 1
+            self._rm_n(lf, i, j - i, out)
 
     cpdef refine(self, start, cuts, values):
         """Split the segment that starts at ``start`` at ``cuts`` and give the pieces
