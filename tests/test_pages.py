@@ -275,7 +275,7 @@ def test_taking_dead_allocations_does_not_sort_the_whole_queue() -> None:
     pages = py_pages.PageSets(MemoryAccounting(), account=True)
     pages.add_chunks(1, False)
     n = 20 * DEAD_SLICE
-    _every_other_dead(pages, n)  # type: ignore[arg-type]
+    _every_other_dead(pages, n)
     sorted_items = 0
     taken = 0
 
