@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from helpers import max_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -481,7 +482,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=MODEL_EXAMPLES, deadline=None)
+@settings(max_examples=max_examples(MODEL_EXAMPLES), deadline=None)
 @given(ops=ops)
 def test_the_core_against_a_page_model(ops: list[tuple[str, int, int]]) -> None:
     """Random transitions, each checked against a per-page reference model and the
