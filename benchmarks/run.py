@@ -966,7 +966,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer operations, < 1 minute")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer operations (a few minutes with both cores and Go)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument(
