@@ -49,9 +49,12 @@ step, and the releaser takes dead allocations straight to *releasing*.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
 from typing import NamedTuple
 
 # Absolute imports: this source is also compiled as asyncpgalloc._compiled.pages (see
@@ -336,10 +339,14 @@ class PageSets:
         # Allocations whose last reference is gone, waste transition pending (see
         # the module docstring), per page size. Each is a start: the allocation
         # stays one segment of its unfree set (with no references) until taken, so
-        # that set knows its end. Plain ints keep the list cheap to sort and out of
-        # the cyclic GC's way.
+        # that set knows its end. Plain ints keep the lists cheap and out of the
+        # cyclic GC's way. dec_ref appends to the new tail (_dead_*); _take_dead
+        # moves it into the backlog (_dead_heap_*), a heap of negated starts, so that
+        # taking the k highest costs O(k log n) instead of a sort of the whole queue.
         self._dead_small: list[int] = []
         self._dead_huge: list[int] = []
+        self._dead_heap_small: list[int] = []
+        self._dead_heap_huge: list[int] = []
         # An ordered set: a release step adds and removes hundreds of ranges.
         self._releasing: dict[FileRange, None] = {}
         # True from the first waste until the releaser finds none left.
@@ -404,7 +411,9 @@ class PageSets:
 
     def has_dead(self) -> bool:
         """True if dead allocations wait for their waste transition."""
-        return bool(self._dead_small or self._dead_huge)
+        return bool(
+            self._dead_small or self._dead_huge or self._dead_heap_small or self._dead_heap_huge
+        )
 
     def view(self) -> PageView:
         """The sets, dead allocations settled (see :class:`PageView`). O(dead)."""
@@ -834,45 +843,79 @@ class PageSets:
                 self.on_committed_waste(s, e)
         return self._waste_acct(ma)
 
+    def _dead_backlog(self, huge: bool) -> list[int]:
+        """The dead queue of one page size as one heap of negated starts, its new tail
+        moved in: O(t log n) for t new entries, or O(n + t) (a heapify) when the tail
+        is the larger part; amortized O(log n) per dead allocation either way."""
+        new = self._dead_huge if huge else self._dead_small
+        heap = self._dead_heap_huge if huge else self._dead_heap_small
+        if new:
+            if len(new) >= len(heap):
+                heap += [-s for s in new]
+                heapify(heap)
+            else:
+                for s in new:
+                    heappush(heap, -s)
+            new.clear()
+        return heap
+
+    def _dead_descending(self, huge: bool, everything: bool) -> Iterator[int]:
+        """Pop the dead allocations of one page size, highest start first. With
+        ``everything`` the caller takes them all: one sort, O(n log n) at C speed;
+        otherwise one heap pop each, O(log n). A caller that stops early loses the
+        start it was last given (it pushes it back: :meth:`_undo_dead`)."""
+        heap = self._dead_backlog(huge)
+        if everything:
+            # A sorted list is a heap too: it stays one until emptied.
+            heap.sort()
+            for neg in heap:
+                yield -neg
+            heap.clear()
+            return
+        while heap:
+            yield -heappop(heap)
+
     def _take_dead(
-        self, huge: bool, max_entries: int = -1, max_runs: int = -1
+        self, huge: bool, max_entries: int = -1, max_runs: int = -1, deadline: float = math.inf
     ) -> list[tuple[int, int]]:
         """Take pending dead allocations of one page size, highest first: all of them,
-        or at most ``max_entries`` making at most ``max_runs`` runs of adjacent ones.
+        or at most ``max_entries`` making at most ``max_runs`` runs of adjacent ones,
+        stopping (after one at least) once ``time.monotonic()`` passes ``deadline``.
         Their accounting becomes SYSTEM waste. Returns the runs, descending, still in
         the unwaste set: the caller makes them waste (:meth:`settle`) or releases
         them directly (:meth:`begin_release`: no round trip through the unwaste set).
 
-        O(k) for k taken, plus a sort of the queue that is O(n) when only its tail
-        is new (Python's sort merges the sorted runs it finds).
+        O(k log n) for k taken of n queued (see :meth:`_dead_backlog`); all of them
+        O(n log n) (one sort).
         """
-        dead = self._dead_huge if huge else self._dead_small
-        if not dead:
+        everything = max_entries < 0 and max_runs < 0 and deadline == math.inf
+        if not (
+            (self._dead_huge or self._dead_heap_huge)
+            if huge
+            else (self._dead_small or self._dead_heap_small)
+        ):
             return []
-        dead.sort()
         segment_end = (self._unfree_huge if huge else self._unfree_small).segment_end
         mem_acct = self._mem_acct
         to_waste = self._to_waste
         waste_accts = self._waste_accts
+        monotonic = time.monotonic
         runs: list[tuple[int, int]] = []
         run_start = run_end = -1
         nruns = 0
         taken = 0
-        i = len(dead)
-        while i and max_entries:
-            s = dead[i - 1]
+        for count, s in enumerate(self._dead_descending(huge, everything), 1):
             e = segment_end(s)
             if e != run_start:
                 # Not adjacent to the run below which the last one started.
                 if nruns == max_runs:
+                    self._undo_dead(s, huge)
                     break
                 if run_end >= 0:
                     runs.append((run_start, run_end))
                 run_end = e
                 nruns += 1
             run_start = s
-            i -= 1
-            max_entries -= 1
             taken += e - s
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
@@ -882,12 +925,18 @@ class PageSets:
             else:
                 # Inlined to_waste of the common case: nothing to account.
                 mem_acct.replace_value(s, waste_accts[ma])
+            if count == max_entries or (count & 15 == 0 and monotonic() > deadline):
+                break
         if run_end >= 0:
             runs.append((run_start, run_end))
-        del dead[i:]
         self._dead_bytes -= taken
         self._count_waste(taken)
         return runs
+
+    def _undo_dead(self, start: int, huge: bool) -> None:
+        """Queue ``start`` again: :meth:`_dead_descending` gave it to a caller that
+        stopped before taking it. O(log n)."""
+        heappush(self._dead_heap_huge if huge else self._dead_heap_small, -start)
 
     def settle(self) -> None:
         """Make every pending dead allocation waste (see the module docstring).
@@ -895,7 +944,7 @@ class PageSets:
         O(k log k) for k dead allocations, plus one unwaste update per run of
         adjacent ones; nothing when none is pending.
         """
-        if not (self._dead_small or self._dead_huge):
+        if not self.has_dead():
             return
         for huge in (False, True):
             unwaste = self._unwaste_huge if huge else self._unwaste_small
@@ -904,7 +953,9 @@ class PageSets:
 
     # ------------------------------------------------------------------ release
 
-    def begin_release(self, limit: int, pending: dict[int, int]) -> list[ReleasePlan]:
+    def begin_release(
+        self, limit: int, pending: dict[int, int], deadline: float = math.inf
+    ) -> list[ReleasePlan]:
         """Move the next waste ranges to *releasing* and plan their release.
 
         Small pages before huge, highest offsets first (huge pages at low offsets are
@@ -912,7 +963,11 @@ class PageSets:
         (gVisor's step), at most ``limit`` ranges from at most DEAD_SLICE dead
         allocations. Dead allocations come first and go straight to *releasing*.
         ``pending`` carries sub-release counts between calls that make up one step.
-        An empty list means that no waste is left (see :meth:`out_of_waste`).
+        Stops early, with one range planned at least, once ``time.monotonic()``
+        passes ``deadline`` (checked every range and every 16 dead allocations), so
+        that one call stays within the caller's slice of the loop. An empty list
+        means that no waste is left (see :meth:`out_of_waste`). O(k log n) for k dead
+        allocations and ranges planned.
         """
         plans: list[ReleasePlan] = []
         # Later plans of this step must see the sub-release counts of earlier ones.
@@ -932,16 +987,20 @@ class PageSets:
                 plans.append(p)
                 end = start
 
+        monotonic = time.monotonic
         for huge, unwaste in ((False, self._unwaste_small), (True, self._unwaste_huge)):
+            if plans and monotonic() > deadline:
+                break
             # Dead allocations are released without becoming waste first: they are
             # not in a waste gap, just as releasing pages are not.
             if len(plans) < limit:
-                for start, end in self._take_dead(huge, DEAD_SLICE, limit - len(plans)):
+                runs = self._take_dead(huge, DEAD_SLICE, limit - len(plans), deadline)
+                for start, end in runs:
                     plan(start, end, huge)
             # gVisor takes LastLargeEnoughGap(1) again and again; walking the gaps
             # down from the top visits the same ones without an index query each.
             for gap_start, end in unwaste.gaps_descending():
-                if len(plans) >= limit:
+                if len(plans) >= limit or (plans and monotonic() > deadline):
                     break
                 # At most the rest of this call's ranges from the top of the gap.
                 start = max(gap_start, end - (limit - len(plans)) * MAX_RELEASING_BYTES)

@@ -154,9 +154,15 @@ class Releaser:
                     if time.monotonic() > deadline:
                         await asyncio.sleep(0)
                         deadline = time.monotonic() + SLICE_SECONDS
-                    new = pages.begin_release(PLAN_SLICE, pending)
+                    # The deadline is checked inside too: one call (up to DEAD_SLICE
+                    # dead allocations, PLAN_SLICE ranges) may cost more than a slice.
+                    new = pages.begin_release(PLAN_SLICE, pending, deadline)
                     plans += new
-                    if len(new) < PLAN_SLICE and not pages.has_dead():
+                    if (
+                        len(new) < PLAN_SLICE
+                        and not pages.has_dead()
+                        and time.monotonic() <= deadline
+                    ):
                         break  # that was all the waste there is
                 if not plans:
                     self._out_of_waste()

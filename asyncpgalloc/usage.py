@@ -81,9 +81,16 @@ def _resident_pages(
 
 
 #: Marking cuts a segment at its resident runs' edges window by window: a window
-#: spans at most this many pages from its first resident page (so it makes at most
-#: that many new segments, ~0.4 ms of dict work), plus the rest of the run it ends in.
+#: spans at most this many pages from its first resident page, plus the rest of the
+#: run it ends in, and makes at most a scan's current cut budget of new segments.
 MARK_WINDOW_PAGES = 1024
+#: The cut budget starts here and follows the measured cost per cut so that a window
+#: costs about MARK_WINDOW_SHARE of a slice (a cut costs ~0.5 µs here, up to ~3 µs on
+#: slower CPUs, where 1024 pages of every other page resident took 1.2-1.6 ms, 5x the
+#: slice), never below MIN_MARK_CUTS (so that a window always makes progress).
+MARK_WINDOW_CUTS = 128
+MIN_MARK_CUTS = 16
+MARK_WINDOW_SHARE = 0.5
 
 
 def _edges(resident: bytes, i: int, j: int) -> bytes:
@@ -185,7 +192,9 @@ class UsageScanner:
         Window by window: each eligible accounting segment (used, not known committed,
         not touched since the scan began) is cut at the edges of its resident runs,
         found at C speed (:func:`_edges`, ``compress``, ``bytes.find``), by one
-        :meth:`~asyncpgalloc.pages.PageSets.mark_resident_runs` per window. Yields to
+        :meth:`~asyncpgalloc.pages.PageSets.mark_resident_runs` per window; a window
+        makes at most a budget of cuts that follows the measured cost per cut, so that
+        it costs about half a slice on any CPU (see MARK_WINDOW_CUTS). Yields to
         the loop before a window that would take the slice past SLICE_SECONDS; every
         segment is judged as it is when its window runs, so allocations, releases and
         decommits in between stay safe. (The window in which the accounting set's
@@ -202,6 +211,7 @@ class UsageScanner:
         # each turn of the loop makes progress, so a costly window never makes every
         # step yield).
         step_cost = 0.0
+        max_cuts = MARK_WINDOW_CUTS
         slice_start = time.perf_counter()
         pos = lo
         while pos < hi:
@@ -240,6 +250,11 @@ class UsageScanner:
                 cuts = list(
                     compress(range(s + PAGE_SIZE, lo + jw * PAGE_SIZE, PAGE_SIZE), edges[1:])
                 )
+                if len(cuts) > max_cuts:
+                    # End the window at the next edge: its runs stay whole, and the
+                    # carry below finds that edge at once.
+                    jw = (cuts[max_cuts] - lo) // PAGE_SIZE
+                    del cuts[max_cuts:]
             # Carry the window on to the end of the run it ends in, so that a long run
             # is one piece however the windows fall.
             last = (len(cuts) + 1) & 1  # 1 if the last run is resident
@@ -258,6 +273,15 @@ class UsageScanner:
             pages.mark_resident_runs(seg_s, cuts, ma, first_resident)
             pos = end
             step_cost = time.perf_counter() - t0
+            if len(cuts) >= MIN_MARK_CUTS:
+                # Cost per cut as measured on this CPU, now: the next budget.
+                per_cut = step_cost / len(cuts)
+                budget = (
+                    int(SLICE_SECONDS * MARK_WINDOW_SHARE / per_cut)
+                    if per_cut > 0
+                    else MARK_WINDOW_PAGES
+                )
+                max_cuts = max(MIN_MARK_CUTS, min(MARK_WINDOW_PAGES, budget))
         return cost + time.perf_counter() - slice_start
 
 

@@ -33,12 +33,27 @@ untimed warm-up where that matters, and reports the median, min and max. Through
 of per-repetition ratios (the two are timed back to back, so machine noise mostly
 cancels).
 
-Output: one JSON object per scenario on stdout as it finishes, then a table with gVisor's
-reference figure, the ratio to it and the target. ``--json PATH`` also writes the list
-of objects to PATH. ``--quick`` (under a minute) uses fewer operations, skips the 1M
-live sizes and measures the heap at 30k live.
+Both page-state cores run in the same invocation: this process runs every scenario on the
+core it imported (the compiled one unless ``ASYNCPGALLOC_NO_EXTENSIONS=1``), then a child
+process with ``ASYNCPGALLOC_NO_EXTENSIONS=1`` runs the bookkeeping scenarios (a, b, c, e,
+heap, lag and scrape) on the pure-Python core (``--cores current`` skips it).
+
+The Go baseline is gVisor's own pgalloc run in the same invocation: ``--go auto`` (the
+default) builds it with ``../shared/gobench/build.sh`` (Debian's Go and gVisor packages; the
+script installs them when missing; ``GOBENCH_BUILD`` names another script) and runs it
+``--reps`` times with this run's operation counts; a, b, c and e are compared with the
+medians of those runs. When it cannot be built or run (or with ``--go fixed``), the fixed
+GO_REF table (gVisor on a machine of this kind, issue 6) is used instead; every result's
+JSON says which (``go_source``). The d scenarios always use GO_REF.
+
+Output: one JSON object per scenario and core on stdout as it finishes, then a table with,
+per scenario, the compiled and the pure-Python core's medians, Go's figure, each core's
+ratio to it and issue 13's target (judged on the compiled core). ``--json PATH`` also
+writes the list of objects to PATH. ``--quick`` uses fewer operations, skips the 1M live
+sizes and measures the heap at 30k live.
 
 Run: python benchmarks/run.py [--quick] [--json out.json] [--reps N] [--only a,b,...]
+     [--cores both|current] [--go auto|fixed]
 """
 
 from __future__ import annotations
@@ -49,12 +64,16 @@ import gc
 import json
 import os
 import random
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -89,6 +108,12 @@ GO_REF: dict[str, float] = {
     "e_every_other": 41.0,
 }
 
+#: The Go figures this run compares with: GO_REF, or (see :func:`measure_go`) the medians
+#: of gVisor's pgalloc run in this invocation for the keys it measured.
+GO: dict[str, float] = dict(GO_REF)
+#: Per key of GO: "same-run" or "GO_REF".
+GO_SOURCE: dict[str, str] = dict.fromkeys(GO_REF, "GO_REF")
+
 COMMIT = AllocOpts(mode=AllocationMode.COMMIT)
 POPULATE = AllocOpts(mode=AllocationMode.WRITE_POPULATE)
 HUGE = AllocOpts(huge=True)
@@ -103,6 +128,8 @@ class Result:
     samples: list[float]
     params: dict[str, Any] = field(default_factory=dict)
     go: float | None = None
+    #: The key of GO that ``go`` came from (its source is GO_SOURCE[go_key]).
+    go_key: str | None = None
     #: "time" (lower is better) or "rate" (higher is better): how ratios are taken.
     sense: str = "time"
     raw_samples: list[float] | None = None
@@ -136,7 +163,8 @@ class Result:
             "params": self.params,
         }
         if self.go is not None:
-            out["go_reference"] = self.go
+            out["go_reference"] = _r(self.go)
+            out["go_source"] = GO_SOURCE.get(self.go_key or "", "GO_REF")
             out["x_slower_than_go"] = _r(self.ratio_to_go())
         if self.raw_samples is not None:
             out["raw"] = {
@@ -174,6 +202,15 @@ async def _yielding_ops(n: int, op: Callable[[], None]) -> None:
 
 def _hygiene() -> None:
     gc.collect()
+
+
+def _against_go(r: Result, key: str, limit: float) -> Result:
+    """Give ``r`` the Go figure GO[key] and issue 13's target: at most ``limit`` times Go."""
+    r.go, r.go_key = GO[key], key
+    r.target = f"<= {limit:g}x Go"
+    ratio = r.ratio_to_go()
+    r.target_met = ratio is not None and ratio <= limit
+    return r
 
 
 # -------------------------------------------------------------------- a, b, c: bookkeeping
@@ -395,21 +432,17 @@ async def scenario_scan(reps: int, size: int, pattern: str) -> Result:
                 ratios.append(rt / t)
             mf.dec_ref(fr)
             await mf.wait_released()
-    go = GO_REF["e_first_half" if pattern == "first_half" else "e_every_other"]
-    limit = 3.0 if pattern == "first_half" else 200.0
+    key = "e_first_half" if pattern == "first_half" else "e_every_other"
     res = Result(
         f"e_update_usage_{size // MiB}m_{pattern}",
         "ms",
         samples,
         {"bytes": size},
-        go=go,
         raw_samples=raw_samples,
         raw_what="mincore",
         raw_ratios=ratios,
-        target=f"<= {limit:g} ms",
     )
-    res.target_met = res.median <= limit
-    return res
+    return _against_go(res, key, 1.5)
 
 
 # -------------------------------------------------------------------- event-loop lag
@@ -622,9 +655,9 @@ async def scenario_heap(live: int, reps: int) -> Result:
         "bytes/alloc",
         samples,
         {"live": live},
-        target="<= 400",
+        target="<= 100",
     )
-    res.target_met = res.median <= 400
+    res.target_met = res.median <= 100
     return res
 
 
@@ -644,6 +677,100 @@ class Plan:
     def wants(self, *names: str) -> bool:
         return self.only is None or any(n in self.only for n in names)
 
+    @property
+    def ops(self) -> dict[str, int]:
+        """Timed operations per repetition of a, b and c (the Go baseline runs as many)."""
+        if self.quick:
+            return {"a": 20_000, "b": 10_000, "c": 20_000}
+        return {"a": 200_000, "b": 100_000, "c": 200_000}
+
+    @property
+    def live(self) -> list[int]:
+        """The live-allocation counts of b."""
+        return [1_000, 100_000] if self.quick else [1_000, 100_000, 1_000_000]
+
+
+# ------------------------------------------------------------------ the Go baseline
+
+#: gVisor's benchmark names (pgbench-debian's JSON) onto GO's keys, with the figure taken.
+_GO_NAMES: list[tuple[re.Pattern[str], str, str]] = [
+    (re.compile(r"a: alloc4K\+DecRef\b"), "a", "ns_per_op"),
+    (re.compile(r"b: steady L=(\d+) DecRef\+Allocate$"), "b_{}", "ns_per_op"),
+    (re.compile(r"c: alloc2M\b.*\+DecRef$"), "c", "ns_per_op"),
+    (
+        re.compile(r"e: UpdateUsage\(\) 1GiB, half touched \(contig\) first scan$"),
+        "e_first_half",
+        "median_ms",
+    ),
+    (
+        re.compile(r"e: UpdateUsage\(\) 1GiB, half touched \(alternate\) first scan$"),
+        "e_every_other",
+        "median_ms",
+    ),
+]
+
+
+def go_figures(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """GO's keys from one run of pgbench-debian's ``-json`` results: µs per operation for
+    a, b_<live> and c, ms for e_first_half ("contig": the first half touched) and
+    e_every_other ("alternate"), each e the first scan of a fresh file as ours is."""
+    out: dict[str, float] = {}
+    for item in results:
+        name = str(item.get("name", ""))
+        for pattern, key, figure in _GO_NAMES:
+            m = pattern.match(name)
+            if m is None:
+                continue
+            if m.groups():
+                key = key.format(_k(int(m.group(1))))
+            if figure == "ns_per_op":
+                out[key] = float(item["ns_per_op"]) / 1000
+            else:
+                out[key] = float(item["extra"][figure])
+    return out
+
+
+def measure_go(plan: Plan) -> str:
+    """Build and run gVisor's pgalloc benchmark ``plan.reps`` times with this run's operation
+    counts, and put the medians into GO (GO_SOURCE "same-run"). Returns what happened, for
+    the log. Blocking (a build, then a few seconds per run); leaves GO_REF's figures where
+    Go cannot be had."""
+    letters = [x for x in "abce" if plan.wants(x)]
+    if not letters:
+        return "Go baseline not needed"
+    script = os.environ.get("GOBENCH_BUILD") or str(
+        Path(__file__).resolve().parents[1].parent / "shared" / "gobench" / "build.sh"
+    )
+    try:
+        built = subprocess.run(
+            ["sh", script], capture_output=True, text=True, timeout=900, check=True
+        )
+        binary = built.stdout.strip().splitlines()[-1]
+        args = [
+            binary,
+            f"-bench={','.join(letters)}",
+            f"-na={plan.ops['a']}",
+            f"-nb={plan.ops['b']}",
+            f"-nc={plan.ops['c']}",
+            f"-ne={plan.reps}",
+            f"-live={','.join(str(n) for n in plan.live)}",
+        ]
+        runs: list[dict[str, float]] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "go.json")
+            for _ in range(plan.reps):
+                subprocess.run(
+                    [*args, f"-json={out}"], capture_output=True, timeout=900, check=True
+                )
+                with open(out) as f:
+                    runs.append(go_figures(json.load(f)["results"]))
+    except (OSError, IndexError, KeyError, ValueError, subprocess.SubprocessError) as exc:
+        return f"Go baseline not available ({exc!r}): GO_REF's fixed figures used"
+    for key in runs[0]:
+        GO[key] = statistics.median(r[key] for r in runs if key in r)
+        GO_SOURCE[key] = "same-run"
+    return f"Go baseline: {binary}, {len(runs)} runs, same-run medians for {sorted(runs[0])}"
+
 
 async def run_all(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
     reps, quick = plan.reps, plan.quick
@@ -655,45 +782,29 @@ async def run_all(plan: Plan, emit: Callable[[Result], None]) -> list[Result]:
 
     small = MemoryFileOpts()
     if plan.wants("a"):
-        ops = 20_000 if quick else 200_000
+        ops = plan.ops["a"]
         s = await scenario_alloc_free("a", ops, reps, P, AllocOpts(), small)
-        r = Result("a_alloc_4k_dec_ref", "us/op", s, {"ops": ops}, go=GO_REF["a"], target="<= 3")
-        r.target_met = r.median <= 3
-        add(r)
+        add(_against_go(Result("a_alloc_4k_dec_ref", "us/op", s, {"ops": ops}), "a", 3))
     if plan.wants("b"):
-        sizes = [(1_000, "b_1k"), (100_000, "b_100k")]
-        if not quick:
-            sizes.append((1_000_000, "b_1m"))
-        ops = 10_000 if quick else 100_000
+        ops = plan.ops["b"]
         first: float | None = None
-        for live, key in sizes:
+        for live in plan.live:
             s, extra = await scenario_churn(live, ops, reps)
-            r = Result(
-                f"b_churn_{_k(live)}_live",
-                "us/op",
-                s,
-                {"ops": ops, "live": live},
-                go=GO_REF[key],
-                target="<= 10x Go" + ("" if first is None else ", <= 2.5x the 1k-live cost"),
-                extra=extra,
-            )
-            ok = r.median <= 10 * GO_REF[key]
+            r = Result(f"b_churn_{_k(live)}_live", "us/op", s, {"ops": ops, "live": live})
+            r.extra.update(extra)
+            _against_go(r, f"b_{_k(live)}", 3)
             if first is None:
                 first = r.median
-            else:
+            elif live >= 1_000_000:
                 r.extra["x_1k_live_cost"] = _r(r.median / first)
-                ok = ok and r.median <= 2.5 * first
-            r.target_met = ok
+                r.target = f"{r.target}, <= 2.5x the 1k-live cost"
+                r.target_met = bool(r.target_met) and r.median <= 2.5 * first
             add(r)
     if plan.wants("c"):
-        ops = 20_000 if quick else 200_000
+        ops = plan.ops["c"]
         huge_file = MemoryFileOpts(expect_hugepages=True)
         s = await scenario_alloc_free("c", ops, reps, HUGE_PAGE_SIZE, HUGE, huge_file)
-        r = Result(
-            "c_alloc_2m_huge_dec_ref", "us/op", s, {"ops": ops}, go=GO_REF["c"], target="<= 3"
-        )
-        r.target_met = r.median <= 3
-        add(r)
+        add(_against_go(Result("c_alloc_2m_huge_dec_ref", "us/op", s, {"ops": ops}), "c", 3))
     if plan.wants("d"):
         for r in await scenario_bytes(reps, 64 * MiB):
             add(r)
@@ -798,22 +909,56 @@ async def run_guests(plan: Plan, emit: Callable[[Result], None]) -> list[Result]
     return await bench_guests.run([1, 32], plan.reps, 0.25 if plan.quick else 1.0, emit)
 
 
-def table(results: Sequence[Result]) -> str:
+#: The scenarios that exercise the page-state core, run on both cores (``--only`` names).
+BOOKKEEPING = ("a", "b", "c", "e", "heap", "lag", "scrape")
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per scenario: each core's median, Go's figure, each core's ratio to it, the
+    raw syscall's, and the target, judged on the compiled core (the only one that ran, if
+    only one did)."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for j in results:
+        rows.setdefault(j["scenario"], {})[j["core"]] = j
     head = (
-        f"{'scenario':34} {'unit':>11} {'median':>9} {'min':>9} {'max':>9} "
-        f"{'Go':>6} {'x Go':>6} {'raw':>8} {'of raw':>7}  target"
+        f"{'scenario':44} {'unit':>11} {'compiled':>9} {'python':>9} {'Go':>7} "
+        f"{'c/Go':>6} {'py/Go':>6} {'raw':>8} {'of raw':>7}  target"
     )
     lines = [head, "-" * len(head)]
-    for r in results:
-        j = r.to_json()
+    for name, by_core in rows.items():
+        c, py = by_core.get("compiled", {}), by_core.get("python", {})
+        j = c or py
         raw = j.get("raw", {}).get("median", "")
+        target = j.get("target")
         lines.append(
-            f"{r.scenario:34} {r.unit:>11} {j['median']!s:>9} {j['min']!s:>9} {j['max']!s:>9} "
-            f"{j.get('go_reference', '')!s:>6} {j.get('x_slower_than_go', '')!s:>6} "
-            f"{raw!s:>8} {j.get('fraction_of_raw', '')!s:>7}  "
-            + ("" if r.target is None else f"{r.target} {'MET' if r.target_met else 'NOT MET'}")
+            f"{name:44} {j['unit']:>11} {c.get('median', '')!s:>9} {py.get('median', '')!s:>9} "
+            f"{j.get('go_reference', '')!s:>7} {c.get('x_slower_than_go', '')!s:>6} "
+            f"{py.get('x_slower_than_go', '')!s:>6} {raw!s:>8} "
+            f"{j.get('fraction_of_raw', '')!s:>7}  "
+            + ("" if target is None else f"{target} {'MET' if j['target_met'] else 'NOT MET'}")
         )
     return "\n".join(lines)
+
+
+def run_python_core(args: argparse.Namespace, plan: Plan, go_file: str) -> list[dict[str, Any]]:
+    """Run the bookkeeping scenarios of ``plan`` on the pure-Python core in a child process
+    (``ASYNCPGALLOC_NO_EXTENSIONS=1``), with this run's Go figures; its JSON lines go to
+    this process's stdout as they come. Blocking, as long as those scenarios take."""
+    wanted = [n for n in BOOKKEEPING if plan.wants(n)]
+    if not wanted:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "python.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cores", "current"]
+        cmd += ["--only", ",".join(wanted), "--reps", str(args.reps), "--loop", args.loop]
+        cmd += ["--go-figures", go_file, "--json", out, "--no-table"]
+        if args.quick:
+            cmd.append("--quick")
+        env = dict(os.environ, ASYNCPGALLOC_NO_EXTENSIONS="1")
+        subprocess.run(cmd, env=env, check=True)
+        with open(out) as f:
+            got: list[dict[str, Any]] = json.load(f)
+    return got
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -821,7 +966,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer operations, < 1 minute")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer operations (a few minutes with both cores and Go)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument(
@@ -830,31 +979,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated: a,b,c,d,e,lag,scrape,heap,restore,guests (default: all)",
     )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--cores",
+        choices=["both", "current"],
+        default="both",
+        help="also run the bookkeeping scenarios on the pure-Python core (default), or not",
+    )
+    parser.add_argument(
+        "--go",
+        choices=["auto", "fixed"],
+        default="auto",
+        help="build and run gVisor's pgalloc for a same-run baseline (default), or use GO_REF",
+    )
+    parser.add_argument("--go-figures", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reps < 5:
         parser.error("--reps must be at least 5: medians of fewer are noise here")
     only = None if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
     plan = Plan(args.quick, args.reps, only)
 
+    t0 = time.perf_counter()
+    if args.go_figures:
+        with open(args.go_figures) as f:
+            figures = json.load(f)
+        GO.update(figures["go"])
+        GO_SOURCE.update(figures["source"])
+    elif args.go == "auto":
+        print(measure_go(plan), file=sys.stderr, flush=True)
+
     def emit(r: Result) -> None:
         print(json.dumps(r.to_json()), flush=True)
 
     runner: Callable[[Awaitable[list[Result]]], list[Result]]
     runner = uvloop.run if args.loop == "uvloop" else asyncio.run  # type: ignore[assignment]
-    t0 = time.perf_counter()
     results = runner(run_all(plan, emit))
     results += asyncio.run(run_lag(plan, emit))
     results += runner(run_guests(plan, emit))
-    print()
-    print(table(results))
-    print(
-        f"\n{len(results)} results in {time.perf_counter() - t0:.0f} s "
-        f"(loop {args.loop}, lag on asyncio, {args.reps} reps{', quick' if args.quick else ''}, "
-        f"{core_implementation()} core)"
-    )
+    out = [r.to_json() for r in results]
+    if args.cores == "both" and core_implementation() == "compiled":
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as go_file:
+            json.dump({"go": GO, "source": GO_SOURCE}, go_file)
+            go_file.flush()
+            out += run_python_core(args, plan, go_file.name)
+    if not args.no_table:
+        print()
+        print(table(out))
+        cores = sorted({j["core"] for j in out})
+        print(
+            f"\n{len(out)} results in {time.perf_counter() - t0:.0f} s "
+            f"(loop {args.loop}, lag on asyncio, {args.reps} reps"
+            f"{', quick' if args.quick else ''}, cores: {', '.join(cores)}; "
+            f"Go same-run: {', '.join(sorted(k for k, v in GO_SOURCE.items() if v != 'GO_REF'))}"
+            " (the rest GO_REF's))"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r.to_json() for r in results], f, indent=1)
+            json.dump(out, f, indent=1)
             f.write("\n")
     return 0
 

@@ -167,3 +167,10 @@ def small_tmpfs(size: str = "8m") -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             d.rmdir()
+
+
+def max_examples(n: int) -> int:
+    """``n`` hypothesis examples, or fewer where ``ASYNCPGALLOC_MAX_EXAMPLES`` caps them (the
+    valgrind job, ``.ci/valgrind``, runs ~50x slower)."""
+    cap = os.environ.get("ASYNCPGALLOC_MAX_EXAMPLES")
+    return min(n, int(cap)) if cap else n

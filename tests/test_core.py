@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import max_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -226,7 +227,7 @@ class Driven:
             return ("raised", type(exc), str(exc))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max_examples(200), deadline=None)
 @given(ops=ops)
 def test_both_cores_agree_after_every_step(ops: list[tuple[str, int, int]]) -> None:
     py, compiled = Driven(py_pages), Driven(compiled_pages())

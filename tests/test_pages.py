@@ -8,8 +8,11 @@ examples than the MemoryFile model test can afford: nothing here does a syscall)
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
+from helpers import max_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -231,6 +234,72 @@ def test_dead_allocations_are_released_straight_from_the_queue() -> None:
     check(pages)
 
 
+def _every_other_dead(pages: PageSets, count: int) -> list[FileRange]:
+    """``count`` one-page dead allocations with a live one between each two (so each is
+    a run of its own); returns the dead ones."""
+    frs = [pages.allocate_uncommitted(P, UNCOMMITTED, False) for _ in range(2 * count)]
+    dead = [fr for fr in frs[::2] if fr is not None]
+    for fr in reversed(dead):
+        pages.dec_ref(fr)
+    return dead
+
+
+def test_begin_release_stops_at_its_deadline_inside_a_call() -> None:
+    # A call past its deadline still plans (progress), but stops early: after 16 dead
+    # allocations, and after one waste range.
+    pages, _ = core(1)
+    dead = _every_other_dead(pages, 100)
+    plans = pages.begin_release(32, {}, time.monotonic() - 1)
+    assert 1 <= len(plans) < 32
+    assert [p.released for p in plans] == [FileRange(fr.start, fr.end) for fr in dead[::-1]][
+        : len(plans)
+    ]
+    check(pages)
+    # Without a deadline, the same call plans all it may.
+    assert len(pages.begin_release(32, {})) == 32
+    # Settled waste: one range per call past the deadline.
+    pages.settle()
+    check(pages)
+    assert len(pages.begin_release(32, {}, time.monotonic() - 1)) == 1
+    assert len(pages.begin_release(32, {})) == 32
+    check(pages)
+
+
+def test_taking_dead_allocations_does_not_sort_the_whole_queue() -> None:
+    # The releaser takes DEAD_SLICE dead allocations per call, highest first. Sorting
+    # the whole queue each time cost O(n) per call (~14 µs per allocation at 100k
+    # live); the queue must not be re-sorted per take. Counted, not timed: every
+    # list.sort the pure-Python core runs while the queue drains (a profile hook sees
+    # each C call made from Python code; the compiled core's are invisible to it).
+    from asyncpgalloc import pages as py_pages
+
+    pages = py_pages.PageSets(MemoryAccounting(), account=True)
+    pages.add_chunks(1, False)
+    n = 20 * DEAD_SLICE
+    _every_other_dead(pages, n)
+    sorted_items = 0
+    taken = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal sorted_items
+        if event == "c_call" and getattr(arg, "__name__", "") == "sort":
+            owner = getattr(arg, "__self__", None)
+            if isinstance(owner, list):
+                sorted_items += len(owner)
+
+    sys.setprofile(profile)
+    try:
+        while plans := pages.begin_release(DEAD_SLICE, {}):
+            taken += len(plans)
+            for plan in plans:
+                pages.finish_release(plan, plan.released.start, plan.released.end)
+    finally:
+        sys.setprofile(None)
+    assert taken == n
+    # One sort of the whole queue at most, not one per take of DEAD_SLICE (~n²/512).
+    assert sorted_items <= n
+
+
 def test_a_release_step_is_cut_into_gvisors_steps() -> None:
     pages, _ = core(1)
     fr = pages.allocate_uncommitted(3 * MAX_RELEASING_BYTES, UNCOMMITTED, False)
@@ -413,7 +482,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=MODEL_EXAMPLES, deadline=None)
+@settings(max_examples=max_examples(MODEL_EXAMPLES), deadline=None)
 @given(ops=ops)
 def test_the_core_against_a_page_model(ops: list[tuple[str, int, int]]) -> None:
     """Random transitions, each checked against a per-page reference model and the

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import pytest
+from helpers import max_examples
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -964,7 +965,7 @@ class SegmentSetSmallKeysNoMergeMachine(SegmentSetSmallKeysMachine):
     MERGE = False
 
 
-_SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None)
+_SETTINGS = settings(max_examples=max_examples(60), stateful_step_count=30, deadline=None)
 
 TestSegmentSetModel = SegmentSetMachine.TestCase
 TestSegmentSetModel.settings = _SETTINGS

@@ -392,3 +392,40 @@ def test_marking_matches_a_page_by_page_model(
     # Mixed short and long runs around MARK_WINDOW_PAGES, over allocations in every
     # state a scan meets, starting and ending inside segments.
     asyncio.run(_check_marking(allocs, [(bool(b), n) for b, n in runs], skip, cut))
+
+
+async def test_marking_windows_follow_the_measured_cost_per_cut(
+    mf: MemoryFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window's cut budget follows the measured cost per cut so that it costs about
+    # half a slice on any CPU. A slice far shorter than any window stands for a CPU
+    # far slower than this one: windows then shrink to MIN_MARK_CUTS cuts, one per
+    # loop turn. (With fixed 1024-page windows, 2048 pages of every other page
+    # resident were marked in 2 windows, each 5x the slice on a slower CPU.)
+    from asyncpgalloc import usage
+
+    monkeypatch.setattr(usage, "SLICE_SECONDS", 1e-9)
+    pages = 2048
+    fr = mf.allocate(pages * P)
+    for view in mf.map_internal(fr, AccessType.WRITE):
+        for off in range(0, len(view), 2 * P):
+            view[off] = 1
+        view.release()
+    turns = 0
+    done = False
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.ensure_future(count_turns())
+    await mf.update_usage()
+    done = True
+    await counter
+    assert mf.known_committed_bytes == pages // 2 * P
+    mf.check_invariants()
+    # ~2048 cuts: one window of MARK_WINDOW_CUTS (128), then windows of MIN_MARK_CUTS
+    # (16), a loop turn before each: ~120 turns (half of that asserted).
+    assert turns >= (pages - 128) // 16 // 2, turns
