@@ -19,6 +19,8 @@ cdef class PageSets:
     cdef public list _chunk_huge
     cdef public list _dead_small
     cdef public list _dead_huge
+    cdef public list _dead_heap_small
+    cdef public list _dead_heap_huge
     cdef public dict _releasing
     cdef public bint _have_waste
     cdef public tuple _last_acct
