@@ -904,6 +904,10 @@ class PageSets:
         run_start = run_end = -1
         nruns = 0
         taken = 0
+        # The last value made waste, by identity: allocations made alike share one MemAcct
+        # object (see _used_acct), so most entries skip hashing it.
+        last_ma: MemAcct | None = None
+        last_w: MemAcct | None = None
         for count, s in enumerate(self._dead_descending(huge, everything), 1):
             e = segment_end(s)
             if e != run_start:
@@ -920,11 +924,17 @@ class PageSets:
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)
-            elif ma.known_committed or ma not in waste_accts:
+            elif ma is last_ma:
+                mem_acct.replace_value(s, last_w)
+            elif ma.known_committed:
                 mem_acct.replace_value(s, to_waste(s, e, ma))
             else:
                 # Inlined to_waste of the common case: nothing to account.
-                mem_acct.replace_value(s, waste_accts[ma])
+                w = waste_accts.get(ma)
+                if w is None:
+                    w = to_waste(s, e, ma)
+                last_ma, last_w = ma, w
+                mem_acct.replace_value(s, w)
             if count == max_entries or (count & 15 == 0 and monotonic() > deadline):
                 break
         if run_end >= 0:

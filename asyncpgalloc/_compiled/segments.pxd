@@ -48,6 +48,9 @@ cdef class SegmentSet:
     cdef Node* _spare_nodes
     cdef int _n_spare_leaves
     cdef int _n_spare_nodes
+    # Where the last _ins put its entry (valid until the next change).
+    cdef Leaf* _at_leaf
+    cdef int _at_idx
 
     cdef Leaf* _alloc_leaf(self) except NULL
     cdef void _free_leaf_mem(self, Leaf* lf) noexcept

@@ -638,6 +638,8 @@ cdef class SegmentSet:
         self._regap(lf, idx)
         self._regap_next(lf, idx)
         self._refresh_leaf(lf)
+        self._at_leaf = lf
+        self._at_idx = idx
 
     cdef int _rm_n(self, Leaf* lf, int i, int k, list out) except -1:
         """Remove entries ``i .. i + k - 1`` of ``lf`` (``1 <= k <= lf.n - i``), appending
@@ -1281,7 +1283,7 @@ cdef class SegmentSet:
         """Split the segment that starts at ``start`` at ``cuts`` and give the pieces
         ``values`` (one more than cuts; merging sets then merge). Raises ValueError,
         changing nothing, on bad input. O(k log n) for k cuts."""
-        cdef uint64_t k, seg_last, c, prev
+        cdef uint64_t k, seg_last, c
         cdef Leaf* lf
         cdef int i, x
         cdef PyObject* old
@@ -1312,14 +1314,14 @@ cdef class SegmentSet:
         self._mod += 1
         self._set_val(lf, i, values[0], &old)
         Py_DECREF(<object>old)
-        prev = k
         for x in range(ncuts):
             _u64(cuts[x], &c)
             self._reserve()
-            i = self._find(prev, &lf)
+            # Trim the last piece made to end before the cut; the next starts there.
             self._set_last(lf, i, c - 1)
             self._ins(lf, i + 1, c, seg_last, values[x + 1])
-            prev = c
+            lf = self._at_leaf
+            i = self._at_idx
         if self._merge:
             self._merge_span(k - 1 if k else 0, seg_last)
 
