@@ -73,6 +73,8 @@ cdef enum:
     MERGED_MAX = 48
     # Leaves and nodes kept for reuse beyond what the reserve needs.
     SPARE_MAX = 8
+    # A full leaf spreads entries into a sibling with at least this many free slots.
+    SPREAD_MIN = 8
 
 
 cdef uint64_t U64MAX = 0xFFFFFFFFFFFFFFFF
@@ -598,7 +600,37 @@ cdef class SegmentSet:
         it belongs in order. Needs the reserve (the caller's public method ran _reserve)."""
         cdef Leaf* nl
         cdef uint64_t k, g
-        cdef int m, sp
+        cdef int m, sp, moved
+        if lf.n == CAP and 0 < idx < CAP:
+            # A full leaf first hands entries to a sibling with room (as a B*-tree does),
+            # so that inserts in the middle keep leaves mostly full instead of halving them.
+            nl = lf.next
+            if nl != NULL and nl.parent == lf.parent and nl.n <= CAP - SPREAD_MIN:
+                moved = (CAP - nl.n) >> 1
+                self._shift(nl, moved, nl, 0, nl.n)
+                self._move_entries(nl, 0, lf, CAP - moved, moved)
+                nl.n += moved
+                lf.n -= moved
+                self._refresh_leaf(nl)
+                self._refresh_leaf(lf)
+                if idx > lf.n:
+                    idx -= lf.n
+                    lf = nl
+            else:
+                nl = lf.prev
+                if nl != NULL and nl.parent == lf.parent and nl.n <= CAP - SPREAD_MIN:
+                    moved = (CAP - nl.n) >> 1
+                    self._move_entries(nl, nl.n, lf, 0, moved)
+                    self._shift(lf, 0, lf, moved, CAP - moved)
+                    nl.n += moved
+                    lf.n -= moved
+                    self._refresh_leaf(lf)
+                    self._refresh_leaf(nl)
+                    if idx < moved:
+                        idx += nl.n - moved
+                        lf = nl
+                    else:
+                        idx -= moved
         if lf.n == CAP:
             # Split in half, but keep leaves full under sequential growth: an append moves
             # nothing (the new leaf holds just the new entry), a prepend moves everything.
