@@ -190,6 +190,7 @@ class FaultServer:
             self._fail("its file was closed before its pages were loaded")
             return
         off = page - self._base + self._offset
+        self._mf.record_fault(off)  # the working-set order (see working_set.py)
         fr = FileRange(off, off + PAGE_SIZE)
         try:
             pending = self._mf.pending_load_bytes(fr)
