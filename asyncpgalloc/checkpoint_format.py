@@ -512,7 +512,7 @@ WORKING_SET_MAX_ENTRIES = 1 << 16
 WORKING_SET_VERSION = 1
 _WS_MAGIC = b"APGAWSET"
 _WS_FOOTER = struct.Struct("<8sIII")
-_WS_FOOTER_SIZE = _WS_FOOTER.size + _CRC.size + 4  # 24: the metadata stays u64 words
+_WS_FOOTER_SIZE = _WS_FOOTER.size + _CRC.size  # 24: the metadata stays u64 words
 _WS_NAME = "checkpoint working-set order section"
 
 
@@ -535,7 +535,7 @@ class WorkingSetOrder(NamedTuple):
         body = words.tobytes() + _WS_FOOTER.pack(
             _WS_MAGIC, WORKING_SET_VERSION, WORKING_SET_GRANULE, len(words)
         )
-        return body + _CRC.pack(_crc(body)) + bytes(4)
+        return body + _CRC.pack(_crc(body))
 
     @classmethod
     def unpack(cls, header: Header, metadata: bytes | memoryview) -> WorkingSetOrder:
@@ -549,7 +549,7 @@ class WorkingSetOrder(NamedTuple):
         foot = n - _WS_FOOTER_SIZE
         magic, version, granule, count = _WS_FOOTER.unpack_from(metadata, foot)
         (value,) = _CRC.unpack_from(metadata, foot + _WS_FOOTER.size)
-        if magic != _WS_MAGIC or any(metadata[n - 4 :]):
+        if magic != _WS_MAGIC:
             raise CheckpointError(f"{_WS_NAME} is corrupt (no footer)")
         start = foot - 8 * count
         if count > WORKING_SET_MAX_ENTRIES or start < _COUNT_WORDS * 8:
@@ -648,7 +648,7 @@ def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
         flat = body[at : at + count * width]
         at += count * width
         lists.append(list(zip(*[iter(flat)] * width, strict=True)))
-    return Snapshot(commit_seq, known, bytes(chunk_huge), *lists, order)  # type: ignore[arg-type]
+    return Snapshot(commit_seq, known, bytes(chunk_huge), *lists, order)  # type: ignore[arg-type, call-arg]
 
 
 def _cut(

@@ -412,8 +412,9 @@ class PageLoader:
         if front:
             self._wakeup.set()
 
-    async def wait(self, start: int, end: int) -> None:
-        """Wait until no page of ``[start, end)`` is pending; its blocks go first.
+    async def wait(self, start: int, end: int, *, prioritize: bool = True) -> None:
+        """Wait until no page of ``[start, end)`` is pending; its blocks go first
+        (unless not ``prioritize``).
 
         Raises the load's :class:`~asyncpgalloc.CheckpointError` if it failed (before
         or while waiting). Cancelling the wait does not stop the load.
@@ -427,7 +428,8 @@ class PageLoader:
         self._waiters += 1
         began = time.monotonic()
         try:
-            self._prioritize(start, end)
+            if prioritize:
+                self._prioritize(start, end)
             while True:
                 await asyncio.shield(self._progress)
                 if self._error is not None:
@@ -440,8 +442,9 @@ class PageLoader:
 
     async def wait_all(self) -> None:
         """Wait for every page and for the loader task's end (its fds closed). Raises
-        as :meth:`wait`."""
-        await self.wait(0, 2**63)
+        as :meth:`wait`. Changes no block's place in the queue: waiting for all of them
+        says nothing about which comes first (the working-set order keeps its place)."""
+        await self.wait(0, 2**63, prioritize=False)
         task = self.task
         if task is not None and not task.done():
             await asyncio.wait([task])

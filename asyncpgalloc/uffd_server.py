@@ -252,7 +252,9 @@ class FaultServer:
         try:
             uffd.unregister(self._fd, self._base, self._length)
         except uffd.UffdError as e:
-            if e.errno not in _GONE:
+            # ENOMEM: the guest's mm is gone (it exited or exec'd, and UNREGISTER's
+            # mmget_not_zero failed) before its pidfd told us: nothing to unregister.
+            if e.errno not in (*_GONE, errno.ENOMEM):
                 self._fail(f"unregistering its mapping failed: {e}")
                 return
         self._unregistered = True
