@@ -1168,6 +1168,16 @@ class MemoryFile:
         loader = self._loader
         self._working_set.record(offset, None if loader is None else loader.prefetched(offset))
 
+    def record_touched(self, offsets: Iterable[int]) -> int:
+        """Ranges at file ``offsets`` that a guest touched without a fault (found in its
+        page table once the load is done: :func:`~asyncpgalloc.working_set.
+        touched_granules`): append the new ones to the working-set order. The number
+        appended; O(offsets), never blocks, ignored (0) for a closed file."""
+        if self._closed:
+            return 0
+        size = self._map.size
+        return self._working_set.record_touched(o for o in offsets if 0 <= o < size)
+
     def working_set_order(self) -> tuple[int, ...]:
         """The working-set order ``save`` would write now: offsets of the 1 MiB ranges
         guests touched first (the loaded checkpoint's order first), in that order.

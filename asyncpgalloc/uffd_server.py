@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import uffd
+from .checkpoint_format import WORKING_SET_GRANULE
 from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
+from .working_set import touched_granules
 
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
@@ -242,11 +244,29 @@ class FaultServer:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         self.close()
 
+    async def _refresh_working_set(self) -> None:
+        """Add to the file's working-set order the ranges the guest touched without a
+        fault (loaded before it got there), from its page table: one executor hop."""
+        granule = WORKING_SET_GRANULE
+        start = -(-self._offset // granule) * granule
+        end = (self._offset + self._length) // granule * granule
+        if end <= start:
+            return
+        base = self._base + start - self._offset
+        with contextlib.suppress(OSError):  # the guest is gone, or not ours to read
+            touched = await self._loop.run_in_executor(
+                None, touched_granules, self._pid, base, end - start, start
+            )
+            self._mf.record_touched(touched)
+
     async def _unregister_when_loaded(self) -> None:
         try:
             await self._mf.wait_loaded()
         except (CheckpointError, ClosedError):
             return  # a fault on a page not loaded will end the guest
+        if self._closed:
+            return
+        await self._refresh_working_set()
         if self._closed:
             return
         try:

@@ -9,6 +9,13 @@ rest of a larger working set are not recorded (counted in ``dropped``). ``save``
 into the checkpoint (``FLAG_WORKING_SET``); a restore with ``async_pages=True`` reads
 those blocks first, then the rest in file order.
 
+Faults only show the ranges a guest touched before the loader got there: once the load
+is done, the fault server refreshes the order from the guest's page table
+(:func:`touched_granules`, ``/proc/PID/pagemap``: the pages the guest has mapped, which
+it touched) and appends, in file order, the ranges it touched that never faulted. The
+kernel's fault-around maps up to 15 pages of the page cache around a touch, so a touch
+near a range's edge can make its neighbour look touched too: then both are prefetched.
+
 A restored file starts from the order it was loaded with (``inherit``): ranges that
 order prefetched are loaded before the guest touches them, so they no longer fault and
 would otherwise drop out of the next checkpoint's order. New first touches come after
@@ -22,12 +29,46 @@ Every call is O(1) (a dict and a list), on the loop; nothing blocks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .checkpoint_format import WORKING_SET_GRANULE, WORKING_SET_MAX_ENTRIES
+from .ranges import PAGE_SIZE
 
-__all__ = ["WorkingSet", "WorkingSetStats"]
+__all__ = ["WorkingSet", "WorkingSetStats", "touched_granules"]
+
+#: pagemap entries read at once: 2 MiB, the entries of 1 GiB of address space.
+_PAGEMAP_READ = 1 << 21
+# The present bit (63) is bit 7 of each little-endian entry's last byte.
+_PRESENT = bytes(0x01 if b & 0x80 else 0x00 for b in range(256))
+
+
+def touched_granules(pid: int, base: int, length: int, offset: int) -> list[int]:
+    """The file offsets (granule-aligned, ascending) of the ranges of which process
+    ``pid`` has at least one page mapped in ``[base, base + length)``, a mapping of the
+    file from ``offset``: the ranges it touched. **Blocking**: reads 8 bytes of
+    ``/proc/PID/pagemap`` per page (2 MiB per GiB mapped, ~1 ms per GiB here). Raises
+    ``OSError`` if the process is gone (or not ours to read)."""
+    per = WORKING_SET_GRANULE // PAGE_SIZE
+    if base % PAGE_SIZE or offset % WORKING_SET_GRANULE or length % WORKING_SET_GRANULE:
+        raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
+    found: list[int] = []
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+        pos = base // PAGE_SIZE * 8
+        done = 0
+        while done < length:
+            n = min(_PAGEMAP_READ, (length - done) // PAGE_SIZE * 8)
+            raw = os.pread(f.fileno(), n, pos)
+            if len(raw) != n:
+                raise OSError(f"short read of /proc/{pid}/pagemap")
+            present = raw[7::8].translate(_PRESENT)
+            for i in range(0, len(present), per):
+                if 1 in present[i : i + per]:
+                    found.append(offset + done + i * PAGE_SIZE)
+            pos += n
+            done += n // 8 * PAGE_SIZE
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +118,11 @@ class WorkingSet:
             else:
                 self._misses += 1
         return self._add(offset - offset % WORKING_SET_GRANULE)
+
+    def record_touched(self, offsets: Iterable[int]) -> int:
+        """Ranges touched without a fault (see :func:`touched_granules`): append the new
+        ones, in the given order; neither hits nor misses. The number appended."""
+        return sum(self._add(off - off % WORKING_SET_GRANULE) for off in offsets)
 
     def _add(self, granule: int) -> bool:
         if granule in self._seen:

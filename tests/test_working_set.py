@@ -12,6 +12,7 @@ import asyncio
 import functools
 import itertools
 import json
+import signal
 import struct
 import threading
 import time
@@ -418,3 +419,36 @@ async def test_a_guest_whose_mm_is_gone_when_the_load_ends_is_not_killed(
             proc.kill()
             await proc.wait()
             await task
+
+
+@needs_uffd
+async def test_ranges_a_guest_touched_without_a_fault_join_the_order_once_loaded(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], tmp_path: Path, stepper: Stepper
+) -> None:
+    """A range loaded before the guest touched it never faults: the server finds it in
+    the guest's page table when the load is done."""
+    path, specs = ckpt
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        r = Restored(mf, specs)
+        stepper.allow(2)  # blocks 0 and 1
+        await mf.wait_loaded(FileRange(0, 2 * MiB))
+        # Away from block 1's edges: the kernel's fault-around maps up to 15 pages of
+        # the page cache around a touch, which may spill into a neighbouring range.
+        touches = [(MiB + 256 * 1024, 4096, 0.0), (13 * MiB + 256 * 1024, 4096, 0.0)]
+        await start_toucher(r, tmp_path, touches)
+        await wait_for(lambda: faulted(r, 1), "the guest did not fault on block 13")
+        assert mf.working_set_order() == (13 * MiB,)  # block 1 took no fault
+        assert r.proc is not None
+        r.proc.send_signal(signal.SIGSTOP)  # alive (its page table too) until the end
+        try:
+            stepper.allow_all()
+            await mf.wait_loaded()
+            await asyncio.wait_for(r.server.wait_closed(), 20)
+            assert r.server.stats().unregistered
+            assert mf.working_set_order() == (13 * MiB, MiB)
+            st = mf.stats()
+            assert (st.working_set_hits, st.working_set_misses) == (0, 1)
+        finally:
+            r.proc.send_signal(signal.SIGCONT)
+        rc, counts = await r.result()
+        assert rc == 0 and counts["touched_bytes"] == 2 * 4096, counts
