@@ -20,6 +20,11 @@ through a pidfd, the reason logged and kept in :attr:`FaultServer.failure`): it 
 sees zeros or wrong bytes. The guest's exit (its pidfd becomes readable) closes the
 server with nothing left behind: its reader, its waits, its fds.
 
+Each fault's file offset goes to the file's working-set order
+(:meth:`~asyncpgalloc.MemoryFile.record_fault`); while the load runs, and once it is
+done, the ranges the guest touched without a fault are added from its page table
+(:func:`~asyncpgalloc.working_set.touched_granules`, every ``WORKING_SET_REFRESH`` s).
+
 The guest keeps its own copy of the uffd open, so that closing the supervisor's copy
 never wakes a faulting thread into a hole; a guest should also ask for
 ``PR_SET_PDEATHSIG`` so that a supervisor's crash does not leave it in a fault.
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import uffd
+from .blocking import finish_uncancelled
 from .checkpoint_format import WORKING_SET_GRANULE
 from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
@@ -53,6 +59,9 @@ logger = logging.getLogger("asyncpgalloc")
 READ_BATCH = 64
 #: Reads per wake-up before the loop gets a turn (the rest on the next wake-up).
 READS_PER_WAKEUP = 4
+#: Seconds between two looks at the guest's page table for the working-set order, while
+#: the load runs (one executor hop each, ~2 ms of a thread per GiB mapped).
+WORKING_SET_REFRESH = 0.25
 # The guest's mm is gone (it is exiting): nothing left to resolve.
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -109,6 +118,7 @@ class FaultServer:
         self._loop = asyncio.get_running_loop()
         self._waits: dict[int, asyncio.Task[None]] = {}  # page address -> its wait
         self._watch: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self._done = self._loop.create_future()
         self._faults = self._waited = self._woken = self._zeroed = 0
         self._unregistered = False
@@ -122,6 +132,9 @@ class FaultServer:
         self._loop.add_reader(self._pidfd, self.close)
         self._watch = self._loop.create_task(
             self._unregister_when_loaded(), name=f"asyncpgalloc-uffd-{self._pid}"
+        )
+        self._sampler = self._loop.create_task(
+            self._sample_working_set(), name=f"asyncpgalloc-uffd-ws-{self._pid}"
         )
 
     def stats(self) -> FaultStats:
@@ -139,8 +152,11 @@ class FaultServer:
 
     async def wait_closed(self) -> None:
         """Wait until the server is done: the guest exited, was killed, or its range
-        was unregistered."""
+        was unregistered (and no look at its page table is still running)."""
         await asyncio.shield(self._done)
+        tasks = [t for t in (self._watch, self._sampler) if t is not None]
+        if tasks and asyncio.current_task() not in tasks:
+            await asyncio.wait(tasks)
 
     def close(self) -> None:
         """Stop serving: readers removed, waits cancelled, the fds closed. Idempotent,
@@ -156,8 +172,9 @@ class FaultServer:
         for task in self._waits.values():
             task.cancel()
         self._waits.clear()
-        if self._watch is not None and self._watch is not asyncio.current_task():
-            self._watch.cancel()
+        for t in (self._watch, self._sampler):
+            if t is not None and t is not asyncio.current_task():
+                t.cancel()
         os.close(self._fd)
         os.close(self._pidfd)
         if not self._done.done():
@@ -254,10 +271,23 @@ class FaultServer:
             return
         base = self._base + start - self._offset
         with contextlib.suppress(OSError):  # the guest is gone, or not ours to read
-            touched = await self._loop.run_in_executor(
-                None, touched_granules, self._pid, base, end - start, start
+            # Uncancelled: close() never leaves a read (and its open pagemap) behind.
+            touched = await finish_uncancelled(
+                self._loop.run_in_executor(
+                    None, touched_granules, self._pid, base, end - start, start
+                )
             )
             self._mf.record_touched(touched)
+
+    async def _sample_working_set(self) -> None:
+        """While the load runs, look at the guest's page table every
+        WORKING_SET_REFRESH s: the order then keeps the ranges it touched before it
+        exits, even if it exits before the load is done."""
+        while not self._closed:
+            await asyncio.sleep(WORKING_SET_REFRESH)
+            if self._closed:
+                return
+            await self._refresh_working_set()
 
     async def _unregister_when_loaded(self) -> None:
         try:

@@ -20,7 +20,7 @@ order's hit rate in the ``with`` run. One JSON object per figure (``run.py``'s
 format), then a table.
 
 Run: python benchmarks/bench_working_set.py [--reps 5] [--loop uvloop|asyncio|both]
-     [--data-mib 1024] [--ranges 64] [--pages 64]
+     [--data-mib 1024] [--ranges 128] [--pages 64]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--loop", choices=("uvloop", "asyncio", "both"), default="both")
     p.add_argument("--data-mib", type=int, default=1024)
-    p.add_argument("--ranges", type=int, default=64)
+    p.add_argument("--ranges", type=int, default=128)
     p.add_argument("--pages", type=int, default=64)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

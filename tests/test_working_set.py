@@ -452,3 +452,28 @@ async def test_ranges_a_guest_touched_without_a_fault_join_the_order_once_loaded
             r.proc.send_signal(signal.SIGCONT)
         rc, counts = await r.result()
         assert rc == 0 and counts["touched_bytes"] == 2 * 4096, counts
+
+
+@needs_uffd
+async def test_a_guest_that_ends_before_the_load_still_leaves_its_touches_in_the_order(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], tmp_path: Path, stepper: Stepper
+) -> None:
+    """While the load runs the server looks at the guest's page table now and then: a
+    guest killed before the load is done has its touches recorded all the same."""
+    path, specs = ckpt
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        r = Restored(mf, specs)
+        stepper.allow(2)  # blocks 0 and 1
+        await mf.wait_loaded(FileRange(0, 2 * MiB))
+        touches = [(MiB + 256 * 1024, 4096, 0.0), (13 * MiB + 256 * 1024, 4096, 0.0)]
+        await start_toucher(r, tmp_path, touches)
+        await wait_for(lambda: faulted(r, 1), "the guest did not fault on block 13")
+        await wait_for(lambda: MiB in mf.working_set_order(), "block 1 was never sampled")
+        assert r.proc is not None
+        r.proc.kill()  # mid-fault, the load still held
+        rc, _ = await r.result()
+        assert rc == -signal.SIGKILL
+        await asyncio.wait_for(r.server.wait_closed(), 20)
+        stepper.allow_all()
+        await mf.wait_loaded()
+        assert mf.working_set_order() == (13 * MiB, MiB)
