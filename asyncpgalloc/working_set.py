@@ -13,8 +13,9 @@ Faults only show the ranges a guest touched before the loader got there: once th
 is done, the fault server refreshes the order from the guest's page table
 (:func:`touched_granules`, ``/proc/PID/pagemap``: the pages the guest has mapped, which
 it touched) and appends, in file order, the ranges it touched that never faulted. The
-kernel's fault-around maps up to 15 pages of the page cache around a touch, so a touch
-near a range's edge can make its neighbour look touched too: then both are prefetched.
+kernel's fault-around maps up to 15 pages of the page cache around a touch, so pages
+mapped only within 15 pages of a range's edges do not count (they may be a neighbour's
+touch): a range the guest touched only there is recorded only if it faulted.
 
 A restored file starts from the order it was loaded with (``inherit``): ranges that
 order prefetched are loaded before the guest touches them, so they no longer fault and
@@ -38,6 +39,9 @@ from .ranges import PAGE_SIZE
 
 __all__ = ["WorkingSet", "WorkingSetStats", "touched_granules"]
 
+#: Pages at each edge of a range that fault-around may have mapped for a neighbour's
+#: touch (``fault_around_bytes`` is 64 KiB: 16 pages, the touched one included).
+FAULT_AROUND_EDGE = 15
 #: pagemap entries read at once: 2 MiB, the entries of 1 GiB of address space.
 _PAGEMAP_READ = 1 << 21
 # The present bit (63) is bit 7 of each little-endian entry's last byte.
@@ -46,10 +50,11 @@ _PRESENT = bytes(0x01 if b & 0x80 else 0x00 for b in range(256))
 
 def touched_granules(pid: int, base: int, length: int, offset: int) -> list[int]:
     """The file offsets (granule-aligned, ascending) of the ranges of which process
-    ``pid`` has at least one page mapped in ``[base, base + length)``, a mapping of the
-    file from ``offset``: the ranges it touched. **Blocking**: reads 8 bytes of
-    ``/proc/PID/pagemap`` per page (2 MiB per GiB mapped, ~1 ms per GiB here). Raises
-    ``OSError`` if the process is gone (or not ours to read)."""
+    ``pid`` has a page mapped in ``[base, base + length)``, a mapping of the file from
+    ``offset``, other than the FAULT_AROUND_EDGE pages at either edge: the ranges it
+    touched. **Blocking**: reads 8 bytes of ``/proc/PID/pagemap`` per page (2 MiB per
+    GiB mapped, ~2 ms per GiB here). Raises ``OSError`` if the process is gone (or not
+    ours to read)."""
     per = WORKING_SET_GRANULE // PAGE_SIZE
     if base % PAGE_SIZE or offset % WORKING_SET_GRANULE or length % WORKING_SET_GRANULE:
         raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
@@ -63,8 +68,9 @@ def touched_granules(pid: int, base: int, length: int, offset: int) -> list[int]
             if len(raw) != n:
                 raise OSError(f"short read of /proc/{pid}/pagemap")
             present = raw[7::8].translate(_PRESENT)
+            edge = FAULT_AROUND_EDGE
             for i in range(0, len(present), per):
-                if 1 in present[i : i + per]:
+                if 1 in present[i + edge : i + per - edge]:
                     found.append(offset + done + i * PAGE_SIZE)
             pos += n
             done += n // 8 * PAGE_SIZE

@@ -12,8 +12,10 @@ import asyncio
 import functools
 import itertools
 import json
+import os
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ from asyncpgalloc.checkpoint_format import (
 )
 from asyncpgalloc.checkpoint_inspect import describe_checkpoint
 from asyncpgalloc.metrics import render_metrics
-from asyncpgalloc.working_set import WorkingSet
+from asyncpgalloc.working_set import WorkingSet, touched_granules
 
 __all__ = ["ckpt"]  # the fixture, imported for its name
 
@@ -477,3 +479,48 @@ async def test_a_guest_that_ends_before_the_load_still_leaves_its_touches_in_the
         stepper.allow_all()
         await mf.wait_loaded()
         assert mf.working_set_order() == (13 * MiB, MiB)
+
+
+#: Maps the memfd (fd argv[1]) and reads one byte at each offset of argv[2:], prints the
+#: mapping's address, then waits for its stdin to close.
+TOUCHER = r"""
+import ctypes, mmap, os, sys
+m = mmap.mmap(int(sys.argv[1]), os.fstat(int(sys.argv[1])).st_size)
+for off in sys.argv[2:]:
+    m[int(off)]
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_the_page_table_shows_the_ranges_touched_not_fault_arounds_neighbours() -> None:
+    """Pages in the page cache around a touch are mapped too (fault-around, up to 15):
+    a neighbouring range's edge pages do not make it touched."""
+    fd = os.memfd_create("ws")
+    try:
+        os.ftruncate(fd, 8 * MiB)
+        for off in range(0, 8 * MiB, 4096):  # all in the page cache
+            os.pwrite(fd, b"x", off)
+        # Range 1 at its first page, range 3 in its middle, range 5 at its last page;
+        # fault-around spills into ranges 0, 4 and 6 at most.
+        touches = [MiB, 3 * MiB + MiB // 2, 6 * MiB - 4096]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            TOUCHER,
+            str(fd),
+            *map(str, touches),
+            pass_fds=(fd,),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        base = int(await proc.stdout.readline())
+        mapped = touched_granules(proc.pid, base - base % 4096, 8 * MiB, 0)
+        proc.stdin.close()
+        assert await proc.wait() == 0
+    finally:
+        os.close(fd)
+    # Range 3, and never 0 or 6, which only fault-around reached; 1 and 5 (touched at
+    # an edge) are counted if their own fault-around reached 15 pages in.
+    assert 3 * MiB in mapped and set(mapped) <= {MiB, 3 * MiB, 5 * MiB}, mapped
