@@ -1170,8 +1170,8 @@ class MemoryFile:
 
     def record_touched(self, offsets: Iterable[int]) -> int:
         """Ranges at file ``offsets`` that a guest touched without a fault (found in its
-        page table once the load is done: :func:`~asyncpgalloc.working_set.
-        touched_granules`): append the new ones to the working-set order. The number
+        page table while the load runs and once it is done: :func:`~asyncpgalloc.
+        working_set.touched_granules`): append the new ones to the working-set order. The number
         appended; O(offsets), never blocks, ignored (0) for a closed file."""
         if self._closed:
             return 0
