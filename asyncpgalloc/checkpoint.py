@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -36,11 +37,13 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from .blocking import SLICE_SECONDS, BlockingRunner, finish_uncancelled
 from .checkpoint_format import (
     FLAG_PAGES_FILE,
+    FLAG_WORKING_SET,
     FLAG_ZERO_PAGES_EXCLUDED,
     HEADER_SIZE,
     PAGES_REF_SIZE,
     SEGMENT_HEADER_SIZE,
     TRAILER_SIZE,
+    WORKING_SET_GRANULE,
     Block,
     Header,
     PagesRef,
@@ -79,6 +82,7 @@ if TYPE_CHECKING:
     from .chunks import Chunks
     from .eviction import Evictions
     from .pages import PageSets, PageView
+    from .working_set import WorkingSet
 
 __all__ = [
     "CheckpointDestination",
@@ -120,7 +124,8 @@ class FileParts:
     file itself (this module never reads another object's private state).
 
     ``check()`` raises unless the file may be used now; ``adopt_loader`` makes a
-    :class:`~asyncpgalloc.loader.PageLoader` the file's (it starts its task)."""
+    :class:`~asyncpgalloc.loader.PageLoader` the file's (it starts its task);
+    ``working_set`` is the file's working-set order (saved, and inherited on load)."""
 
     fd: int
     pages: PageSets
@@ -129,6 +134,7 @@ class FileParts:
     evictions: Evictions
     check: Callable[[], None]
     adopt_loader: Callable[[PageLoader], None]
+    working_set: WorkingSet
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -178,8 +184,10 @@ async def save_checkpoint(
             await _exclude_zero_pages(mf, parts, src_fd)
         _live(mf)
         _check_evictions(parts)
-        snap, metadata = await runner.run(_encode_released, _snapshot(mf))
+        snap = dataclasses.replace(_snapshot(mf), working_set=parts.working_set.order())
+        snap, metadata = await runner.run(_encode_released, snap)
         flags = FLAG_ZERO_PAGES_EXCLUDED if exclude_committed_zero_pages else 0
+        flags |= FLAG_WORKING_SET if snap.working_set else 0
         header = Header.make(
             flags=flags | (FLAG_PAGES_FILE if pages_file is not None else 0),
             file_size=snap.file_size,
@@ -392,7 +400,7 @@ async def load_checkpoint(
             )
         metadata = await source.read_exact(header.metadata_length)
         header.check_metadata(metadata)
-        state = await runner.run(_parse, header, metadata)
+        state, order = await runner.run(_parse, header, metadata)
         del metadata
         data_offset = header.data_offset
         if pages_file is not None:
@@ -414,6 +422,7 @@ async def load_checkpoint(
         # Everything is checked: from here on, build.
         mf, parts = await open_file()
         _install(parts, state)
+        parts.working_set.inherit(order)
         dst_fd = reopen(parts.fd, os.O_RDWR)
         if async_pages:
             assert isinstance(data, FdSource)
@@ -432,6 +441,8 @@ async def load_checkpoint(
                     views=parts.chunks.views,
                     inc_ref=mf.inc_ref,
                     dec_ref=mf.dec_ref,
+                    order=order,
+                    granule=WORKING_SET_GRANULE,
                 )
                 src_fd, keep_ex = -1, True  # the loader's now
                 parts.adopt_loader(loader)
@@ -468,8 +479,10 @@ def _check_loaded(mf: CheckpointedFile) -> None:
         raise CheckpointError(f"loaded state is inconsistent: {e}") from e
 
 
-def _parse(header: Header, metadata: bytes) -> LoadedState:
-    return build_state(header, decode_metadata(header, metadata))
+def _parse(header: Header, metadata: bytes) -> tuple[LoadedState, tuple[int, ...]]:
+    """The state to install and the working-set order. Pure; O(segments)."""
+    snap = decode_metadata(header, metadata)
+    return build_state(header, snap), snap.working_set
 
 
 def _install(parts: FileParts, state: LoadedState) -> None:

@@ -27,6 +27,16 @@ with the header CRC, then 4 zero bytes. A pages file is::
                 in a checkpoint (each with its CRC seeded by block index and header
                 CRC), then zeros up to the next 4096 boundary
 
+With the flag ``FLAG_WORKING_SET`` the metadata ends with a *working-set order*
+section (:class:`WorkingSetOrder`): the file offsets, ``WORKING_SET_GRANULE``-aligned,
+of the ranges guests first touched after the previous restore, in that order, as u64
+words, then a 24-byte footer: magic ``APGAWSET``, the section's version (u32), its
+granule (u32), its entry count (u32) and a u32 CRC of the entries and the footer before
+it. The header's metadata CRC covers the section too; a section that fails its own CRC
+(or has a bad magic, version or entry) is an error naming it. A checkpoint without the
+flag (every one written before the section existed, and any saved with an empty
+order) loads as before.
+
 So a checkpoint loaded with the wrong pages file (identity), at the wrong offset or
 against another checkpoint's segment (segment header), or with a pages file cut
 short (its size), is refused before anything is mapped; a damaged block fails its
@@ -65,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_SIZE",
     "FLAG_PAGES_FILE",
+    "FLAG_WORKING_SET",
     "FLAG_ZERO_PAGES_EXCLUDED",
     "HEADER_SIZE",
     "KINDS",
@@ -78,11 +89,15 @@ __all__ = [
     "SEGMENT_HEADER_SIZE",
     "TRAILER_SIZE",
     "VERSION",
+    "WORKING_SET_GRANULE",
+    "WORKING_SET_MAX_ENTRIES",
+    "WORKING_SET_VERSION",
     "Block",
     "Header",
     "PagesRef",
     "Segment",
     "Snapshot",
+    "WorkingSetOrder",
     "block_seed",
     "committed_extents",
     "crc",
@@ -106,7 +121,9 @@ _MAX_BLOCK_SIZE = 64 << 20
 FLAG_ZERO_PAGES_EXCLUDED = 1
 #: The page data is in a shared pages file; a pages reference replaces it.
 FLAG_PAGES_FILE = 2
-_KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED | FLAG_PAGES_FILE
+#: The metadata ends with a working-set order section (see :class:`WorkingSetOrder`).
+FLAG_WORKING_SET = 4
+_KNOWN_FLAGS = FLAG_ZERO_PAGES_EXCLUDED | FLAG_PAGES_FILE | FLAG_WORKING_SET
 #: Metadata is read whole into memory: about 40 bytes per segment, so this allows
 #: tens of millions of segments while bounding what a forged length can make us read.
 MAX_METADATA_BYTES = 1 << 30
@@ -247,7 +264,8 @@ class Header:
         if self.file_size % CHUNK_SIZE or self.num_chunks > MAX_CHUNKS_LOADABLE:
             raise CheckpointError(f"bad file size {self.file_size:#x}")
         m = self.metadata_length
-        if m % 8 or not _COUNT_WORDS * 8 <= m <= MAX_METADATA_BYTES:
+        least = _COUNT_WORDS * 8 + (_WS_FOOTER_SIZE if self.flags & FLAG_WORKING_SET else 0)
+        if m % 8 or not least <= m <= MAX_METADATA_BYTES:
             raise CheckpointError(f"bad metadata length {m}")
         if self.data_length % PAGE_SIZE or self.data_length > self.file_size:
             raise CheckpointError(
@@ -291,6 +309,9 @@ class Header:
                 f"truncated checkpoint: {len(metadata)} of {self.metadata_length} metadata bytes"
             )
         if _crc(metadata) != self.metadata_crc:
+            if self.flags & FLAG_WORKING_SET:
+                # Name the working-set order section if it is what is damaged.
+                WorkingSetOrder.unpack(self, metadata)
             raise CheckpointError("checkpoint metadata checksum mismatch")
 
 
@@ -451,6 +472,8 @@ class Snapshot:
     ``unfree_small`` and ``unfree_huge`` as (start, end, refs), ``mem_acct`` as
     (start, end, memcg_id, commit_seq, info) with info = kind | known_committed << 8
     | waste_or_releasing << 9, and ``subreleased`` as (huge page offset, pages).
+    ``working_set`` (not part of the words above) is the working-set order the
+    checkpoint carries, if any (see :class:`WorkingSetOrder`).
     """
 
     commit_seq: int
@@ -462,6 +485,7 @@ class Snapshot:
     unfree_huge: list[tuple[int, int, int]]
     mem_acct: list[tuple[int, int, int, int, int]]
     subreleased: list[tuple[int, int]]
+    working_set: tuple[int, ...] = ()
 
     @property
     def file_size(self) -> int:
@@ -477,6 +501,77 @@ class Snapshot:
             self.mem_acct,
             self.subreleased,
         )
+
+
+#: Working-set order entries are file offsets aligned to this (the data block size:
+#: the loader reads whole blocks), one per range first touched.
+WORKING_SET_GRANULE = BLOCK_SIZE
+#: At most this many entries are recorded and saved (64 GiB of ranges at 1 MiB, a
+#: 512 KiB section); a checkpoint that holds more is refused.
+WORKING_SET_MAX_ENTRIES = 1 << 16
+WORKING_SET_VERSION = 1
+_WS_MAGIC = b"APGAWSET"
+_WS_FOOTER = struct.Struct("<8sIII")
+_WS_FOOTER_SIZE = _WS_FOOTER.size + _CRC.size  # 24: the metadata stays u64 words
+_WS_NAME = "checkpoint working-set order section"
+
+
+class WorkingSetOrder(NamedTuple):
+    """The working-set order section at the end of a checkpoint's metadata (with
+    ``FLAG_WORKING_SET``): ``offsets``, in first-touch order, and its length in bytes."""
+
+    offsets: tuple[int, ...]
+    length: int
+
+    @staticmethod
+    def pack(offsets: Sequence[int]) -> bytes:
+        """The section of ``offsets`` (distinct, granule-aligned). O(entries)."""
+        try:
+            words = array("Q", offsets)
+        except OverflowError as e:
+            raise CheckpointError(f"{_WS_NAME}: an offset does not fit in a u64: {e}") from e
+        if not _LITTLE:
+            words.byteswap()
+        body = words.tobytes() + _WS_FOOTER.pack(
+            _WS_MAGIC, WORKING_SET_VERSION, WORKING_SET_GRANULE, len(words)
+        )
+        return body + _CRC.pack(_crc(body))
+
+    @classmethod
+    def unpack(cls, header: Header, metadata: bytes | memoryview) -> WorkingSetOrder:
+        """Check and parse the section at the end of ``metadata`` (``header`` has
+        ``FLAG_WORKING_SET``). Raises :class:`CheckpointError` naming the section: a
+        bad footer, version, granule or count, a CRC mismatch, an offset unaligned,
+        beyond the file or repeated. O(entries)."""
+        n = len(metadata)
+        if n < _COUNT_WORDS * 8 + _WS_FOOTER_SIZE:
+            raise CheckpointError(f"{_WS_NAME} is missing (metadata of {n} bytes)")
+        foot = n - _WS_FOOTER_SIZE
+        magic, version, granule, count = _WS_FOOTER.unpack_from(metadata, foot)
+        (value,) = _CRC.unpack_from(metadata, foot + _WS_FOOTER.size)
+        if magic != _WS_MAGIC:
+            raise CheckpointError(f"{_WS_NAME} is corrupt (no footer)")
+        start = foot - 8 * count
+        if count > WORKING_SET_MAX_ENTRIES or start < _COUNT_WORDS * 8:
+            raise CheckpointError(f"{_WS_NAME} is corrupt ({count} entries)")
+        if _crc(metadata[start : foot + _WS_FOOTER.size]) != value:
+            raise CheckpointError(f"{_WS_NAME} checksum mismatch")
+        if version != WORKING_SET_VERSION:
+            raise CheckpointError(
+                f"{_WS_NAME} version {version} is not supported (this is {WORKING_SET_VERSION})"
+            )
+        if granule != WORKING_SET_GRANULE:
+            raise CheckpointError(f"{_WS_NAME}: granule {granule} is not {WORKING_SET_GRANULE}")
+        words = array("Q")
+        words.frombytes(metadata[start:foot])
+        if not _LITTLE:
+            words.byteswap()
+        offsets = tuple(words)
+        bad = [o for o in offsets if o % granule or o >= header.file_size]
+        if bad or len(set(offsets)) != count:
+            what = f"offset {bad[0]:#x} unaligned or beyond the file" if bad else "repeated"
+            raise CheckpointError(f"{_WS_NAME} is inconsistent: {what}")
+        return cls(offsets, n - start)
 
 
 def mem_acct_info(kind: MemoryKind, known_committed: bool, waste_or_releasing: bool) -> int:
@@ -505,14 +600,22 @@ def encode_metadata(snap: Snapshot) -> bytes:
     if not _LITTLE:
         head.byteswap()
         body.byteswap()
-    return head.tobytes() + chunks + bytes(_pad8(len(chunks)) - len(chunks)) + body.tobytes()
+    order = WorkingSetOrder.pack(snap.working_set) if snap.working_set else b""
+    pad = bytes(_pad8(len(chunks)) - len(chunks))
+    return head.tobytes() + chunks + pad + body.tobytes() + order
 
 
 def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
     """Parse checked metadata bytes (see :meth:`Header.check_metadata`) into a Snapshot.
 
-    Checks only the shape: every count against the length, the chunk bytes. O(segments).
+    Checks only the shape: every count against the length, the chunk bytes, and the
+    working-set order section if the header's flags say there is one. O(segments).
     """
+    order: tuple[int, ...] = ()
+    if header.flags & FLAG_WORKING_SET:
+        section = WorkingSetOrder.unpack(header, metadata)
+        order = section.offsets
+        metadata = metadata[: len(metadata) - section.length]
     words = array("Q")
     words.frombytes(metadata[: _COUNT_WORDS * 8])
     if not _LITTLE:
@@ -526,9 +629,9 @@ def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
     expected = (
         _COUNT_WORDS * 8 + flags_len + 8 * sum(c * w for c, w in zip(counts, _WIDTHS, strict=True))
     )
-    if expected != header.metadata_length:
+    if expected != len(metadata):
         raise CheckpointError(
-            f"metadata counts need {expected} bytes, the header says {header.metadata_length}"
+            f"metadata counts need {expected} bytes, the metadata holds {len(metadata)}"
         )
     pos = _COUNT_WORDS * 8
     chunk_huge = metadata[pos : pos + num_chunks]
@@ -545,7 +648,7 @@ def decode_metadata(header: Header, metadata: bytes) -> Snapshot:
         flat = body[at : at + count * width]
         at += count * width
         lists.append(list(zip(*[iter(flat)] * width, strict=True)))
-    return Snapshot(commit_seq, known, bytes(chunk_huge), *lists)  # type: ignore[arg-type]
+    return Snapshot(commit_seq, known, bytes(chunk_huge), *lists, order)  # type: ignore[arg-type, call-arg]
 
 
 def _cut(
@@ -623,6 +726,7 @@ def released(snap: Snapshot) -> Snapshot:
         unfree_huge=_cut(snap.unfree_huge, free[True]),
         mem_acct=[m for m in snap.mem_acct if not m[4] & _WASTE_BIT],
         subreleased=sorted(counts.items()),
+        working_set=snap.working_set,
     )
 
 

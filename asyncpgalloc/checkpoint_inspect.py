@@ -15,10 +15,13 @@ import sys
 from .accounting import MemoryKind
 from .checkpoint_format import (
     FLAG_PAGES_FILE,
+    FLAG_WORKING_SET,
     FLAG_ZERO_PAGES_EXCLUDED,
     HEADER_SIZE,
     PAGES_REF_SIZE,
     TRAILER_SIZE,
+    WORKING_SET_GRANULE,
+    WORKING_SET_VERSION,
     Header,
     PagesRef,
     block_seed,
@@ -94,6 +97,18 @@ def _verify_pages_file(
     return f"in {where}, checksums OK"
 
 
+def _working_set(order: tuple[int, ...]) -> str:
+    """The working-set order line: its size, version and first entries."""
+    if not order:
+        return "none (the loader reads in file order)"
+    head = ", ".join(f"{o:#x}" for o in order[:4]) + (", ..." if len(order) > 4 else "")
+    return (
+        f"{len(order)} ranges of {_size(WORKING_SET_GRANULE)} read first "
+        f"({_size(len(order) * WORKING_SET_GRANULE)}; section version {WORKING_SET_VERSION}, "
+        f"checksum OK): {head}"
+    )
+
+
 def describe_checkpoint(
     path: str, *, verify_data: bool = True, pages_file: str | None = None
 ) -> str:
@@ -164,6 +179,7 @@ def describe_checkpoint(
             for flag, name in (
                 (FLAG_ZERO_PAGES_EXCLUDED, "zero pages excluded"),
                 (FLAG_PAGES_FILE, "pages in a pages file"),
+                (FLAG_WORKING_SET, "working-set order"),
             )
             if header.flags & flag
         )
@@ -184,6 +200,7 @@ def describe_checkpoint(
         f"  used:               {_size(used)} ({_size(shared)} shared by more than one reference)",
         f"  sub-released:       {_size(subrel)} in {len(snap.subreleased)} huge pages",
         f"  commit sequence:    {snap.commit_seq}",
+        f"  working-set order:  {_working_set(snap.working_set)}",
         "  segments:           "
         + ", ".join(
             f"{name} {len(lst)}"

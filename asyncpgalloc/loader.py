@@ -15,7 +15,9 @@ while a thread writes it), read in the loader's executor, then removed from
 ``sendfile`` from the checkpoint into the memory file (a page no longer wanted is
 read into a scratch buffer instead: the CRC covers the whole block), followed by
 its CRC-32C through the mapping. Pages dropped before their block was started
-are never written.
+are never written. Blocks are read in this order: those a waiter awaits, those of the
+checkpoint's working-set order (the ranges guests touched first last time), the rest
+in file order.
 
 A failure (a CRC mismatch, a read error, a cancellation, the file's ``aclose()``)
 ends the loader: every waiter, present and future, gets the same
@@ -52,8 +54,8 @@ logger = logging.getLogger("asyncpgalloc")
 Views = Callable[[int, int], list[memoryview]]
 RefFn = Callable[[FileRange], None]
 
-# Block states.
-_PENDING, _STARTED, _DONE = 0, 1, 2
+# Block states (_PREFERRED only while the constructor dedupes the order's blocks).
+_PENDING, _STARTED, _DONE, _PREFERRED = 0, 1, 2, 3
 
 
 class _Cancelled(CheckpointError):
@@ -68,7 +70,9 @@ class PageLoader:
     memory file, which each read job reopens for its ``sendfile``) and ``executor``
     from then on, and closes them when its task ends. ``inc_ref``/``dec_ref`` are the
     file's (temporary references while a block is read); ``views`` maps file ranges
-    (safe off the loop).
+    (safe off the loop). ``order`` is the checkpoint's working-set order (offsets of
+    ranges of ``granule`` bytes, see :mod:`asyncpgalloc.working_set`): their blocks are
+    read first, in that order, after any a waiter asks for; then the rest in file order.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class PageLoader:
         views: Views,
         inc_ref: RefFn,
         dec_ref: RefFn,
+        order: Sequence[int] = (),
+        granule: int = 1,
     ) -> None:
         self._header = header
         self._blocks = list(blocks)
@@ -116,6 +122,16 @@ class PageLoader:
         self._dropped = 0
         self._cursor = 0
         self._urgent: collections.deque[int] = collections.deque()
+        # The working-set order's blocks (ranges of ``granule`` bytes at ``order``'s
+        # offsets), read after awaited ones and before the rest in file order.
+        self._preferred: collections.deque[int] = collections.deque()
+        for off in order:
+            for i in self._blocks_in(off, off + granule):
+                if self._state[i] == _PENDING:
+                    self._state[i] = _PREFERRED
+                    self._preferred.append(i)
+        for i in self._preferred:
+            self._state[i] = _PENDING
         self._wakeup = asyncio.Event()
         self._progress: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters = 0
@@ -240,18 +256,14 @@ class PageLoader:
     # ------------------------------------------------------------------ the batches
 
     def _next_batch(self) -> list[tuple[Block, list[tuple[int, int, bool]]]] | None:
-        """Take the next blocks to read: awaited ones first, then in order. On the loop,
+        """Take the next blocks to read: awaited ones first, then the working-set
+        order's, then in file order. On the loop,
         no await: marks them started and takes their temporary references. None if no
         block is left to start."""
         state = self._state
         n = len(self._blocks)
         while True:
-            indices: list[int] = []
-            while self._urgent and len(indices) < checkpoint_io.BATCH_BLOCKS:
-                i = self._urgent.popleft()
-                if state[i] == _PENDING:
-                    indices.append(i)
-                    state[i] = _STARTED
+            indices = self._take(self._urgent) or self._take(self._preferred)
             if not indices:
                 while self._cursor < n and len(indices) < checkpoint_io.BATCH_BLOCKS:
                     i = self._cursor
@@ -275,6 +287,17 @@ class PageLoader:
                 out.append((block, parts))
             if out:
                 return out
+
+    def _take(self, queue: collections.deque[int]) -> list[int]:
+        """Up to a batch of ``queue``'s blocks still pending, marked started."""
+        indices: list[int] = []
+        state = self._state
+        while queue and len(indices) < checkpoint_io.BATCH_BLOCKS:
+            i = queue.popleft()
+            if state[i] == _PENDING:
+                indices.append(i)
+                state[i] = _STARTED
+        return indices
 
     def _wanted_parts(self, block: Block) -> list[tuple[int, int, bool]]:
         """``block``'s pieces cut into (offset, length, still wanted), in order."""
@@ -353,27 +376,45 @@ class PageLoader:
                 FileRange(s, e),
             )
 
+    def prefetched(self, offset: int) -> bool | None:
+        """Whether the block holding the page at ``offset`` was started or loaded
+        already (a fault there is a working-set hit); None if no block holds it (the
+        checkpoint has no data for that page). On the loop, O(log blocks)."""
+        blocks = self._blocks_in(offset, offset + 1)
+        if not blocks:
+            return None
+        block = self._blocks[blocks[0]]
+        if not any(off <= offset < off + n for off, n in block.pieces):
+            return None
+        return self._state[blocks[0]] != _PENDING
+
     def pending_in(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` still to load (a failed load's stay pending for
         good). On the loop, O(log n + pending segments in the range)."""
         return sum(e - s for s, e, _ in self._pending.visit_range(start, end))
 
+    def _blocks_in(self, start: int, end: int) -> list[int]:
+        """The indices of the blocks whose span reaches into ``[start, end)``, ascending.
+        O(log blocks + those blocks)."""
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        found: list[int] = []
+        while i < len(self._blocks) and self._starts[i] < end:
+            last_off, last_n = self._blocks[i].pieces[-1]
+            if last_off + last_n > start:
+                found.append(i)
+            i += 1
+        return found
+
     def _prioritize(self, start: int, end: int) -> None:
         """Put the blocks holding pending pages of ``[start, end)`` first in the queue."""
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        front: list[int] = []
-        while i < len(self._blocks) and self._starts[i] < end:
-            block = self._blocks[i]
-            last_off, last_n = block.pieces[-1]
-            if last_off + last_n > start and self._state[i] == _PENDING:
-                front.append(i)
-            i += 1
+        front = [i for i in self._blocks_in(start, end) if self._state[i] == _PENDING]
         self._urgent.extendleft(reversed(front))
         if front:
             self._wakeup.set()
 
-    async def wait(self, start: int, end: int) -> None:
-        """Wait until no page of ``[start, end)`` is pending; its blocks go first.
+    async def wait(self, start: int, end: int, *, prioritize: bool = True) -> None:
+        """Wait until no page of ``[start, end)`` is pending; its blocks go first
+        (unless not ``prioritize``).
 
         Raises the load's :class:`~asyncpgalloc.CheckpointError` if it failed (before
         or while waiting). Cancelling the wait does not stop the load.
@@ -387,7 +428,8 @@ class PageLoader:
         self._waiters += 1
         began = time.monotonic()
         try:
-            self._prioritize(start, end)
+            if prioritize:
+                self._prioritize(start, end)
             while True:
                 await asyncio.shield(self._progress)
                 if self._error is not None:
@@ -400,8 +442,9 @@ class PageLoader:
 
     async def wait_all(self) -> None:
         """Wait for every page and for the loader task's end (its fds closed). Raises
-        as :meth:`wait`."""
-        await self.wait(0, 2**63)
+        as :meth:`wait`. Changes no block's place in the queue: waiting for all of them
+        says nothing about which comes first (the working-set order keeps its place)."""
+        await self.wait(0, 2**63, prioritize=False)
         task = self.task
         if task is not None and not task.done():
             await asyncio.wait([task])

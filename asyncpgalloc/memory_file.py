@@ -70,9 +70,10 @@ from .ranges import (
 )
 from .readers import AsyncByteSource, Progress, filler_for
 from .releaser import Releaser
-from .stats import MemoryFileCounters, MemoryFileStats, load_fields
+from .stats import MemoryFileCounters, MemoryFileStats, load_fields, working_set_fields
 from .transitions import guarded, guarded_async, splits_state
 from .usage import UsageScanner, run_usage_refresher
+from .working_set import WorkingSet
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointDestination, CheckpointSource, FileParts
@@ -179,6 +180,8 @@ class MemoryFile:
         self._lent_tasks: list[asyncio.Task[None]] = []
         # The page loader of a load(async_pages=True), while it exists (see loader.py).
         self._loader: PageLoader | None = None
+        # The ranges guests touched first since the last restore (see working_set.py).
+        self._working_set = WorkingSet()
         # Saves in progress: update_usage does nothing meanwhile (see save).
         self._saves = 0
         # The entry check of every call: the loop while the file is usable from it,
@@ -1101,6 +1104,7 @@ class MemoryFile:
             evictions=self._evictions,
             check=self._check,
             adopt_loader=self._adopt_loader,
+            working_set=self._working_set,
         )
 
     def _adopt_loader(self, loader: PageLoader) -> None:
@@ -1152,6 +1156,33 @@ class MemoryFile:
         self._check()
         start, end = self._pages.check_range(fr, "pending_load_bytes")
         return 0 if self._loader is None else self._loader.pending_in(start, end)
+
+    def record_fault(self, offset: int) -> None:
+        """A guest faulted at file ``offset`` (a :class:`~asyncpgalloc.uffd_server.
+        FaultServer` reports each fault it serves): record its range in the working-set
+        order if it is the first touch there, and count the fault as a hit or a miss of
+        the order (see :mod:`asyncpgalloc.working_set`). O(log blocks), never blocks,
+        never raises: an offset beyond the file or a closed file is ignored."""
+        if self._closed or not 0 <= offset < self._map.size:
+            return
+        loader = self._loader
+        self._working_set.record(offset, None if loader is None else loader.prefetched(offset))
+
+    def record_touched(self, offsets: Iterable[int]) -> int:
+        """Ranges at file ``offsets`` that a guest touched without a fault (found in its
+        page table while the load runs and once it is done: :func:`~asyncpgalloc.
+        working_set.touched_granules`): append the new ones to the working-set order. The number
+        appended; O(offsets), never blocks, ignored (0) for a closed file."""
+        if self._closed:
+            return 0
+        size = self._map.size
+        return self._working_set.record_touched(o for o in offsets if 0 <= o < size)
+
+    def working_set_order(self) -> tuple[int, ...]:
+        """The working-set order ``save`` would write now: offsets of the 1 MiB ranges
+        guests touched first (the loaded checkpoint's order first), in that order.
+        O(entries), never blocks."""
+        return self._working_set.order()
 
     def load_progress(self) -> LoadProgress | None:
         """How far an ``async_pages`` load has got (see
@@ -1331,9 +1362,8 @@ class MemoryFile:
 
     def _stats_now(self) -> MemoryFileStats:
         st = self._pages.stats()
-        if self._loader is None:
-            return st
-        return dataclasses.replace(st, **load_fields(self._loader.progress()))
+        loaded = {} if self._loader is None else load_fields(self._loader.progress())
+        return dataclasses.replace(st, **loaded, **working_set_fields(self._working_set.stats()))
 
     def page_view(self) -> PageView:
         """A read-only look at the page sets (see :class:`~asyncpgalloc.pages.PageView`),

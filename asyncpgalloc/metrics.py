@@ -43,6 +43,10 @@ memcg}``                                            (``anonymous``, ``page_cache
                                                     total, loaded, dropped, pending
 ``asyncpgalloc_load_waiters``              gauge    ``stats().load_waiters``
 ``asyncpgalloc_load_waited_bytes_total``   counter  ``stats().load_waited_bytes``
+``asyncpgalloc_working_set_entries``       gauge    ``stats().working_set_entries``
+``asyncpgalloc_working_set_faults_total    counter  ``stats()``: working_set_hits,
+{result}``                                          working_set_misses (hit, miss)
+``asyncpgalloc_working_set_hit_ratio``     gauge    ``stats().working_set_hit_rate``
 =========================================  =======  ========================================
 
 Once the file is closed only the counters and the accounting are reported (the
@@ -189,6 +193,18 @@ class MemoryFileCollector:
             waited = CounterMetricFamily(
                 f"{p}_load_waited_bytes", "Pending page bytes that wait_loaded() calls asked for."
             )
+            ws_entries = GaugeMetricFamily(
+                f"{p}_working_set_entries",
+                "Ranges (1 MiB) in the working-set order a save writes now.",
+            )
+            ws_faults = CounterMetricFamily(
+                f"{p}_working_set_faults",
+                "Guest faults on blocks already prefetched or loaded (hit) or still queued (miss).",
+                labels=["result"],
+            )
+            ws_ratio = GaugeMetricFamily(
+                f"{p}_working_set_hit_ratio", "Working-set hits / (hits + misses); 0 before any."
+            )
             if stats is not None:
                 for state in PAGE_STATES:
                     by_state.add_metric([state], getattr(stats, f"{state}_bytes"))
@@ -205,9 +221,14 @@ class MemoryFileCollector:
                     load.add_metric([state], value)
                 waiters.add_metric([], stats.load_waiters)
                 waited.add_metric([], stats.load_waited_bytes)
+                ws_entries.add_metric([], stats.working_set_entries)
+                ws_faults.add_metric(["hit"], stats.working_set_hits)
+                ws_faults.add_metric(["miss"], stats.working_set_misses)
+                ws_ratio.add_metric([], stats.working_set_hit_rate)
             if snap is not None and snap.host_usage is not None:
                 host_usage.add_metric([], snap.host_usage)
             yield from (by_state, committed, size, host_usage, chunks, load, waiters, waited)
+            yield from (ws_entries, ws_faults, ws_ratio)
 
         accounted = GaugeMetricFamily(
             f"{p}_accounted_bytes",

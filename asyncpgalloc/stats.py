@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["LoadProgress", "MemoryFileCounters", "MemoryFileStats", "load_fields"]
+if TYPE_CHECKING:
+    from .working_set import WorkingSetStats
+
+__all__ = [
+    "LoadProgress",
+    "MemoryFileCounters",
+    "MemoryFileStats",
+    "load_fields",
+    "working_set_fields",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +43,14 @@ class MemoryFileStats:
         load_pending_bytes: of those, neither loaded nor dropped yet (unreadable).
         load_waiters: ``wait_loaded`` calls waiting now.
         load_waited_bytes: pending bytes waiters asked for, summed over every call.
+        working_set_entries: ranges (1 MiB) in the working-set order ``save`` writes
+            now (see :mod:`asyncpgalloc.working_set`).
+        working_set_inherited: of those, from the checkpoint the file was loaded from
+            (the order its loader prefetched).
+        working_set_hits: guest faults on a block the loader had already started or
+            loaded (prefetched, or reached in file order).
+        working_set_misses: guest faults on a block still waiting in the loader's
+            queue. ``working_set_hit_rate`` is hits / (hits + misses).
     """
 
     total_size: int
@@ -50,6 +68,16 @@ class MemoryFileStats:
     load_pending_bytes: int = 0
     load_waiters: int = 0
     load_waited_bytes: int = 0
+    working_set_entries: int = 0
+    working_set_inherited: int = 0
+    working_set_hits: int = 0
+    working_set_misses: int = 0
+
+    @property
+    def working_set_hit_rate(self) -> float:
+        """working_set_hits / (hits + misses); 0.0 before any such fault."""
+        n = self.working_set_hits + self.working_set_misses
+        return self.working_set_hits / n if n else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +120,16 @@ def load_fields(progress: LoadProgress | None) -> dict[str, int]:
         "load_pending_bytes": progress.pending_bytes,
         "load_waiters": progress.waiters,
         "load_waited_bytes": progress.waited_bytes,
+    }
+
+
+def working_set_fields(ws: WorkingSetStats) -> dict[str, int]:
+    """The ``working_set_*`` fields of :class:`MemoryFileStats`. O(1)."""
+    return {
+        "working_set_entries": ws.entries,
+        "working_set_inherited": ws.inherited,
+        "working_set_hits": ws.hits,
+        "working_set_misses": ws.misses,
     }
 
 

@@ -20,6 +20,11 @@ through a pidfd, the reason logged and kept in :attr:`FaultServer.failure`): it 
 sees zeros or wrong bytes. The guest's exit (its pidfd becomes readable) closes the
 server with nothing left behind: its reader, its waits, its fds.
 
+Each fault's file offset goes to the file's working-set order
+(:meth:`~asyncpgalloc.MemoryFile.record_fault`); while the load runs, and once it is
+done, the ranges the guest touched without a fault are added from its page table
+(:func:`~asyncpgalloc.working_set.touched_granules`, every ``WORKING_SET_REFRESH`` s).
+
 The guest keeps its own copy of the uffd open, so that closing the supervisor's copy
 never wakes a faulting thread into a hole; a guest should also ask for
 ``PR_SET_PDEATHSIG`` so that a supervisor's crash does not leave it in a fault.
@@ -37,8 +42,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import uffd
+from .blocking import finish_uncancelled
+from .checkpoint_format import WORKING_SET_GRANULE
 from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
+from .working_set import touched_granules
 
 if TYPE_CHECKING:
     from .memory_file import MemoryFile
@@ -51,6 +59,9 @@ logger = logging.getLogger("asyncpgalloc")
 READ_BATCH = 64
 #: Reads per wake-up before the loop gets a turn (the rest on the next wake-up).
 READS_PER_WAKEUP = 4
+#: Seconds between two looks at the guest's page table for the working-set order, while
+#: the load runs (one executor hop each, ~2 ms of a thread per GiB mapped).
+WORKING_SET_REFRESH = 0.25
 # The guest's mm is gone (it is exiting): nothing left to resolve.
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -107,6 +118,7 @@ class FaultServer:
         self._loop = asyncio.get_running_loop()
         self._waits: dict[int, asyncio.Task[None]] = {}  # page address -> its wait
         self._watch: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self._done = self._loop.create_future()
         self._faults = self._waited = self._woken = self._zeroed = 0
         self._unregistered = False
@@ -120,6 +132,9 @@ class FaultServer:
         self._loop.add_reader(self._pidfd, self.close)
         self._watch = self._loop.create_task(
             self._unregister_when_loaded(), name=f"asyncpgalloc-uffd-{self._pid}"
+        )
+        self._sampler = self._loop.create_task(
+            self._sample_working_set(), name=f"asyncpgalloc-uffd-ws-{self._pid}"
         )
 
     def stats(self) -> FaultStats:
@@ -137,8 +152,11 @@ class FaultServer:
 
     async def wait_closed(self) -> None:
         """Wait until the server is done: the guest exited, was killed, or its range
-        was unregistered."""
+        was unregistered (and no look at its page table is still running)."""
         await asyncio.shield(self._done)
+        tasks = [t for t in (self._watch, self._sampler) if t is not None]
+        if tasks and asyncio.current_task() not in tasks:
+            await asyncio.wait(tasks)
 
     def close(self) -> None:
         """Stop serving: readers removed, waits cancelled, the fds closed. Idempotent,
@@ -154,8 +172,9 @@ class FaultServer:
         for task in self._waits.values():
             task.cancel()
         self._waits.clear()
-        if self._watch is not None and self._watch is not asyncio.current_task():
-            self._watch.cancel()
+        for t in (self._watch, self._sampler):
+            if t is not None and t is not asyncio.current_task():
+                t.cancel()
         os.close(self._fd)
         os.close(self._pidfd)
         if not self._done.done():
@@ -190,6 +209,7 @@ class FaultServer:
             self._fail("its file was closed before its pages were loaded")
             return
         off = page - self._base + self._offset
+        self._mf.record_fault(off)  # the working-set order (see working_set.py)
         fr = FileRange(off, off + PAGE_SIZE)
         try:
             pending = self._mf.pending_load_bytes(fr)
@@ -241,6 +261,34 @@ class FaultServer:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         self.close()
 
+    async def _refresh_working_set(self) -> None:
+        """Add to the file's working-set order the ranges the guest touched without a
+        fault (loaded before it got there), from its page table: one executor hop."""
+        granule = WORKING_SET_GRANULE
+        start = -(-self._offset // granule) * granule
+        end = (self._offset + self._length) // granule * granule
+        if end <= start:
+            return
+        base = self._base + start - self._offset
+        with contextlib.suppress(OSError):  # the guest is gone, or not ours to read
+            # Uncancelled: close() never leaves a read (and its open pagemap) behind.
+            touched = await finish_uncancelled(
+                self._loop.run_in_executor(
+                    None, touched_granules, self._pid, base, end - start, start
+                )
+            )
+            self._mf.record_touched(touched)
+
+    async def _sample_working_set(self) -> None:
+        """While the load runs, look at the guest's page table every
+        WORKING_SET_REFRESH s: the order then keeps the ranges it touched before it
+        exits, even if it exits before the load is done."""
+        while not self._closed:
+            await asyncio.sleep(WORKING_SET_REFRESH)
+            if self._closed:
+                return
+            await self._refresh_working_set()
+
     async def _unregister_when_loaded(self) -> None:
         try:
             await self._mf.wait_loaded()
@@ -248,10 +296,15 @@ class FaultServer:
             return  # a fault on a page not loaded will end the guest
         if self._closed:
             return
+        await self._refresh_working_set()
+        if self._closed:
+            return
         try:
             uffd.unregister(self._fd, self._base, self._length)
         except uffd.UffdError as e:
-            if e.errno not in _GONE:
+            # ENOMEM: the guest's mm is gone (it exited or exec'd, and UNREGISTER's
+            # mmget_not_zero failed) before its pidfd told us: nothing to unregister.
+            if e.errno not in (*_GONE, errno.ENOMEM):
                 self._fail(f"unregistering its mapping failed: {e}")
                 return
         self._unregistered = True

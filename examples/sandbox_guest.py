@@ -19,8 +19,13 @@ true``), the guest first maps the whole memfd, registers that mapping with a
 userfaultfd for missing-page faults and hands the uffd to the supervisor; ``--verify``
 then reads each range through that mapping at once, without waiting (a page not
 loaded yet faults, and the supervisor resolves the fault once the page is in).
-``--uid N`` drops to that uid once the memfd is in. ``--shrink`` first allocates a page, then
-tries to ``ftruncate`` the memfd to 0 and records the errno (``EPERM``: it is sealed).
+``--touches FILE`` replays touches: FILE holds a JSON list of ``[offset, length,
+seconds]``, and at each ``seconds`` after its uffd is attached the guest reads one byte
+of every page of that range through its registered mapping (the touches of a guest's
+first second after a restore, for the working-set benchmark and tests); it counts the
+bytes in ``touched_bytes``. ``--uid N`` drops to that uid once the memfd is in.
+``--shrink`` first allocates a page, then tries to ``ftruncate`` the memfd to 0 and
+records the errno (``EPERM``: it is sealed).
 """
 
 from __future__ import annotations
@@ -217,6 +222,23 @@ class Guest:
             self.counts["errors"] += 1
         self.free(offset)
 
+    def replay(self, touches: list[list[int | float]]) -> None:
+        """Read a byte of every page of each ``[offset, length, seconds]`` range through
+        the registered mapping, each no earlier than ``seconds`` from now."""
+        if self.window is None:
+            self.counts["errors"] += 1  # touches need the uffd mapping
+            return
+        t0 = time.monotonic()
+        w = self.window
+        for offset, length, at in touches:
+            delay = t0 + float(at) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            off, end = int(offset), int(offset) + int(length)
+            for page in range(off, end, PAGE):
+                w[page]
+            self.counts["touched_bytes"] = self.counts.get("touched_bytes", 0) + end - off
+
     def finish(self) -> None:
         while self.held:  # a notice may take any of them while one is freed
             self.free(next(iter(self.held)))
@@ -232,6 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--verify", action="append", default=[], metavar="OFFSET:LENGTH:TOKEN")
     p.add_argument("--shrink", action="store_true", help="try to ftruncate the memfd to 0")
     p.add_argument("--uid", type=int, help="drop to this uid (and gid) once the fd is in")
+    p.add_argument("--touches", help="a JSON file of [offset, length, seconds] to touch")
     return p.parse_args(argv)
 
 
@@ -256,14 +279,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"ranges": guest.keep(args.keep)}), flush=True)
         time.sleep(3600)  # until the supervisor stops and kills it
         return 0
+    if args.touches:
+        guest.replay(json.loads(Path(args.touches).read_text()))
     for spec in args.verify:
         guest.verify_restored(*(int(x) for x in spec.split(":")))
-    deadline = time.monotonic() + (0 if args.verify else args.seconds)
+    deadline = time.monotonic() + (0 if args.verify or args.touches else args.seconds)
     while time.monotonic() < deadline:
         guest.step()
     guest.finish()
     print(json.dumps(guest.counts), flush=True)
     bad = guest.counts["bad_bytes"] or guest.counts["errors"]
+    if guest.window is not None:
+        # Not through the interpreter's teardown, which unmaps the registered window
+        # while the process lives on: a supervisor unregistering it then (its load just
+        # done) gets EINVAL and must kill us. _exit drops the whole mm at once.
+        os._exit(0 if not bad else 1)
     return 0 if not bad else 1
 
 

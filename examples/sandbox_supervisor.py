@@ -66,7 +66,9 @@ from asyncpgalloc import (
     MemoryAccounting,
     MemoryFile,
     MemoryFileOpts,
+    MemoryFileStats,
 )
+from asyncpgalloc.checkpoint_format import WORKING_SET_GRANULE
 from asyncpgalloc.uffd import FaultMode
 
 KiB = 1 << 10
@@ -614,6 +616,7 @@ class Supervisor:
             f"accounted {fmt(self.accounting.total())}",
             f"{t.sandboxes} guests done, {t.requests + live_requests} requests",
             f"event-loop lag {t.lag_now * 1e3:.1f} ms (max {t.lag_max * 1e3:.1f} ms)",
+            working_set_phrase(stats),
         ]
 
     def file_lines(self, width: int | None = None) -> str:
@@ -697,6 +700,20 @@ async def render_map(mf: MemoryFile, path: str) -> None:
     print(f"page map written to {path}")
 
 
+def working_set_phrase(stats: list[MemoryFileStats]) -> str:
+    """The files' working-set orders as a phrase: their size (of it, how much the
+    restore prefetched first) and the hit rate of guests' faults."""
+    hits = sum(s.working_set_hits for s in stats)
+    misses = sum(s.working_set_misses for s in stats)
+    rate = f"{hits / (hits + misses):.0%}" if hits + misses else "-"
+    return (
+        f"working set {fmt(sum(s.working_set_entries for s in stats) * WORKING_SET_GRANULE)} "
+        f"({fmt(sum(s.working_set_inherited for s in stats) * WORKING_SET_GRANULE)} "
+        "prefetched first), "
+        f"fault hit rate {rate} ({hits} hits, {misses} misses)"
+    )
+
+
 async def show_load(mf: MemoryFile, loading: asyncio.Task[None], live: bool) -> None:
     """Show how far ``mf``'s async page load has got until ``loading`` ends: a rich
     progress bar on a terminal, a line every :data:`PROGRESS_REFRESH` s otherwise."""
@@ -710,7 +727,8 @@ async def show_load(mf: MemoryFile, loading: asyncio.Task[None], live: bool) -> 
         return (
             f"restore: {fmt(p.loaded_bytes)} of {fmt(p.total_bytes)} loaded "
             f"({fmt(p.dropped_bytes)} dropped, {p.waiters} waiting) after "
-            f"{p.elapsed_seconds * 1e3:.0f} ms" + (" - done" if p.done else "")
+            f"{p.elapsed_seconds * 1e3:.0f} ms; {working_set_phrase([mf.stats()])}"
+            + (" - done" if p.done else "")
         )
 
     if not live:

@@ -679,7 +679,7 @@ async def test_inconsistent_metadata_with_valid_checksums_is_refused(
         ({"file_size": MAX_CHUNKS_LOADABLE * (1 << 31)}, "file size"),
         ({"file_size": (1 << 30) + P}, "file size"),
         ({"data_length": 1 << 41}, "data length"),
-        ({"flags": 4}, "flags"),
+        ({"flags": 8}, "flags"),
         ({"metadata": bytes(16)}, "metadata length"),
         ({"metadata": bytes(1 << 10)}, "chunks|counts"),
     ],
