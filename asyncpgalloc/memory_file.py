@@ -1153,6 +1153,11 @@ class MemoryFile:
         start, end = self._pages.check_range(fr, "pending_load_bytes")
         return 0 if self._loader is None else self._loader.pending_in(start, end)
 
+    def page_loader(self) -> PageLoader | None:
+        """Internal (:mod:`asyncpgalloc.uffd_server`): the ``async_pages`` load, for fault
+        copies straight from the checkpoint; None for a file not loaded that way. O(1)."""
+        return self._loader
+
     def load_progress(self) -> LoadProgress | None:
         """How far an ``async_pages`` load has got (see
         :class:`~asyncpgalloc.LoadProgress`); None for a file not loaded that way.

@@ -3,7 +3,9 @@
 Real guest processes (``examples/sandbox_guest.py``) get the memfd of a file loaded with
 ``async_pages=True`` at once, register their mapping of it with a userfaultfd and read
 their ranges through it while the loader is held back (the real loader job behind a
-gate): each fault waits for its page's block, which goes to the front of the queue.
+gate): a fault on a block the loader has not started is copied straight from the
+checkpoint (``UFFDIO_COPY``); one on a block the loader is reading waits for it. Tests
+that need a guest stuck in a copy hold the copy job too (``held_copies``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,36 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
     return g
 
 
+class HeldCopies:
+    """Wraps the fault copy's blocking job: each waits in its thread until ``release``
+    (the loader gate's) is set; ``entered`` counts the copies that started."""
+
+    def __init__(self, fn: Any, release: threading.Event) -> None:
+        self.fn = fn
+        self.release = release
+        self.entered = 0
+
+    def __call__(self, *args: Any) -> None:
+        self.entered += 1
+        self.release.wait(10)
+        self.fn(*args)
+
+    async def wait_entered(self, n: int = 1) -> None:
+        deadline = time.monotonic() + 20
+        while self.entered < n:
+            assert time.monotonic() < deadline, "no fault copy started"
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def held_copies(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> HeldCopies:
+    """Every fault copy held in its thread (none inline) until ``gate.release``."""
+    monkeypatch.setattr(loader_mod, "INLINE_COPY_BYTES", 0)
+    h = HeldCopies(loader_mod._copy_blocks_job, gate.release)
+    monkeypatch.setattr(loader_mod, "_copy_blocks_job", h)
+    return h
+
+
 class Restored:
     """A restored file, a session holding the checkpoint's ranges, and its guest."""
 
@@ -132,11 +164,12 @@ class Restored:
             self.mf, self.session, *args, stdout=asyncio.subprocess.PIPE, fault_mode=mode
         )
 
-    async def first_wait(self) -> None:
-        """Until the guest is in a fault that waits for the loader (a hang guard only)."""
+    async def first_wait(self, waiters: int = 2) -> None:
+        """Until the guest is in a fault that waits for the loader (a hang guard only);
+        ``waiters=1`` for one held in its copy."""
         deadline = time.monotonic() + 20
         # The fault's wait and the server's own one for the whole file are both on.
-        while self.server.stats().waiting == 0 or self.progress().waiters < 2:
+        while self.server.stats().waiting == 0 or self.progress().waiters < waiters:
             assert time.monotonic() < deadline, "the guest never faulted on a pending page"
             await asyncio.sleep(0.002)
 
@@ -202,8 +235,13 @@ async def test_a_restored_guest_faults_in_exactly_the_checkpoints_bytes(
     # loaded yet.
     await restored.start([RANGES + 1, RANGES, *range(RANGES - 1, -1, -1)])
     assert restored.session.fault_mode == "uffd"
+    # Every block but the two the loader holds is copied for a fault; the guest ends up
+    # waiting for the first of those.
     await restored.first_wait()
-    assert restored.mf.load_progress().loaded_bytes == 0  # type: ignore[union-attr]
+    copied = restored.server.stats().copied_bytes
+    assert copied >= (RANGES - 1) * RANGE  # the zero range is data too
+    assert restored.progress().loaded_bytes == copied  # all by fault copies
+    assert restored.progress().pending_bytes == (RANGES + 1) * RANGE - copied
     gate.release.set()
     rc, counts = await restored.result()
     assert rc == 0, counts
@@ -214,6 +252,7 @@ async def test_a_restored_guest_faults_in_exactly_the_checkpoints_bytes(
     await restored.server.wait_closed()
     st = restored.server.stats()
     assert st.waited >= 1 and st.woken >= 1 and st.failure == ""
+    assert st.copied * MiB == st.copied_bytes >= copied  # one 1 MiB block per copy
     assert st.zeroed >= RANGE // PAGE_SIZE  # the hole's pages, one zero page each
     assert st.unregistered and st.closed and st.waiting == 0
     assert restored.session.closed_for == "bye"
@@ -238,7 +277,7 @@ async def test_a_guest_killed_mid_fault_leaves_nothing_behind(
     restored: Restored, gate: Gate
 ) -> None:
     before = fds()
-    await restored.start([RANGES - 1])
+    await restored.start([0])  # its first block is one the loader holds
     await restored.first_wait()
     progress = restored.mf.load_progress()
     # The guest's fault and the server's wait for the whole file (to unregister then).
@@ -292,17 +331,98 @@ async def test_a_damaged_block_under_a_waiting_guest_kills_it_and_the_supervisor
 
 @needs_uffd
 async def test_aclose_with_a_guest_waiting_kills_the_guest(restored: Restored, gate: Gate) -> None:
-    await restored.start([RANGES - 1])
+    await restored.start([0])
     await restored.first_wait()
     closing = asyncio.create_task(restored.mf.aclose())
     await asyncio.sleep(0)
-    gate.release.set()  # the two jobs in flight finish; the guest's block never starts
+    gate.release.set()  # the two jobs in flight finish; the guest's next block never starts
     await closing
     rc, counts = await restored.result()
     assert rc == -signal.SIGKILL and counts == {}
     await restored.server.wait_closed()
     st = restored.server.stats()
-    assert "cannot be loaded" in st.failure and st.closed and st.waiting == 0
+    # Its wait ended with the block's job; its next fault found the file closed (or,
+    # had it come first, the load's end).
+    assert st.woken == 1 and st.copied == 0 and st.closed and st.waiting == 0
+    assert "closed before its pages were loaded" in st.failure or "cannot be" in st.failure
+
+
+@needs_uffd
+async def test_aclose_with_a_guest_in_a_copy_waits_for_it_then_kills_the_guest(
+    restored: Restored, held_copies: HeldCopies
+) -> None:
+    await restored.start([RANGES - 1])
+    await restored.first_wait(waiters=1)  # held in the copy of its first block
+    await held_copies.wait_entered()
+    closing = asyncio.create_task(restored.mf.aclose())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the copy reads the checkpoint: its fd stays open
+    held_copies.release.set()
+    await closing
+    rc, counts = await restored.result()
+    assert rc == -signal.SIGKILL and counts == {}  # the next block's fault: no load left
+    await restored.server.wait_closed()
+    st = restored.server.stats()
+    assert st.copied == 1 and st.waiting == 0
+    # Woken by the copy, its next fault found the file closed (or, after it, no load).
+    assert "closed before its pages were loaded" in st.failure or "cannot be" in st.failure
+
+
+@needs_uffd
+async def test_cancelling_the_load_with_guests_waiting_and_copying_kills_them(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], held_copies: HeldCopies
+) -> None:
+    path, specs = ckpt
+    before = fds()
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        waiting, copying = Restored(mf, specs[:1]), Restored(mf, specs[RANGES - 1 : RANGES])
+        await waiting.start([0])  # on a block the loader holds
+        await copying.start([0])  # on one it copies
+        await waiting.first_wait(waiters=3)
+        await copying.first_wait(waiters=3)
+        await held_copies.wait_entered()
+        pl = mf.page_loader()
+        assert pl is not None and pl.task is not None
+        pl.task.cancel()
+        await asyncio.sleep(0.05)
+        assert not pl.task.done()  # the jobs and the copy in their threads hold it
+        held_copies.release.set()
+        for r in (waiting, copying):
+            rc, counts = await r.result()
+            assert rc == -signal.SIGKILL and counts == {}
+            await r.server.wait_closed()
+            st = r.server.stats()
+            assert "cancelled" in st.failure and st.closed and st.waiting == 0
+        assert copying.server.stats().copied == 1  # its first block landed, then the end
+        progress = mf.load_progress()
+        assert progress is not None and progress.waiters == 0 and progress.done
+        assert "cancelled" in (progress.error or "")
+        mf.check_invariants()
+    assert fds() == before
+
+
+@needs_uffd
+async def test_a_guest_killed_in_a_copy_leaves_nothing_behind(
+    restored: Restored, held_copies: HeldCopies
+) -> None:
+    before = fds()
+    await restored.start([RANGES - 1])
+    await restored.first_wait(waiters=1)
+    await held_copies.wait_entered()
+    assert restored.proc is not None
+    restored.proc.kill()
+    rc, _ = await restored.result()
+    assert rc == -signal.SIGKILL
+    await restored.server.wait_closed()
+    st = restored.server.stats()
+    assert st.closed and st.waiting == 0 and st.failure == ""
+    held_copies.release.set()  # the copy finds the guest's mm gone
+    await restored.mf.wait_loaded()  # the block goes back to the loader: the load goes on
+    assert fds() - before == set()  # the copy's dup of the uffd closed too (and the load's fds)
+    progress = restored.progress()  # the copy landed nothing; its pages were freed since
+    assert progress.loaded_bytes + progress.dropped_bytes == progress.total_bytes
+    assert restored.server.stats().copied_bytes == 0  # its mm was gone: nothing landed
+    restored.mf.check_invariants()
 
 
 async def test_without_userfaultfd_the_fd_is_handed_only_once_the_guests_ranges_are_in(
