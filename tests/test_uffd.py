@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import json
 import mmap
@@ -38,11 +39,13 @@ from asyncpgalloc import (
     AccessType,
     AllocationMode,
     AllocOpts,
+    CheckpointError,
     DelayedEviction,
     FileRange,
     LoadProgress,
     MemoryFile,
     MemoryFileOpts,
+    PagesNotLoadedError,
 )
 from asyncpgalloc import uffd as U
 from asyncpgalloc.blocking import LEND_SECONDS, BlockingRunner
@@ -535,3 +538,187 @@ async def test_a_fault_server_for_a_guest_already_gone_closes_its_uffd(mf: Memor
         FaultServer(mf, fd, 0, PAGE_SIZE, proc.pid)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by the server, which owned it
+
+
+# ------------------------------------------------------------- fault copies, in-process
+#
+# This process registers its own mapping of the restored memfd with a userfaultfd and
+# drives the loader's fault copies itself: no page of it that is not loaded yet is ever
+# touched (the thread would wait for ever), only pages a copy filled.
+
+
+class Window:
+    """This process's mapping of ``mf``'s memfd, registered with a uffd of its own."""
+
+    def __init__(self, mf: MemoryFile) -> None:
+        self.size = os.fstat(mf.fd).st_size
+        self.map = mmap.mmap(mf.fd, self.size)
+        pin = (ctypes.c_char * self.size).from_buffer(self.map)
+        self.base = ctypes.addressof(pin)
+        del pin  # the address stays valid while the mapping is open
+        self.uffd = U.open_uffd()
+        U.api(self.uffd)
+        U.register(self.uffd, self.base, self.size)
+
+    def present(self, off: int, length: int) -> int:
+        """Pages of ``[off, off + length)`` in the memfd's page cache (``mincore``)."""
+        n = length // PAGE_SIZE
+        vec = (ctypes.c_ubyte * n)()
+        assert _libc.mincore(ctypes.c_void_p(self.base + off), length, vec) == 0
+        return sum(v & 1 for v in vec)
+
+    def close(self) -> None:
+        U.unregister(self.uffd, self.base, self.size)
+        os.close(self.uffd)
+        self.map.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+async def window(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], gate: Gate
+) -> AsyncIterator[tuple[MemoryFile, Window]]:
+    path, _specs = ckpt
+    mf = await MemoryFile.load(path, _opts(), async_pages=True)
+    w = Window(mf)
+    try:
+        yield mf, w
+    finally:
+        gate.release.set()
+        w.close()
+        await mf.aclose()
+
+
+def _claim(mf: MemoryFile, off: int, window: tuple[int, int], size: int) -> Any:
+    pl = mf.page_loader()
+    assert pl is not None
+    return pl, pl.claim(off, window, (0, size))
+
+
+@needs_uffd
+async def test_a_copied_page_counts_as_loaded_and_the_loader_never_writes_it_again(
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+    window: tuple[MemoryFile, Window],
+    gate: Gate,
+) -> None:
+    _path, specs = ckpt
+    mf, w = window
+    off, _length, token = specs[RANGES - 1]  # its blocks are not in the loader's jobs
+    pl, claim = _claim(mf, off + 5 * PAGE_SIZE, (off, off + PAGE_SIZE), w.size)
+    assert claim is not None and claim.nbytes == MiB  # the page's whole block
+    assert pl.claim(off + 9 * PAGE_SIZE, (off, off + PAGE_SIZE), (0, w.size)) is None  # taken
+    with pytest.raises(PagesNotLoadedError):
+        mf.map_internal(FileRange(off, off + PAGE_SIZE))  # pending until the copy is done
+    pl.copy_inline(claim, w.uffd, w.base)
+    assert claim.error is None and claim.copied == [(off, off + MiB)]
+    assert w.present(off, MiB) == MiB // PAGE_SIZE
+    assert mf.pending_load_bytes(FileRange(off, off + MiB)) == 0
+    progress = mf.load_progress()
+    assert progress is not None and progress.loaded_bytes == MiB
+    want = struct.pack("<Q", token) * (MiB // 8)
+    assert w.map[off : off + MiB] == want  # exactly the checkpoint's bytes
+    # The guest writes its page once resumed; the loader then loads everything else.
+    w.map[off : off + 5] = b"guest"
+    gate.release.set()
+    await mf.wait_loaded()
+    assert w.map[off : off + 5] == b"guest"  # never overwritten with the checkpoint's
+    assert w.map[off + 5 : off + MiB] == want[5:]
+    assert all(not (s < off + MiB and off < e) for s, e in gate.written)  # never re-read
+    progress = mf.load_progress()
+    assert progress is not None and progress.loaded_bytes == progress.total_bytes
+    mf.check_invariants()
+
+
+@needs_uffd
+async def test_a_copy_takes_the_pending_blocks_of_its_window_in_one_job(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], window: tuple[MemoryFile, Window]
+) -> None:
+    _path, specs = ckpt
+    mf, w = window
+    off, _length, token = specs[RANGES - 2]
+    pl, claim = _claim(mf, off + MiB + PAGE_SIZE, (off, off + 2 * MiB), w.size)
+    assert claim is not None and claim.nbytes == 2 * MiB
+    assert [b.number for b, _ in claim.batch] == [(off + MiB) // MiB, off // MiB]  # its own first
+    await pl.copy(claim, w.uffd, w.base)
+    assert claim.error is None and sorted(claim.copied) == [
+        (off, off + MiB),
+        (off + MiB, off + 2 * MiB),
+    ]
+    assert w.present(off, 2 * MiB) == 2 * MiB // PAGE_SIZE
+    assert w.map[off : off + 2 * MiB] == struct.pack("<Q", token) * (2 * MiB // 8)
+    assert mf.pending_load_bytes(FileRange(off, off + 2 * MiB)) == 0
+
+
+@needs_uffd
+async def test_a_damaged_block_is_never_copied_and_goes_back_to_the_loader(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], gate: Gate
+) -> None:
+    path, specs = ckpt
+    off = specs[RANGES - 1][0]
+    damage(path, off // MiB)
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        w = Window(mf)
+        try:
+            pl, claim = _claim(mf, off, (off, off + PAGE_SIZE), w.size)
+            pl.copy_inline(claim, w.uffd, w.base)
+            assert isinstance(claim.error, CheckpointError) and "mismatch" in str(claim.error)
+            assert claim.copied == [] and w.present(off, MiB) == 0  # not one byte
+            assert mf.pending_load_bytes(FileRange(off, off + MiB)) == MiB
+            waiter = asyncio.create_task(mf.wait_loaded(FileRange(off, off + PAGE_SIZE)))
+            gate.release.set()
+            with pytest.raises(CheckpointError, match="mismatch"):
+                await waiter  # the loader read it next (at the front of its queue)
+            assert pl.claim(off + MiB, (off, off + PAGE_SIZE), (0, w.size)) is None  # ended
+        finally:
+            gate.release.set()
+            w.close()
+
+
+@needs_uffd
+async def test_32_guests_fault_at_once_over_overlapping_prefetches(
+    ckpt: tuple[Path, list[tuple[int, int, int]]], gate: Gate
+) -> None:
+    """32 real guests on one restored file, each reading every range in its own order,
+    half of them copying 2 MiB windows: each block is copied (or loaded) exactly once,
+    every guest reads exactly the checkpoint's bytes."""
+    path, specs = ckpt
+    n = 32
+    async with await MemoryFile.load(path, _opts(), async_pages=True) as mf:
+        guests = []
+        for k in range(n):
+            r = Restored(mf, specs)
+            if k:
+                for o, length, _t in specs:
+                    mf.inc_ref(FileRange(o, o + length))  # each session frees its own
+            order = [(i + k) % len(specs) for i in range(len(specs))]
+            args = [f"--verify={o}:{ln}:{t}" for o, ln, t in (specs[i] for i in order)]
+            r.proc, r.task = await gp.start_guest(
+                mf,
+                r.session,
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                fault_mode=FaultMode.UFFD,
+                fault_ahead=(2 * MiB) if k % 2 else 0,
+            )
+            guests.append(r)
+        gate.release.set()  # the loader's two jobs go on: guests waiting on them resume
+        total = len(specs) * RANGE
+        for r in guests:
+            rc, counts = await r.result()
+            assert rc == 0, counts
+            assert counts["verified_bytes"] == counts["faulted_bytes"] == total
+            assert counts["bad_bytes"] == counts["errors"] == 0
+        await mf.wait_loaded()
+        stats = [r.server.stats() for r in guests]
+        assert all(st.failure == "" and st.waiting == 0 for st in stats)
+        assert sum(st.copied for st in stats) >= 1
+        progress = mf.load_progress()
+        assert progress is not None and progress.loaded_bytes == progress.total_bytes
+        # No block twice: what the copies landed and what the loader wrote are disjoint
+        # and make up the whole load.
+        copied = sum(st.copied_bytes for st in stats)
+        written = sum(e - s for s, e in gate.written)
+        assert copied + written == progress.total_bytes
+        mf.check_invariants()
