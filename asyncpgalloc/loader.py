@@ -402,7 +402,16 @@ class PageLoader:
     def pending_in(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` still to load (a failed load's stay pending for
         good). On the loop, O(log n + pending segments in the range)."""
+        if not self._pending_bytes:
+            return 0
         return sum(e - s for s, e, _ in self._pending.visit_range(start, end))
+
+    def _any_pending(self, start: int, end: int) -> bool:
+        """Whether any page of ``[start, end)`` is pending. O(log n), whatever the number
+        of pending segments in the range (fault copies leave many)."""
+        if not self._pending_bytes:
+            return False
+        return next(iter(self._pending.visit_range(start, end)), None) is not None
 
     def _pending_blocks(self, start: int, end: int) -> list[int]:
         """The pending blocks whose span meets ``[start, end)``, ascending. O(log n + k)."""
@@ -551,7 +560,7 @@ class PageLoader:
                 await asyncio.shield(self._progress)
                 if self._error is not None:
                     raise self._error
-                if not self.pending_in(start, end):
+                if not self._any_pending(start, end):
                     return
         finally:
             self._waiters -= 1

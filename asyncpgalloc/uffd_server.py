@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import loader, uffd
+from .blocking import hold_lending
 from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
 
@@ -60,6 +61,9 @@ logger = logging.getLogger("asyncpgalloc")
 READ_BATCH = 64
 #: Reads per wake-up before the loop gets a turn (the rest on the next wake-up).
 READS_PER_WAKEUP = 4
+#: After a fault, executor jobs stop lending the GIL for this long (see hold_lending):
+#: a lending turn blocks the loop up to 0.2 ms, the next fault's wait.
+QUIET_SECONDS = 0.05
 # The guest's mm is gone (it is exiting): nothing left to resolve.
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -196,6 +200,7 @@ class FaultServer:
     # ---------------------------------------------------------------- the faults
 
     def _readable(self) -> None:
+        hold_lending(QUIET_SECONDS)
         for _ in range(READS_PER_WAKEUP):
             try:
                 faults = uffd.read_faults(self._fd, READ_BATCH)

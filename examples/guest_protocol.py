@@ -531,7 +531,22 @@ async def start_guest(
     The guest waits for its hello before touching memory, so its pages are charged to
     its cgroup from the first. Returns the process and the serving task (which ends,
     every page freed, when the guest goes). Costs a fork+exec and a few syscalls.
+    :func:`spawn_guest` then :func:`hand_over` do the same in two steps (a guest
+    started ahead, waiting for a restore).
     """
+    proc, ours = await spawn_guest(*args, cgroup=cgroup, stdout=stdout)
+    task = await hand_over(
+        mf, session, proc, ours, hello=hello, fault_mode=fault_mode, fault_ahead=fault_ahead
+    )
+    return proc, task
+
+
+async def spawn_guest(
+    *args: str, cgroup: str | None = None, stdout: int | None = None
+) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start the guest program with ``args`` in ``cgroup``: it waits on the returned
+    socket for its hello (see :func:`hand_over`) before it touches any memory. Costs a
+    fork+exec. The caller owns the socket (``hand_over`` takes it)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -551,6 +566,29 @@ async def start_guest(
     try:
         if cgroup is not None:
             join_cgroup(cgroup, proc.pid)
+    except BaseException:
+        ours.close()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    return proc, ours
+
+
+async def hand_over(
+    mf: MemoryFile,
+    session: GuestSession,
+    proc: asyncio.subprocess.Process,
+    ours: socket.socket,
+    *,
+    hello: dict[str, Any] | None = None,
+    fault_mode: FaultMode | None = None,
+    fault_ahead: int = 0,
+) -> asyncio.Task[None]:
+    """Hand a guest from :func:`spawn_guest` its hello and the sealed memfd, set up its
+    fault service (see :func:`start_guest`) and serve it with ``session``; returns the
+    serving task. On any error the guest is killed. A few syscalls and round trips."""
+    try:
         faulting = fault_mode in (FaultMode.UFFD, FaultMode.UFFD_USER)
         if fault_mode is FaultMode.WAIT:
             session.fault_mode = fault_mode.value
@@ -574,4 +612,4 @@ async def start_guest(
             proc.kill()
         await proc.wait()
         raise
-    return proc, asyncio.create_task(session.serve(reader, writer), name=f"guest-{proc.pid}")
+    return asyncio.create_task(session.serve(reader, writer), name=f"guest-{proc.pid}")
