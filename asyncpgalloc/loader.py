@@ -45,7 +45,7 @@ from .checkpoint_format import Block, Header, block_seed
 from .checkpoint_format import crc as crc32c
 from .core import SegmentSet
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
-from .ranges import FileRange
+from .ranges import PAGE_SIZE, FileRange
 from .stats import LoadProgress
 
 __all__ = ["FaultCopy", "LoadProgress", "PageLoader"]
@@ -76,6 +76,9 @@ class FaultCopy:
 
     batch: Batch
     nbytes: int
+    #: The faulting page (a file offset): copied first, so that its guest resumes
+    #: before the rest of the window is in.
+    page: int = -1
     copied: list[tuple[int, int]] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -463,7 +466,7 @@ class PageLoader:
                     self._inc_ref(FileRange(s, s + length))
             batch.append((block, parts))
             nbytes += sum(n for _, n in block.pieces)
-        return FaultCopy(batch, nbytes) if batch else None
+        return FaultCopy(batch, nbytes, page) if batch else None
 
     def copy_inline(self, claim: FaultCopy, fd: int, delta: int) -> None:
         """Do ``claim``'s copy on the loop, into the guest of userfaultfd ``fd`` (file
@@ -638,16 +641,25 @@ def _copy_blocks_job(
             pos = 0
             for s, length, wanted in parts:
                 if wanted:
-                    done, err = uffd.copy_range(fd, s + delta, addr + pos, length)
-                    if done:
-                        claim.copied.append((s, s + done))
-                    if err is not None:
-                        claim.error = err
-                        return
+                    for s2, n2 in _page_first(s, length, claim.page):
+                        done, err = uffd.copy_range(fd, s2 + delta, addr + pos + s2 - s, n2)
+                        if done:
+                            claim.copied.append((s2, s2 + done))
+                        if err is not None:
+                            claim.error = err
+                            return
                 pos += length
     except BaseException as e:
         claim.error = e
         raise
+
+
+def _page_first(s: int, n: int, page: int) -> list[tuple[int, int]]:
+    """``[s, s + n)`` as (start, length) pieces, the page at ``page`` first if in it."""
+    if not s <= page < s + n:
+        return [(s, n)]
+    out = [(page, PAGE_SIZE), (s, page - s), (page + PAGE_SIZE, s + n - page - PAGE_SIZE)]
+    return [(a, b) for a, b in out if b > 0]
 
 
 def _read_blocks_job(

@@ -41,6 +41,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -321,6 +322,12 @@ class FaultServer:
             if e.errno not in _GONE:
                 self._fail(f"resolving its fault at {page:#x} failed: {e}")
 
+    def _exited(self) -> bool:
+        """The guest has exited (its pidfd is readable). One ``poll``, never blocks."""
+        p = select.poll()
+        p.register(self._pidfd, select.POLLIN)
+        return bool(p.poll(0))
+
     def _fail(self, reason: str) -> None:
         """Kill the guest (its faulting thread must never see the hole) and close."""
         if self._closed:
@@ -341,9 +348,9 @@ class FaultServer:
         try:
             uffd.unregister(self._fd, self._base, self._length)
         except uffd.UffdError as e:
-            # EINVAL: the guest unmapped (or remapped) its window, exiting: no fault of
-            # it can wait on us any more.
-            if e.errno not in (*_GONE, errno.EINVAL):
+            # EINVAL: the guest unmapped (or remapped) its window, exiting; or it is gone
+            # (its mm torn down before its exit reached us): no fault of it can wait.
+            if e.errno not in (*_GONE, errno.EINVAL) and not self._exited():
                 self._fail(f"unregistering its mapping failed: {e}")
                 return
         self._unregistered = True

@@ -1,26 +1,41 @@
-"""Fault service benchmark: one 4 KiB userfaultfd fault of a real guest, touch to resumed.
+"""Fault service benchmarks: real guests faulting in a restored file through a userfaultfd.
 
-Per repetition a checkpoint (``--data-mib`` MiB committed and filled, saved in 4 KiB
-blocks so that one fault loads exactly one page, plus a ``--hole-mib`` MiB range never
-committed) is loaded with ``async_pages=True`` and a real guest process
+Fault phases: per repetition a checkpoint (``--data-mib`` MiB committed and filled,
+saved in 4 KiB blocks so that one fault reads exactly its page, plus a ``--hole-mib``
+MiB range never committed) is loaded with ``async_pages=True`` and a real guest process
 (``examples/sandbox_guest.py``'s uffd attach) is handed the memfd at once. The guest
-times, in itself, each touch of a page through its registered mapping:
+times, in itself, each touch of a page through its registered mapping (touch to
+resumed):
 
-- ``hole``: pages of the never-committed range: every touch is a fault the supervisor
-  resolves at once with ``UFFDIO_ZEROPAGE`` (the pure round trip guest -> loop -> guest);
-- ``load``: one page in 16 of the data, from the end backwards (away from the loader's
-  sequential front), each touched only if ``mincore`` says it is not in yet: the fault
-  waits for its block (moved to the front of the loader's queue, read, CRC-checked),
-  then ``UFFDIO_WAKE``;
-- ``pread``: the raw ``pread`` of 4 KiB of the checkpoint (in the page cache), in the
-  same guest and run: what reading the page costs by itself.
+- ``hole``: pages of the never-committed range (loader held): ``UFFDIO_ZEROPAGE`` at
+  once, the pure round trip guest -> loop -> guest;
+- ``copy``: every other page of the data's upper half, from the end (loader held, so
+  every touch is a fault): the page's 4 KiB block read with its CRC, checked and
+  ``UFFDIO_COPY``-ed on the loop;
+- ``load``: one page in 16 of the data, from the end, with the loader running, each
+  touched only if ``mincore`` says it is not in yet;
+- ``copy2m``: a checkpoint of ``--data-2m-mib`` MiB in 1 MiB blocks, the server's
+  ``ahead`` window 2 MiB: one touch per 2 MiB of the upper half, each copying its
+  window's two blocks in the fault thread; against the guest's raw ``pread`` of 2 MiB of
+  the checkpoint (page cache) and the hole round trip of the same run: target p50 <= 2 x
+  pread + round trip.
 
-Figures: per repetition the p50 and p99 of each kind (µs, at least ``--faults`` faults
-per kind and repetition where the sizes allow), then medians over ``--reps``. One JSON
-object per figure (``run.py``'s format), then a table.
+For the 4 KiB phases the raw ``pread`` of 4 KiB in the same guest and run is given too.
+Figures: per repetition the p50 and p99 (µs), then medians over ``--reps``.
+
+``restore``: a guest started and waiting on its socket (``spawn_guest``); from
+``MemoryFile.load`` called (a checkpoint of ``--restore-mib`` MiB committed, 1 MiB
+blocks) to the guest reading its first byte (the middle of the data: a fault copy) (ms,
+both processes' ``CLOCK_MONOTONIC``). ``lag``: run.py's 1 ms ticker from ``load`` to the
+last of ``--guests`` guests (started beforehand) faulting in and verifying 8 ranges of
+``--lag-range-mib`` MiB each (every other guest with a 2 MiB window) while the loader runs.
+
+One JSON object per figure (``run.py``'s format; ``--json`` writes them all to a file),
+then a table.
 
 Run: python benchmarks/bench_uffd.py [--reps 5] [--loop uvloop|asyncio|both]
-     [--data-mib 256] [--hole-mib 48]
+     [--data-mib 256] [--hole-mib 48] [--data-2m-mib 1024] [--restore-mib 1024]
+     [--guests 32] [--lag-range-mib 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,6 +110,7 @@ hole = []
 for off in range(h_off, h_off + h_len if phase == "hole" else h_off, P):
     t = clock(); w[off]; hole.append(clock() - t)
 load = []
+win = []
 # With the loader held, its first jobs (the start of the data) never finish: the upper half.
 low = d_off + d_len // 2 if phase in ("copy", "copy2m") else d_off
 for off in range(d_off + d_len - stride, low - 1 if phase != "hole" else d_off + d_len, -stride):
@@ -102,6 +118,10 @@ for off in range(d_off + d_len - stride, low - 1 if phase != "hole" else d_off +
     if vec[0] & 1:
         continue  # the loader (or the window of an earlier copy) got there first
     t = clock(); w[off]; load.append(clock() - t)
+    if phase == "copy2m":  # the whole window: every page of it read once
+        for page in range(off + P, off + stride, P):
+            w[page]
+        win.append(clock() - t)
 fd = os.open(ckpt, os.O_RDONLY)
 buf = bytearray(raw_size)
 span = max(1, min(4096, (os.fstat(fd).st_size - data_at) // raw_size))
@@ -109,7 +129,8 @@ pread = []
 for i in range(min(len(hole) + len(load), 20000) or 1):
     t = clock(); os.preadv(fd, [buf], data_at + (i % span) * raw_size); pread.append(clock() - t)
 print(json.dumps({"mode": mode, **{f"{k}_{q}": p(v, x) for k, v in
-    (("hole", hole), ("load", load), ("pread", pread)) for q, x in (("p50", .5), ("p99", .99))},
+    (("hole", hole), ("load", load), ("win", win), ("pread", pread))
+    for q, x in (("p50", .5), ("p99", .99))}, "win_n": len(win),
     "hole_n": len(hole), "load_n": len(load)}), flush=True)
 g.request("bye")
 """
@@ -308,13 +329,18 @@ async def restore_rep(path: Path, data: FileRange, hole: FileRange) -> dict[str,
     }
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command. One small read."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 async def settled(pid: int) -> None:
     """Until process ``pid`` sleeps with its CPU time unchanged for 0.1 s (done importing,
     blocked in its first read). A few /proc reads."""
     last = None
     while True:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = proc_stat(pid)
         now = (fields[0], fields[11], fields[12])  # state, utime, stime
         if now == last and now[0] == "S":
             return
@@ -412,7 +438,8 @@ async def bench_faults(d: Path, args: argparse.Namespace, params: dict[str, Any]
         ("hole", "zero-page fault", "hole", 100.0),
         ("copy", "fault copying its 4 KiB page (loader held)", "load", 100.0),
         ("load", "fault on a 4 KiB page, loader running", "load", 100.0),
-        ("copy2m", "fault copying its 2 MiB window (loader held)", "load", 2 * raw2m + hole_p50),
+        ("copy2m", "fault copying its 2 MiB window (loader held)", "load", None),
+        ("copy2m", "2 MiB window, first touch to every page read", "win", 2 * raw2m + hole_p50),
     ):
         rs = runs[name]
         for q, limit in (("p50", p50_limit), ("p99", 1000.0 if name != "copy2m" else None)):
