@@ -482,11 +482,12 @@ class PageLoader:
             self._finish_copy(claim)
 
     async def copy(self, claim: FaultCopy, fd: int, delta: int) -> None:
-        """Do ``claim``'s copy in the loader's fault thread and finish it. ``fd`` is
-        the caller's, kept open until this returns (a dup is used: closing ``fd`` early
-        is safe). Costs an executor hop (~20-200 µs) plus the read, CRC and copy.
-        Cancelling the await does not stop the copy: the load waits for it to end."""
-        task = asyncio.get_running_loop().create_task(self._copy_task(claim, os.dup(fd), delta))
+        """Do ``claim``'s copy in the loader's fault thread and finish it. Takes ``fd``
+        (a dup of the guest's uffd, made when the claim was: the copy closes it, so the
+        caller may close its own at any time). Costs an executor hop (~20-200 µs) plus
+        the read, CRC and copy. Cancelling the await does not stop the copy: the load
+        waits for it to end."""
+        task = asyncio.get_running_loop().create_task(self._copy_task(claim, fd, delta))
         self._copies.add(task)
         task.add_done_callback(self._copies.discard)
         await asyncio.shield(task)

@@ -245,7 +245,9 @@ class FaultServer:
             pl.copy_inline(claim, self._fd, self._base - self._offset)
             self._copy_done(page, fr, claim)
         else:
-            task = self._waits[page] = self._loop.create_task(self._copy(pl, page, fr, claim))
+            # A dup of our uffd for the copy (close() does not wait for it).
+            copy = self._copy(pl, page, fr, claim, os.dup(self._fd))
+            task = self._waits[page] = self._loop.create_task(copy)
             self._copies.add(task)
             task.add_done_callback(self._copies.discard)
 
@@ -262,10 +264,9 @@ class FaultServer:
         return max(start, lo), min(start + self._ahead, hi)
 
     async def _copy(
-        self, pl: loader.PageLoader, page: int, fr: FileRange, claim: loader.FaultCopy
+        self, pl: loader.PageLoader, page: int, fr: FileRange, claim: loader.FaultCopy, fd: int
     ) -> None:
-        # The copy has a dup of fd: close() need not wait for it.
-        await pl.copy(claim, self._fd, self._base - self._offset)
+        await pl.copy(claim, fd, self._base - self._offset)
         if self._waits.get(page) is asyncio.current_task():
             del self._waits[page]
         self._copy_done(page, fr, claim)

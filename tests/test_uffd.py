@@ -652,7 +652,7 @@ async def test_a_copy_takes_the_pending_blocks_of_its_window_in_one_job(
     pl, claim = _claim(mf, off + MiB + PAGE_SIZE, (off, off + 2 * MiB), w.size)
     assert claim is not None and claim.nbytes == 2 * MiB
     assert [b.number for b, _ in claim.batch] == [(off + MiB) // MiB, off // MiB]  # its own first
-    await pl.copy(claim, w.uffd, w.base)
+    await pl.copy(claim, os.dup(w.uffd), w.base)  # takes the fd
     assert claim.error is None and _merged(claim.copied) == [(off, off + 2 * MiB)]
     assert w.present(off, 2 * MiB) == 2 * MiB // PAGE_SIZE
     assert w.map[off : off + 2 * MiB] == struct.pack("<Q", token) * (2 * MiB // 8)
