@@ -349,9 +349,11 @@ class FaultServer:
         try:
             uffd.unregister(self._fd, self._base, self._length)
         except uffd.UffdError as e:
-            # EINVAL: the guest unmapped (or remapped) its window, exiting; or it is gone
-            # (its mm torn down before its exit reached us): no fault of it can wait.
-            if e.errno not in (*_GONE, errno.EINVAL) and not self._exited():
+            # ENOMEM: the guest's mm is gone (the kernel's answer when it cannot take a
+            # reference on it: exiting, its pidfd not readable yet); EINVAL: it unmapped
+            # or remapped its window, exiting. No fault of it can wait on us any more.
+            gone = (*_GONE, errno.ENOMEM, errno.EINVAL)
+            if e.errno not in gone and not self._exited():
                 self._fail(f"unregistering its mapping failed: {e}")
                 return
         self._unregistered = True

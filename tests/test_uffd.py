@@ -20,7 +20,9 @@ import mmap
 import os
 import random
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -730,3 +732,43 @@ async def test_32_guests_fault_at_once_over_overlapping_prefetches(
         written = sum(e - s for s, e in gate.written)
         assert copied + written == progress.total_bytes
         mf.check_invariants()
+
+
+#: A guest that registers an anonymous mapping with a uffd, hands the uffd over and exits.
+EXITING_GUEST = r"""
+import mmap, socket, sys, ctypes
+from asyncpgalloc import uffd as U
+sock = socket.socket(fileno=int(sys.argv[1]))
+fd = U.open_uffd()
+U.api(fd)
+m = mmap.mmap(-1, 1 << 20)
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+U.register(fd, base, 1 << 20)
+socket.send_fds(sock, [f"{base}".encode()], [fd])
+"""
+
+
+@needs_uffd
+async def test_a_guest_gone_when_its_range_is_unregistered_is_not_a_failure(
+    mf: MemoryFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its mm is torn down before its pidfd is readable: UFFDIO_UNREGISTER says ENOMEM
+    (the kernel cannot take a reference on the mm). The server killed it (an exiting
+    process) and recorded a failure."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - not asyncio.s: its watcher would reap it
+            [sys.executable, "-c", EXITING_GUEST, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+        )
+        msg, fds, _flags, _addr = socket.recv_fds(ours, 64, 1)
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222 - exited, not reaped
+        server = FaultServer(mf, fds[0], int(msg), 1 << 20, proc.pid)
+        server.start()  # the file is loaded: it unregisters at once
+        await server.wait_closed()
+        st = server.stats()
+        assert st.failure == "" and st.closed, st
+        assert not any("killed" in m for m in caplog.messages)
+    finally:
+        assert proc.wait() == 0
