@@ -22,6 +22,7 @@ __all__ = [
     "SLICE_SECONDS",
     "BlockingRunner",
     "finish_uncancelled",
+    "hold_lending",
     "lend_gil_until",
     "run_signalling",
 ]
@@ -65,6 +66,8 @@ async def lend_gil_until(done: threading.Event, fut: asyncio.Future[Any] | None 
     run (each turn 2 x LEND_SECONDS late, I/O noticed that much later).
     """
     while True:
+        if time.monotonic() < _hold.until:
+            return  # latency-critical I/O on this loop: no turn may block
         began = time.perf_counter()
         finished = done.wait(LEND_SECONDS)
         _lent.seconds += time.perf_counter() - began
@@ -74,6 +77,22 @@ async def lend_gil_until(done: threading.Event, fut: asyncio.Future[Any] | None 
         await asyncio.sleep(0)
         if time.perf_counter() - turn - (_lent.seconds - lent) < IDLE_TURN_SECONDS:
             return
+
+
+class _Hold(threading.local):
+    until = 0.0  # no lending on this thread's loop until then (time.monotonic)
+
+
+_hold = _Hold()
+
+
+def hold_lending(seconds: float) -> None:
+    """Stop :func:`lend_gil_until` blocking this thread's loop for the next ``seconds``:
+    its jobs in flight stop lending, new ones do not start (the loop serves
+    latency-critical I/O, e.g. guests' page faults, whose every turn would otherwise
+    wait up to LEND_SECONDS behind a lender; between such events the loop idles, and a
+    job gets the GIL anyway). O(1), on the loop."""
+    _hold.until = max(_hold.until, time.monotonic() + seconds)
 
 
 class _Lent(threading.local):

@@ -476,7 +476,13 @@ def check_block_crc(src_fd: int, pos: int, crc: int, number: int) -> None:
     """Compare ``crc`` (computed over block ``number`` as it landed) with the u32 stored
     at ``pos`` of ``src_fd``; raise :class:`CheckpointError` if it is missing or differs.
     **Blocking**: one 4-byte ``pread``."""
-    raw = os.pread(src_fd, 4, pos)
+    check_crc(crc, os.pread(src_fd, 4, pos), number)
+
+
+def check_crc(crc: int, raw: bytes | memoryview, number: int) -> None:
+    """Compare ``crc`` (computed over block ``number``) with ``raw``, the block's stored
+    u32 as read (short: the checkpoint ends early); raise :class:`CheckpointError` if it
+    is missing or differs. O(1)."""
     if len(raw) != 4:
         raise CheckpointError("truncated checkpoint: data ends early")
     if crc != unpack_crc(raw):

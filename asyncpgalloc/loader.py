@@ -33,21 +33,24 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from . import checkpoint_io
+from . import checkpoint_io, uffd
 from .blocking import BlockingRunner, finish_uncancelled
 from .checkpoint_format import Block, Header, block_seed
 from .checkpoint_format import crc as crc32c
 from .core import SegmentSet
 from .errors import CheckpointError, ClosedError, PagesNotLoadedError, PoisonedError
-from .ranges import FileRange
+from .ranges import PAGE_SIZE, FileRange
 from .stats import LoadProgress
 
-__all__ = ["LoadProgress", "PageLoader"]
+__all__ = ["FaultCopy", "LoadProgress", "PageLoader"]
 
 logger = logging.getLogger("asyncpgalloc")
 
@@ -56,6 +59,35 @@ RefFn = Callable[[FileRange], None]
 
 # Block states (_PREFERRED only while the constructor dedupes the order's blocks).
 _PENDING, _STARTED, _DONE, _PREFERRED = 0, 1, 2, 3
+#: A fault copy reading at most this many checkpoint bytes runs on the loop (a page
+#: cache ``pread``, a CRC and a ``UFFDIO_COPY``: ~10 µs per 4 KiB block, less than the
+#: executor's hop); a larger one goes to the loader's fault thread.
+INLINE_COPY_BYTES = 256 << 10
+#: Guests whose mm is gone: the pages not copied stay pending, nothing is wrong.
+_GONE = (errno.ESRCH, errno.ENOENT)
+Batch = list[tuple[Block, list[tuple[int, int, bool]]]]
+
+
+@dataclass
+class FaultCopy:
+    """Blocks claimed for one fault (:meth:`PageLoader.claim`): read from the checkpoint,
+    CRC-checked and copied into a guest with ``UFFDIO_COPY`` by the fault's server instead
+    of the loader. ``nbytes``: checkpoint bytes to read; ``copied``: the file ranges that
+    landed in the memory file (copied, or found there), filled in by the copy; ``error``:
+    what stopped it (a CRC mismatch, a read error, the guest's ``UFFDIO_COPY`` error)."""
+
+    batch: Batch
+    nbytes: int
+    #: The faulting page (a file offset): copied first, so that its guest resumes
+    #: before the rest of the window is in.
+    page: int = -1
+    copied: list[tuple[int, int]] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def guest_gone(self) -> bool:
+        """The copy stopped because the guest's mm is gone (nothing to resolve)."""
+        return isinstance(self.error, uffd.UffdError) and self.error.errno in _GONE
 
 
 class _Cancelled(CheckpointError):
@@ -99,6 +131,15 @@ class PageLoader:
         self._dst_fd = dst_fd
         self._executor = executor
         self._runner = BlockingRunner(executor)
+        # Fault copies too large for the loop: a thread of their own, never queued
+        # behind the loader's batches; one buffer for it, one for copies on the loop.
+        self._fault_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="asyncpgalloc-fault-copy"
+        )
+        self._fault_runner = BlockingRunner(self._fault_executor)
+        self._copies: set[asyncio.Task[None]] = set()
+        self._bufs: dict[bool, ctypes.Array[ctypes.c_char]] = {}
+        self._stopping = False
         self._views = views
         self._inc_ref = inc_ref
         self._dec_ref = dec_ref
@@ -153,7 +194,9 @@ class PageLoader:
 
     def wait_idle_blocking(self, timeout: float) -> bool:
         """Block until no read of this loader runs in a thread (see BlockingRunner)."""
-        return self._runner.wait_idle_blocking(timeout)
+        return self._runner.wait_idle_blocking(timeout) and self._fault_runner.wait_idle_blocking(
+            timeout
+        )
 
     async def run(self) -> None:
         """The loader: read every pending block, awaited ones first, two batches at a
@@ -203,6 +246,8 @@ class PageLoader:
             if not isinstance(e, Exception):
                 raise
         finally:
+            self._stopping = True  # no new fault copy; those in flight finish first
+            inflight |= self._copies
             try:
                 if inflight and not closing:
                     # The other batch's thread still writes its pages: let it finish, with
@@ -244,6 +289,7 @@ class PageLoader:
                     os.close(fd)
         self._src_fd = self._dst_fd = -1
         self._executor.shutdown(wait=False)
+        self._fault_executor.shutdown(wait=False)
 
     def _pulse(self) -> None:
         """Wake every waiter (they look at the state again)."""
@@ -299,12 +345,15 @@ class PageLoader:
                 state[i] = _STARTED
         return indices
 
-    def _wanted_parts(self, block: Block) -> list[tuple[int, int, bool]]:
-        """``block``'s pieces cut into (offset, length, still wanted), in order."""
+    def _wanted_parts(
+        self, block: Block, lo: int = 0, hi: int = 2**63
+    ) -> list[tuple[int, int, bool]]:
+        """``block``'s pieces cut into (offset, length, still wanted), in order; only
+        pages of ``[lo, hi)`` are wanted."""
         parts: list[tuple[int, int, bool]] = []
         for off, n in block.pieces:
             pos, end = off, off + n
-            for s, e, _ in self._pending.visit_range(off, end):
+            for s, e, _ in self._pending.visit_range(max(off, lo), min(end, hi)):
                 if s > pos:
                     parts.append((pos, s - pos, False))
                 parts.append((s, e - s, True))
@@ -391,6 +440,8 @@ class PageLoader:
     def pending_in(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` still to load (a failed load's stay pending for
         good). On the loop, O(log n + pending segments in the range)."""
+        if not self._pending_bytes:
+            return 0
         return sum(e - s for s, e, _ in self._pending.visit_range(start, end))
 
     def _blocks_in(self, start: int, end: int) -> list[int]:
@@ -405,12 +456,132 @@ class PageLoader:
             i += 1
         return found
 
+    def _any_pending(self, start: int, end: int) -> bool:
+        """Whether any page of ``[start, end)`` is pending. O(log n), whatever the number
+        of pending segments in the range (fault copies leave many)."""
+        if not self._pending_bytes:
+            return False
+        return next(iter(self._pending.visit_range(start, end)), None) is not None
+
+    def _pending_blocks(self, start: int, end: int) -> list[int]:
+        """The pending blocks whose span meets ``[start, end)``, ascending. O(log n + k)."""
+        return [i for i in self._blocks_in(start, end) if self._state[i] == _PENDING]
+
     def _prioritize(self, start: int, end: int) -> None:
         """Put the blocks holding pending pages of ``[start, end)`` first in the queue."""
-        front = [i for i in self._blocks_in(start, end) if self._state[i] == _PENDING]
+        front = self._pending_blocks(start, end)
         self._urgent.extendleft(reversed(front))
         if front:
             self._wakeup.set()
+
+    # ------------------------------------------------------------------ fault copies
+
+    def claim(
+        self, page: int, window: tuple[int, int], mapped: tuple[int, int]
+    ) -> FaultCopy | None:
+        """Take the blocks of a fault on ``page`` (a file offset) away from the loader:
+        the one holding it, then every other pending block meeting ``window``; their
+        pages of ``mapped`` (the guest's mapping, file offsets) are to be copied. On the
+        loop, no await, O(log n + blocks): marks them started and takes their temporary
+        references, as a loader batch. None if the page's block is being read already
+        (by the loader or another fault: wait for it) or the loader has stopped.
+        Follow with :meth:`copy_inline` or :meth:`copy`, which always finish the claim."""
+        if self._stopping or self._done or self._src_fd < 0:
+            return None
+        i = bisect.bisect_right(self._starts, page) - 1
+        if i < 0 or self._state[i] != _PENDING:
+            return None
+        indices = [i] + [j for j in self._pending_blocks(*window) if j != i]
+        batch: Batch = []
+        nbytes = 0
+        for j in indices:
+            block = self._blocks[j]
+            parts = self._wanted_parts(block, *mapped)
+            if not any(wanted for _, _, wanted in parts):
+                continue  # nothing of the guest's in it: the loader's
+            self._state[j] = _STARTED
+            for s, length, wanted in parts:
+                if wanted:
+                    self._inc_ref(FileRange(s, s + length))
+            batch.append((block, parts))
+            nbytes += sum(n for _, n in block.pieces)
+        return FaultCopy(batch, nbytes, page) if batch else None
+
+    def copy_inline(self, claim: FaultCopy, fd: int, delta: int) -> None:
+        """Do ``claim``'s copy on the loop, into the guest of userfaultfd ``fd`` (file
+        offset + ``delta`` = guest address), and finish it. **Blocks** the loop for the
+        read, CRC and copy: only for ``claim.nbytes <= INLINE_COPY_BYTES``."""
+        try:
+            _copy_blocks_job(
+                self._src_fd, self._base, self._header, claim, self._buffer(inline=True), fd, delta
+            )
+        except Exception:  # kept in claim.error for the caller
+            pass
+        finally:
+            self._finish_copy(claim)
+
+    async def copy(self, claim: FaultCopy, fd: int, delta: int) -> None:
+        """Do ``claim``'s copy in the loader's fault thread and finish it. Takes ``fd``
+        (a dup of the guest's uffd, made when the claim was: the copy closes it, so the
+        caller may close its own at any time). Costs an executor hop (~20-200 µs) plus
+        the read, CRC and copy. Cancelling the await does not stop the copy: the load
+        waits for it to end."""
+        task = asyncio.get_running_loop().create_task(self._copy_task(claim, fd, delta))
+        self._copies.add(task)
+        task.add_done_callback(self._copies.discard)
+        await asyncio.shield(task)
+
+    async def _copy_task(self, claim: FaultCopy, fd: int, delta: int) -> None:
+        try:
+            await self._fault_runner.run(
+                _copy_blocks_job,
+                self._src_fd,
+                self._base,
+                self._header,
+                claim,
+                self._buffer(inline=False),
+                fd,
+                delta,
+            )
+        except BaseException as e:
+            if claim.error is None:
+                claim.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            os.close(fd)
+            self._finish_copy(claim)
+
+    def _buffer(self, *, inline: bool) -> ctypes.Array[ctypes.c_char]:
+        """The copy buffer of the loop (``inline``) or of the fault thread: one block and
+        its CRC. Allocated once."""
+        buf = self._bufs.get(inline)
+        if buf is None:
+            buf = self._bufs[inline] = ctypes.create_string_buffer(self._header.block_size + 4)
+        return buf
+
+    def _finish_copy(self, claim: FaultCopy) -> None:
+        """The claim's bookkeeping, on the loop, no await: what landed is loaded (the
+        loader never writes it again); a block with pages still pending (not the guest's,
+        or not copied) goes back to the front of the loader's queue; waiters are told."""
+        for s, e in claim.copied:
+            n = self.pending_in(s, e)
+            self._pending.remove_range(s, e)
+            self._pending_bytes -= n
+            self._loaded += n
+        back: list[int] = []
+        for block, _parts in claim.batch:
+            i = block.number
+            if any(self.pending_in(off, off + n) for off, n in block.pieces):
+                self._state[i] = _PENDING
+                back.append(i)
+            else:
+                self._state[i] = _DONE
+        self._urgent.extendleft(reversed(back))
+        self._drop_refs(claim.batch)
+        if back or not self._pending_bytes:
+            self._wakeup.set()
+        self._pulse()
 
     async def wait(self, start: int, end: int, *, prioritize: bool = True) -> None:
         """Wait until no page of ``[start, end)`` is pending; its blocks go first
@@ -434,7 +605,7 @@ class PageLoader:
                 await asyncio.shield(self._progress)
                 if self._error is not None:
                     raise self._error
-                if not self.pending_in(start, end):
+                if not self._any_pending(start, end):
                     return
         finally:
             self._waiters -= 1
@@ -484,6 +655,54 @@ def _preadv_all(fd: int, bufs: list[memoryview], pos: int) -> None:
             bufs = bufs[1:]
         if got:
             bufs = [bufs[0][got:], *bufs[1:]]
+
+
+def _copy_blocks_job(
+    src_fd: int,
+    base: int,
+    header: Header,
+    claim: FaultCopy,
+    buf: ctypes.Array[ctypes.c_char],
+    fd: int,
+    delta: int,
+) -> None:
+    """Read each block of ``claim`` with its CRC-32C in one ``pread``, check it, then
+    ``UFFDIO_COPY`` its wanted pages into the guest of userfaultfd ``fd`` (file offset
+    + ``delta``). **Blocking**: ~the block bytes twice at memory speed. Records what
+    landed in ``claim.copied`` as it goes and what stopped it in ``claim.error`` (a
+    read error or CRC mismatch raises after recording it): never a byte before its
+    block's CRC passed."""
+    stride = header.block_size + 4
+    view = memoryview(buf).cast("B")
+    addr = ctypes.addressof(buf)
+    try:
+        for block, parts in claim.batch:
+            n = sum(length for _, length in block.pieces)
+            _preadv_all(src_fd, [view[: n + 4]], base + block.number * stride)
+            crc = crc32c(view[:n], block_seed(header.crc, block.number))
+            checkpoint_io.check_crc(crc, view[n : n + 4], block.number)
+            pos = 0
+            for s, length, wanted in parts:
+                if wanted:
+                    for s2, n2 in _page_first(s, length, claim.page):
+                        done, err = uffd.copy_range(fd, s2 + delta, addr + pos + s2 - s, n2)
+                        if done:
+                            claim.copied.append((s2, s2 + done))
+                        if err is not None:
+                            claim.error = err
+                            return
+                pos += length
+    except BaseException as e:
+        claim.error = e
+        raise
+
+
+def _page_first(s: int, n: int, page: int) -> list[tuple[int, int]]:
+    """``[s, s + n)`` as (start, length) pieces, the page at ``page`` first if in it."""
+    if not s <= page < s + n:
+        return [(s, n)]
+    out = [(page, PAGE_SIZE), (s, page - s), (page + PAGE_SIZE, s + n - page - PAGE_SIZE)]
+    return [(a, b) for a, b in out if b > 0]
 
 
 def _read_blocks_job(

@@ -1184,6 +1184,11 @@ class MemoryFile:
         O(entries), never blocks."""
         return self._working_set.order()
 
+    def page_loader(self) -> PageLoader | None:
+        """Internal (:mod:`asyncpgalloc.uffd_server`): the ``async_pages`` load, for fault
+        copies straight from the checkpoint; None for a file not loaded that way. O(1)."""
+        return self._loader
+
     def load_progress(self) -> LoadProgress | None:
         """How far an ``async_pages`` load has got (see
         :class:`~asyncpgalloc.LoadProgress`); None for a file not loaded that way.

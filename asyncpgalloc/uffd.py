@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import AllocatorError
+from .ranges import PAGE_SIZE
 
 __all__ = [
     "FEATURE_MINOR_SHMEM",
@@ -38,6 +39,7 @@ __all__ = [
     "UffdProbe",
     "api",
     "copy",
+    "copy_range",
     "open_uffd",
     "probe",
     "read_faults",
@@ -206,6 +208,38 @@ def copy(fd: int, dst: int, src: int, length: int, *, wake_up: bool = True) -> i
     buf = bytearray(_COPY.pack(dst, src, length, 0 if wake_up else MODE_DONTWAKE, 0))
     _ioctl(fd, UFFDIO_COPY, buf, f"UFFDIO_COPY [{dst:#x}, +{length:#x})")
     return int(_COPY.unpack(buf)[4])
+
+
+def copy_range(fd: int, dst: int, src: int, length: int) -> tuple[int, UffdError | None]:
+    """:func:`copy` of the whole range, around pages already there (``EEXIST``: that
+    page is woken instead, its bytes left as they are). Returns the bytes done from
+    ``dst`` on (copied or found there) and the error that stopped it early, if any
+    (``ESRCH``/``ENOENT``: the mm is gone). One ioctl when no page is there already,
+    one more per such page; costs the copy (~1 µs per 4 KiB). **Blocks** for that long."""
+    done = 0
+    while done < length:
+        buf = bytearray(_COPY.pack(dst + done, src + done, length - done, 0, 0))
+        try:
+            fcntl.ioctl(fd, UFFDIO_COPY, buf, True)
+            done = length
+            continue
+        except OSError as e:
+            err = e.errno or errno.EIO
+        got = int(_COPY.unpack(buf)[4])  # the kernel's count, even when it failed
+        if got > 0:
+            done += got  # a partial copy (-EAGAIN): go on from there
+            continue
+        if got < 0:
+            err = -got
+        if err == errno.EEXIST:
+            try:
+                wake(fd, dst + done, PAGE_SIZE)
+            except UffdError as w:
+                return done, w
+            done += PAGE_SIZE
+            continue
+        return done, UffdError(f"UFFDIO_COPY [{dst + done:#x}, +{length - done:#x})", err)
+    return done, None
 
 
 def read_faults(fd: int, most: int = 64) -> list[PageFault]:

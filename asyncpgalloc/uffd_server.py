@@ -6,9 +6,18 @@ for missing-page faults and hands the uffd to its supervisor (see
 the loader has not written yet is a hole in the memfd: the guest's touch of it
 faults, and :class:`FaultServer` resolves the fault on the loop:
 
-- the page is still pending in the load: ``await mf.wait_loaded(page)`` (its block
-  goes to the front of the loader's queue, and is CRC-checked), then ``UFFDIO_WAKE``:
-  the loader wrote it into the memfd's page cache, so the retried fault finds it;
+- the page is still pending in the load and its block not being read: the server
+  takes the block from the loader (:meth:`PageLoader.claim
+  <asyncpgalloc.loader.PageLoader.claim>`: with the other pending blocks of the
+  ``ahead`` window around the fault), reads it with its CRC-32C from the checkpoint,
+  checks it and ``UFFDIO_COPY``s the guest's pages of it straight into its mapping
+  (for shmem: into the memfd's page cache, so they count as loaded and the loader never
+  writes them again). A copy of at most ``INLINE_COPY_BYTES`` runs on the loop (~10 µs
+  for a 4 KiB block), a larger one in the loader's fault thread;
+- the page's block is being read already (by the loader, or for another fault), or
+  its copy failed (a damaged block, a read error): ``await mf.wait_loaded(page)``
+  (its block goes to the front of the loader's queue), then ``UFFDIO_WAKE``: the
+  loader wrote it into the memfd's page cache, so the retried fault finds it;
 - the page is not pending (the checkpoint holds it as zero or free, or it is a
   fresh allocation's hole): ``UFFDIO_ZEROPAGE``, a zeroed page in the page cache
   (``EEXIST``, someone filled it first: ``UFFDIO_WAKE``).
@@ -37,12 +46,13 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import uffd
-from .blocking import finish_uncancelled
+from . import loader, uffd
+from .blocking import finish_uncancelled, hold_lending
 from .checkpoint_format import WORKING_SET_GRANULE
 from .errors import AllocatorError, CheckpointError, ClosedError
 from .ranges import PAGE_SIZE, FileRange
@@ -62,6 +72,9 @@ READS_PER_WAKEUP = 4
 #: Seconds between two looks at the guest's page table for the working-set order, while
 #: the load runs (one executor hop each, ~2 ms of a thread per GiB mapped).
 WORKING_SET_REFRESH = 0.25
+#: After a fault, executor jobs stop lending the GIL for this long (see hold_lending):
+#: a lending turn blocks the loop up to 0.2 ms, the next fault's wait.
+QUIET_SECONDS = 0.05
 # The guest's mm is gone (it is exiting): nothing left to resolve.
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -71,11 +84,13 @@ class FaultStats:
     """A :class:`FaultServer`'s counters.
 
     ``faults``: fault messages read; ``waited``: faults that waited for the loader;
-    ``waiting``: pages whose wait is still on;
+    ``waiting``: pages whose wait (or copy in the executor) is still on;
     ``woken``: resolved with ``UFFDIO_WAKE`` (the page was loaded); ``zeroed``:
     resolved with ``UFFDIO_ZEROPAGE`` (a hole); ``unregistered``: the whole file was
     loaded and the range unregistered; ``failure``: why the guest was killed ("" if
-    not); ``closed``: the server is done (its fds closed).
+    not); ``closed``: the server is done (its fds closed); ``copied``: faults resolved
+    with ``UFFDIO_COPY`` from the checkpoint; ``copied_bytes``: the bytes those copies
+    loaded (the fault's block, and the ``ahead`` window's).
     """
 
     faults: int
@@ -86,6 +101,8 @@ class FaultStats:
     unregistered: bool
     failure: str
     closed: bool
+    copied: int = 0
+    copied_bytes: int = 0
 
 
 class FaultServer:
@@ -94,17 +111,29 @@ class FaultServer:
     ``fd`` is the guest's userfaultfd (non-blocking; the server owns this copy and
     closes it), ``base``/``length`` the registered mapping in the guest, which maps
     the file from ``offset``; ``pid`` the guest process (killed if a page it waits
-    for cannot be loaded). Construct and :meth:`start` on the file's loop; a bad
-    mapping is ``ValueError``, a guest already gone ``ProcessLookupError`` (``fd`` is
-    closed either way).
+    for cannot be loaded). ``ahead`` (a power of two, 0 for none): a fault copies also
+    the pending blocks of the ``ahead``-aligned window around it (e.g. 2 MiB for a huge
+    allocation), in the same executor job. Construct and :meth:`start` on the file's
+    loop; a bad mapping is ``ValueError``, a guest already gone ``ProcessLookupError``
+    (``fd`` is closed either way).
     """
 
     def __init__(
-        self, mf: MemoryFile, fd: int, base: int, length: int, pid: int, *, offset: int = 0
+        self,
+        mf: MemoryFile,
+        fd: int,
+        base: int,
+        length: int,
+        pid: int,
+        *,
+        offset: int = 0,
+        ahead: int = 0,
     ) -> None:
         try:
             if base % PAGE_SIZE or length <= 0 or length % PAGE_SIZE or offset % PAGE_SIZE:
                 raise ValueError(f"unaligned mapping [{base:#x}, +{length:#x}) at {offset:#x}")
+            if ahead < 0 or ahead & (ahead - 1):
+                raise ValueError(f"ahead must be 0 or a power of two, not {ahead}")
             self._pidfd = os.pidfd_open(pid)  # ProcessLookupError: the guest is gone
         except BaseException:
             os.close(fd)  # ours from the call on, whatever happens
@@ -115,12 +144,16 @@ class FaultServer:
         self._length = length
         self._offset = offset
         self._pid = pid
+        self._ahead = ahead
         self._loop = asyncio.get_running_loop()
         self._waits: dict[int, asyncio.Task[None]] = {}  # page address -> its wait
+        # Those of _waits that copy: never cancelled, they end with their copy.
+        self._copies: set[asyncio.Task[None]] = set()
         self._watch: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._done = self._loop.create_future()
         self._faults = self._waited = self._woken = self._zeroed = 0
+        self._copied = self._copied_bytes = 0
         self._unregistered = False
         self._closed = False
         self.failure = ""
@@ -148,6 +181,8 @@ class FaultServer:
             self._unregistered,
             self.failure,
             self._closed,
+            self._copied,
+            self._copied_bytes,
         )
 
     async def wait_closed(self) -> None:
@@ -170,7 +205,8 @@ class FaultServer:
             self._loop.remove_reader(self._fd)
             self._loop.remove_reader(self._pidfd)
         for task in self._waits.values():
-            task.cancel()
+            if task not in self._copies:
+                task.cancel()
         self._waits.clear()
         for t in (self._watch, self._sampler):
             if t is not None and t is not asyncio.current_task():
@@ -183,6 +219,7 @@ class FaultServer:
     # ---------------------------------------------------------------- the faults
 
     def _readable(self) -> None:
+        hold_lending(QUIET_SECONDS)
         for _ in range(READS_PER_WAKEUP):
             try:
                 faults = uffd.read_faults(self._fd, READ_BATCH)
@@ -216,11 +253,65 @@ class FaultServer:
         except AllocatorError as e:  # poisoned, forked, a page beyond the file
             self._fail(f"its fault at file offset {off:#x} cannot be served: {e}")
             return
-        if pending:
-            self._waited += 1
-            self._waits[page] = self._loop.create_task(self._serve(page, fr))
-        else:
+        if not pending:
             self._resolve(page, hole=True)
+            return
+        pl = self._mf.page_loader()
+        claim = None if pl is None else pl.claim(off, self._window(off), self._mapped())
+        if pl is None or claim is None:
+            self._wait(page, fr)
+        elif claim.nbytes <= loader.INLINE_COPY_BYTES:
+            pl.copy_inline(claim, self._fd, self._base - self._offset)
+            self._copy_done(page, fr, claim)
+        else:
+            # A dup of our uffd for the copy (close() does not wait for it).
+            copy = self._copy(pl, page, fr, claim, os.dup(self._fd))
+            task = self._waits[page] = self._loop.create_task(copy)
+            self._copies.add(task)
+            task.add_done_callback(self._copies.discard)
+
+    def _mapped(self) -> tuple[int, int]:
+        """The guest's mapping, in file offsets."""
+        return self._offset, self._offset + self._length
+
+    def _window(self, off: int) -> tuple[int, int]:
+        """The ``ahead`` window around file offset ``off``, within the mapping."""
+        if not self._ahead:
+            return off, off + PAGE_SIZE
+        start = off & ~(self._ahead - 1)
+        lo, hi = self._mapped()
+        return max(start, lo), min(start + self._ahead, hi)
+
+    async def _copy(
+        self, pl: loader.PageLoader, page: int, fr: FileRange, claim: loader.FaultCopy, fd: int
+    ) -> None:
+        await pl.copy(claim, fd, self._base - self._offset)
+        if self._waits.get(page) is asyncio.current_task():
+            del self._waits[page]
+        self._copy_done(page, fr, claim)
+
+    def _copy_done(self, page: int, fr: FileRange, claim: loader.FaultCopy) -> None:
+        """After a fault's copy: resolved (the copy woke the guest), or the page waits
+        for the loader (the block went back to it), or the guest is killed."""
+        err = claim.error
+        if err is None or claim.guest_gone:
+            self._copied += 1
+            self._copied_bytes += sum(e - s for s, e in claim.copied)
+            return  # (a guest gone: its pidfd closes the server)
+        if self._closed:
+            return
+        if isinstance(err, uffd.UffdError):
+            self._fail(f"copying its page at {page:#x} failed: {err}")
+        elif not isinstance(err, (CheckpointError, OSError)):
+            self._fail(f"copying its page at {page:#x} failed: {err!r}")
+        elif self._mf.pending_load_bytes(fr):
+            self._wait(page, fr)  # the loader reads the block again: it fails the load
+        else:
+            self._resolve(page, hole=False)  # the page landed, a later block failed
+
+    def _wait(self, page: int, fr: FileRange) -> None:
+        self._waited += 1
+        self._waits[page] = self._loop.create_task(self._serve(page, fr))
 
     async def _serve(self, page: int, fr: FileRange) -> None:
         try:
@@ -250,6 +341,12 @@ class FaultServer:
         except uffd.UffdError as e:
             if e.errno not in _GONE:
                 self._fail(f"resolving its fault at {page:#x} failed: {e}")
+
+    def _exited(self) -> bool:
+        """The guest has exited (its pidfd is readable). One ``poll``, never blocks."""
+        p = select.poll()
+        p.register(self._pidfd, select.POLLIN)
+        return bool(p.poll(0))
 
     def _fail(self, reason: str) -> None:
         """Kill the guest (its faulting thread must never see the hole) and close."""
@@ -302,9 +399,11 @@ class FaultServer:
         try:
             uffd.unregister(self._fd, self._base, self._length)
         except uffd.UffdError as e:
-            # ENOMEM: the guest's mm is gone (it exited or exec'd, and UNREGISTER's
-            # mmget_not_zero failed) before its pidfd told us: nothing to unregister.
-            if e.errno not in (*_GONE, errno.ENOMEM):
+            # ENOMEM: the guest's mm is gone (the kernel's answer when it cannot take a
+            # reference on it: exiting, its pidfd not readable yet); EINVAL: it unmapped
+            # or remapped its window, exiting. No fault of it can wait on us any more.
+            gone = (*_GONE, errno.ENOMEM, errno.EINVAL)
+            if e.errno not in gone and not self._exited():
                 self._fail(f"unregistering its mapping failed: {e}")
                 return
         self._unregistered = True

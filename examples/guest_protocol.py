@@ -55,6 +55,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,10 @@ class GuestSession:
     #: :attr:`faults`) or "wait" (no userfaultfd here: it was handed its fd late).
     fault_mode: str = ""
     faults: FaultServer | None = None
-    # The range a "wait" request asked for, set by handle() for serve() to await.
+    # The range a "wait" request asked for, set by handle() for serve() to await, and
+    # the answer to compute again once it is loaded (a "check" of pages in flight).
     _loading: FileRange | None = None
+    _then: Callable[[], dict[str, Any]] | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests until the guest says bye, hangs up or breaks the protocol;
@@ -321,6 +324,13 @@ class GuestSession:
         # Spot check: the first and the last 8 bytes, read through the file's own map.
         head = FileRange(fr.start, fr.start + PAGE_SIZE)
         tail = FileRange(fr.end - PAGE_SIZE, fr.end)
+        if self._loading is None and (
+            self.mf.pending_load_bytes(head) or self.mf.pending_load_bytes(tail)
+        ):
+            # Still in flight (being copied for another guest's fault, or loaded), though
+            # this guest may see it already: check once it counts as loaded.
+            self._loading, self._then = fr, lambda: self._check(rid, start, msg)
+            return {"id": rid, "ok": True}
         got = bytes(self.mf.map_internal(head)[0][:8]) + bytes(self.mf.map_internal(tail)[0][-8:])
         if got != want * 2:
             self.errors += 1
@@ -337,12 +347,13 @@ class GuestSession:
         error answer. Only this guest's session waits: it is blocked on the answer."""
         fr, self._loading = self._loading, None
         assert fr is not None
+        then, self._then = self._then, None
         try:
             await self.mf.wait_loaded(fr)
         except AllocatorError as e:
             self.errors += 1
             return {"id": answer["id"], "ok": False, "error": f"{type(e).__name__}: {e}"}
-        return answer
+        return answer if then is None else then()
 
     def detach(self) -> list[tuple[FileRange, str]]:
         """Take over every range the guest holds, with its reference: the session
@@ -468,7 +479,7 @@ async def recv_frame_fds(sock: socket.socket) -> tuple[dict[str, Any], list[int]
 
 
 async def _serve_faults(
-    mf: MemoryFile, session: GuestSession, ours: socket.socket, pid: int
+    mf: MemoryFile, session: GuestSession, ours: socket.socket, pid: int, ahead: int = 0
 ) -> None:
     """Receive the guest's ``uffd`` frame and start serving its faults (or note that it
     waits for its ranges instead); answer it. On the loop; at most FRAME_TIMEOUT."""
@@ -484,7 +495,7 @@ async def _serve_faults(
             base, length = msg.get("base"), msg.get("length")
             if len(fds) != 1 or not isinstance(base, int) or not isinstance(length, int):
                 raise ProtocolError("a uffd frame needs one fd, a base and a length")
-            session.faults = FaultServer(mf, fds.pop(), base, length, pid)
+            session.faults = FaultServer(mf, fds.pop(), base, length, pid, ahead=ahead)
             session.faults.start()
         session.fault_mode = str(mode)
     finally:
@@ -503,6 +514,7 @@ async def start_guest(
     hello: dict[str, Any] | None = None,
     stdout: int | None = None,
     fault_mode: FaultMode | None = None,
+    fault_ahead: int = 0,
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
     """Start the guest program with ``args``, move it into ``cgroup`` (a directory
     with ``cgroup.procs``), hand it the sealed memfd and serve it with ``session``;
@@ -513,12 +525,28 @@ async def start_guest(
     fd at once and serves the guest's faults on pages not loaded yet;
     :attr:`FaultMode.WAIT` hands it only once the session's ranges are loaded; None (the
     default) leaves it to the guest to ``wait``. :func:`fault_mode_here` is the best
-    this kernel offers.
+    this kernel offers. ``fault_ahead``: the :class:`FaultServer`'s ``ahead`` window (a
+    fault copies the pending blocks of that aligned window around it, e.g. 2 MiB).
 
     The guest waits for its hello before touching memory, so its pages are charged to
     its cgroup from the first. Returns the process and the serving task (which ends,
     every page freed, when the guest goes). Costs a fork+exec and a few syscalls.
+    :func:`spawn_guest` then :func:`hand_over` do the same in two steps (a guest
+    started ahead, waiting for a restore).
     """
+    proc, ours = await spawn_guest(*args, cgroup=cgroup, stdout=stdout)
+    task = await hand_over(
+        mf, session, proc, ours, hello=hello, fault_mode=fault_mode, fault_ahead=fault_ahead
+    )
+    return proc, task
+
+
+async def spawn_guest(
+    *args: str, cgroup: str | None = None, stdout: int | None = None
+) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start the guest program with ``args`` in ``cgroup``: it waits on the returned
+    socket for its hello (see :func:`hand_over`) before it touches any memory. Costs a
+    fork+exec. The caller owns the socket (``hand_over`` takes it)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -538,6 +566,29 @@ async def start_guest(
     try:
         if cgroup is not None:
             join_cgroup(cgroup, proc.pid)
+    except BaseException:
+        ours.close()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    return proc, ours
+
+
+async def hand_over(
+    mf: MemoryFile,
+    session: GuestSession,
+    proc: asyncio.subprocess.Process,
+    ours: socket.socket,
+    *,
+    hello: dict[str, Any] | None = None,
+    fault_mode: FaultMode | None = None,
+    fault_ahead: int = 0,
+) -> asyncio.Task[None]:
+    """Hand a guest from :func:`spawn_guest` its hello and the sealed memfd, set up its
+    fault service (see :func:`start_guest`) and serve it with ``session``; returns the
+    serving task. On any error the guest is killed. A few syscalls and round trips."""
+    try:
         faulting = fault_mode in (FaultMode.UFFD, FaultMode.UFFD_USER)
         if fault_mode is FaultMode.WAIT:
             session.fault_mode = fault_mode.value
@@ -553,7 +604,7 @@ async def start_guest(
             os.close(gfd)
         if faulting:
             ours.setblocking(False)
-            await _serve_faults(mf, session, ours, proc.pid)
+            await _serve_faults(mf, session, ours, proc.pid, fault_ahead)
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_FRAME * 4)
     except BaseException:
         ours.close()
@@ -561,4 +612,4 @@ async def start_guest(
             proc.kill()
         await proc.wait()
         raise
-    return proc, asyncio.create_task(session.serve(reader, writer), name=f"guest-{proc.pid}")
+    return asyncio.create_task(session.serve(reader, writer), name=f"guest-{proc.pid}")
