@@ -924,7 +924,7 @@ class PageSets:
             ma = mem_acct.get_exact(s, e, None)
             if ma is None:
                 mem_acct.mutate_range(s, e, to_waste)
-            elif ma is last_ma:
+            elif ma is last_ma and last_w is not None:
                 mem_acct.replace_value(s, last_w)
             elif ma.known_committed:
                 mem_acct.replace_value(s, to_waste(s, e, ma))

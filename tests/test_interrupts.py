@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import RecordingExecutor
 
-from asyncpgalloc import MemoryFile, MemoryFileOpts
 import asyncpgalloc.memory_file
+from asyncpgalloc import MemoryFile, MemoryFileOpts
 from asyncpgalloc.ranges import PAGE_SIZE as P
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import bisect
-import os
 import itertools
+import os
 import random
 from collections.abc import Callable
 from typing import ClassVar
