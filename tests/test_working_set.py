@@ -99,6 +99,15 @@ def stepper(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stepper]:
 
 
 @pytest.fixture
+def waiting_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faults wait for the loader instead of copying from the checkpoint (no claim is
+    ever granted), so that the loader's order shows each fault and a guest stays in its
+    fault until the test lets the block through. The order is recorded before the claim
+    either way (FaultServer._fault)."""
+    monkeypatch.setattr(loader_mod.PageLoader, "claim", lambda *_args: None)
+
+
+@pytest.fixture
 async def small(tmp_path: Path) -> tuple[Path, list[FileRange]]:
     """A checkpoint of COUNT committed 1 MiB allocations, allocation i filled with i + 1
     (data block i), with no working-set order."""
@@ -308,7 +317,10 @@ async def start_toucher(r: Restored, tmp_path: Path, touches: list[tuple[int, in
 
 @needs_uffd
 async def test_a_guests_first_touches_are_saved_and_read_first_on_the_next_restore(
-    ckpt: tuple[Path, list[tuple[int, int, int]]], tmp_path: Path, stepper: Stepper
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+    tmp_path: Path,
+    stepper: Stepper,
+    waiting_faults: None,
 ) -> None:
     path, specs = ckpt
     data = [(o, n) for o, n, _t in specs[:-1]]  # the hole holds no data
@@ -458,7 +470,10 @@ async def test_ranges_a_guest_touched_without_a_fault_join_the_order_once_loaded
 
 @needs_uffd
 async def test_a_guest_that_ends_before_the_load_still_leaves_its_touches_in_the_order(
-    ckpt: tuple[Path, list[tuple[int, int, int]]], tmp_path: Path, stepper: Stepper
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+    tmp_path: Path,
+    stepper: Stepper,
+    waiting_faults: None,
 ) -> None:
     """While the load runs the server looks at the guest's page table now and then: a
     guest killed before the load is done has its touches recorded all the same."""
