@@ -158,12 +158,10 @@ class Releaser:
                     # dead allocations, PLAN_SLICE ranges) may cost more than a slice.
                     new = pages.begin_release(PLAN_SLICE, pending, deadline)
                     plans += new
-                    if (
-                        len(new) < PLAN_SLICE
-                        and not pages.has_dead()
-                        and time.monotonic() <= deadline
+                    if not pages.has_dead() and (
+                        not new or (len(new) < PLAN_SLICE and time.monotonic() <= deadline)
                     ):
-                        break  # that was all the waste there is
+                        break  # that was all the waste there is (not a cut at the deadline)
                 if not plans:
                     self._out_of_waste()
                     continue
