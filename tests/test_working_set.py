@@ -437,7 +437,10 @@ async def test_a_guest_whose_mm_is_gone_when_the_load_ends_is_not_killed(
 
 @needs_uffd
 async def test_ranges_a_guest_touched_without_a_fault_join_the_order_once_loaded(
-    ckpt: tuple[Path, list[tuple[int, int, int]]], tmp_path: Path, stepper: Stepper
+    ckpt: tuple[Path, list[tuple[int, int, int]]],
+    tmp_path: Path,
+    stepper: Stepper,
+    waiting_faults: None,
 ) -> None:
     """A range loaded before the guest touched it never faults: the server finds it in
     the guest's page table when the load is done."""
