@@ -349,7 +349,7 @@ async def lag_rep(path: Path, data: FileRange, guests: int, pages: int) -> dict[
     first, in the same repetition (0.5 s, the guests spawned and waiting)."""
     slice_len = pages * PAGE_SIZE
     low = data.start + data.length // 2
-    assert low + guests * slice_len <= data.end, "--data-mib too small for the guests"
+    assert low + guests * slice_len <= data.end, "--lag-data-mib too small for the guests"
     slices = [FileRange(low + k * slice_len, low + (k + 1) * slice_len) for k in range(guests)]
     at = str(data_offset(path))
     spawned = []
