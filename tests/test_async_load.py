@@ -26,7 +26,7 @@ from asyncpgalloc import (
     MemoryFile,
     PagesNotLoadedError,
 )
-from asyncpgalloc.checkpoint_format import Header
+from asyncpgalloc.checkpoint_format import Header, block_seed
 
 P = PAGE_SIZE
 MiB = 1 << 20
@@ -199,6 +199,11 @@ async def test_pages_being_read_cannot_be_released_meanwhile(
         mf.check_invariants(check_zero_pages=True)
 
 
+def read_header(path: Path) -> Header:
+    with open(path, "rb") as f:
+        return Header.unpack(f.read(512))
+
+
 def damage(path: Path, block: int) -> None:
     with open(path, "r+b") as f:
         header = Header.unpack(f.read(512))
@@ -306,6 +311,39 @@ async def test_a_damaged_blocks_bytes_never_reach_the_memory_file(
             mf.map_internal(frs[6])
         expect(mf, frs[0], 1)  # the blocks before it landed whole
         mf.check_invariants()
+
+
+async def test_a_write_into_the_file_while_a_block_is_checked_does_not_fail_it(
+    saved: tuple[Path, list[FileRange]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: the CRC covers the checkpoint's bytes, not what the memory file holds
+    while it is computed: a write into block 6's pages during its check (a guest
+    writing a page it sees) cannot make the good block fail. The writer runs from the
+    CRC itself, so it lands inside the check whatever the loader's order of work."""
+    path, frs = saved
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    real_crc = loader_mod.crc32c
+    fds: list[int] = []
+    hits = 0
+
+    def crc(data: Any, seed: int) -> int:
+        nonlocal hits
+        if fds and seed == block_seed(header.crc, 6):
+            hits += 1
+            os.pwrite(fds[0], b"\xaa" * P, frs[6].start)
+        return real_crc(data, seed)
+
+    header = read_header(path)
+    async with await MemoryFile.load(path, async_pages=True) as mf:
+        fds.append(cio.reopen(mf.fd, os.O_WRONLY))
+        monkeypatch.setattr(loader_mod, "crc32c", crc)
+        try:
+            await mf.wait_loaded()
+        finally:
+            os.close(fds.pop())
+        assert hits
+        expect(mf, frs[6], 7)  # the checkpoint's bytes: the loader's write came last
+        expect(mf, frs[11], 12)
 
 
 async def test_a_read_error_fails_every_waiter(
