@@ -27,6 +27,7 @@ from asyncpgalloc import (
     PagesNotLoadedError,
 )
 from asyncpgalloc.checkpoint_format import Header, block_seed
+from asyncpgalloc.checkpoint_format import crc as checkpoint_crc
 
 P = PAGE_SIZE
 MiB = 1 << 20
@@ -322,7 +323,7 @@ async def test_a_write_into_the_file_while_a_block_is_checked_does_not_fail_it(
     CRC itself, so it lands inside the check whatever the loader's order of work."""
     path, frs = saved
     monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
-    real_crc = loader_mod.crc32c
+    real_crc = checkpoint_crc
     fds: list[int] = []
     hits = 0
 
