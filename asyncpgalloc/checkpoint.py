@@ -438,7 +438,6 @@ async def load_checkpoint(
                     src_fd=src_fd,
                     dst_fd=loader_fd,
                     executor=ex,
-                    views=parts.chunks.views,
                     inc_ref=mf.inc_ref,
                     dec_ref=mf.dec_ref,
                     order=order,

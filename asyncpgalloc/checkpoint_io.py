@@ -48,6 +48,7 @@ __all__ = [
     "StreamSink",
     "StreamSource",
     "batches",
+    "pwrite_all",
     "reopen",
     "run_pipelined",
     "sendfile_piece",
@@ -168,7 +169,8 @@ def _fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` of ``fd``. **Blocking**, linear in bytes."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -223,7 +225,7 @@ async def write_blocks(
             mv = memoryview(buf)
             for block in batch:
                 n = _fill_block(src_fd, block, header.crc, mv)
-                _pwrite_all(dst_fd, mv[:n], base + block.number * stride)
+                pwrite_all(dst_fd, mv[:n], base + block.number * stride)
         finally:
             bufs.put(buf)
 
@@ -293,7 +295,7 @@ class PathSink(Sink):
         self._pos = 0
 
     async def write(self, data: bytes | memoryview) -> None:
-        await self._run.run(_pwrite_all, self._fd, data, self._pos)
+        await self._run.run(pwrite_all, self._fd, data, self._pos)
         self._pos += len(data)
 
     async def write_data(self, src_fd: int, blocks: Iterable[Block], header: Header) -> None:

@@ -11,13 +11,13 @@ used, known-committed pages. Its state changes on the loop only, with no ``await
 inside: a batch of blocks is taken (its pages get one temporary reference each, as
 gVisor's ``tempRef``, so none can become waste, be released and be handed out again
 while a thread writes it), read in the loader's executor, then removed from
-``pending`` and the references dropped. A block read in the executor is
-``sendfile`` from the checkpoint into the memory file (a page no longer wanted is
-read into a scratch buffer instead: the CRC covers the whole block), followed by
-its CRC-32C through the mapping. Pages dropped before their block was started
-are never written. Blocks are read in this order: those a waiter awaits, those of the
-checkpoint's working-set order (the ranges guests touched first last time), the rest
-in file order.
+``pending`` and the references dropped. A block read in the executor is read with
+its CRC-32C into a buffer, checked, and only then written into the memory file (its
+pages still wanted): no byte is in the memory file, where a guest's mapping would
+see it without a fault, before its block's CRC passed. Pages dropped before their
+block was started are never written. Blocks are read in this order: those a waiter
+awaits, those of the checkpoint's working-set order (the ranges guests touched first
+last time), the rest in file order.
 
 A failure (a CRC mismatch, a read error, a cancellation, the file's ``aclose()``)
 ends the loader: every waiter, present and future, gets the same
@@ -54,7 +54,6 @@ __all__ = ["FaultCopy", "LoadProgress", "PageLoader"]
 
 logger = logging.getLogger("asyncpgalloc")
 
-Views = Callable[[int, int], list[memoryview]]
 RefFn = Callable[[FileRange], None]
 
 # Block states (_PREFERRED only while the constructor dedupes the order's blocks).
@@ -98,13 +97,13 @@ class PageLoader:
     """Reads one checkpoint's page blocks into a MemoryFile in the background.
 
     Built by :func:`~asyncpgalloc.checkpoint.load_checkpoint` after the metadata is
-    installed; owns ``src_fd`` (the checkpoint), ``dst_fd`` (a description of the
-    memory file, which each read job reopens for its ``sendfile``) and ``executor``
-    from then on, and closes them when its task ends. ``inc_ref``/``dec_ref`` are the
-    file's (temporary references while a block is read); ``views`` maps file ranges
-    (safe off the loop). ``order`` is the checkpoint's working-set order (offsets of
-    ranges of ``granule`` bytes, see :mod:`asyncpgalloc.working_set`): their blocks are
-    read first, in that order, after any a waiter asks for; then the rest in file order.
+    installed; owns ``src_fd`` (the checkpoint), ``dst_fd`` (a writable description of
+    the memory file, which the read jobs ``pwrite``) and ``executor`` from then on, and
+    closes them when its task ends. ``inc_ref``/``dec_ref`` are the file's (temporary
+    references while a block is read). ``order`` is the checkpoint's working-set order
+    (offsets of ranges of ``granule`` bytes, see :mod:`asyncpgalloc.working_set`): their
+    blocks are read first, in that order, after any a waiter asks for; then the rest in
+    file order.
     """
 
     def __init__(
@@ -116,7 +115,6 @@ class PageLoader:
         src_fd: int,
         dst_fd: int,
         executor: concurrent.futures.ThreadPoolExecutor,
-        views: Views,
         inc_ref: RefFn,
         dec_ref: RefFn,
         order: Sequence[int] = (),
@@ -140,7 +138,6 @@ class PageLoader:
         self._copies: set[asyncio.Task[None]] = set()
         self._bufs: dict[bool, ctypes.Array[ctypes.c_char]] = {}
         self._stopping = False
-        self._views = views
         self._inc_ref = inc_ref
         self._dec_ref = dec_ref
         self._pending: SegmentSet[None] = SegmentSet()
@@ -371,7 +368,6 @@ class PageLoader:
                 self._base,
                 self._header,
                 batch,
-                self._views,
             )
         except BaseException:
             # The references go (unless the file is closing: then its sets are being
@@ -672,15 +668,11 @@ def _copy_blocks_job(
     landed in ``claim.copied`` as it goes and what stopped it in ``claim.error`` (a
     read error or CRC mismatch raises after recording it): never a byte before its
     block's CRC passed."""
-    stride = header.block_size + 4
     view = memoryview(buf).cast("B")
     addr = ctypes.addressof(buf)
     try:
         for block, parts in claim.batch:
-            n = sum(length for _, length in block.pieces)
-            _preadv_all(src_fd, [view[: n + 4]], base + block.number * stride)
-            crc = crc32c(view[:n], block_seed(header.crc, block.number))
-            checkpoint_io.check_crc(crc, view[n : n + 4], block.number)
+            _read_checked_block(src_fd, base, header, block, view)
             pos = 0
             for s, length, wanted in parts:
                 if wanted:
@@ -711,35 +703,37 @@ def _read_blocks_job(
     base: int,
     header: Header,
     batch: list[tuple[Block, list[tuple[int, int, bool]]]],
-    views: Views,
 ) -> None:
-    """Copy each block of ``batch`` into the memory file and check its CRC-32C.
-    **Blocking**: ~the block bytes at disk or page-cache speed.
+    """Copy each block of ``batch`` into the memory file ``dst_fd``, CRC-32C first.
+    **Blocking**: ~the block bytes twice at memory speed (plus the disk's read).
 
-    Wanted pages go with ``sendfile`` from the checkpoint into the memory file (a
-    description of this job's own: its offset moves), then are checksummed through
-    the mapping while they are still in the CPU cache; pages no longer wanted are
-    read into a scratch buffer, for the CRC only. Writing through the file rather
-    than the mapping means no page is zeroed before it is filled (a fault through
-    the mapping zeroes it first: ~25% slower here), and a file system that cannot
-    allocate a page (a caller's disk-backed file, full) fails the write with
-    ``OSError`` instead of a SIGBUS."""
-    scratch = memoryview(bytearray(header.block_size))
-    stride = header.block_size + 4
-    out = checkpoint_io.reopen(dst_fd, os.O_WRONLY)
-    try:
-        for block, parts in batch:
-            pos = base + block.number * stride
-            crc = block_seed(header.crc, block.number)
-            for s, n, wanted in parts:
-                if wanted:
-                    pos = checkpoint_io.sendfile_piece(out, src_fd, pos, s, n)
-                    for v in views(s, s + n):
-                        crc = crc32c(v, crc)
-                else:
-                    _preadv_all(src_fd, [scratch[:n]], pos)
-                    crc = crc32c(scratch[:n], crc)
-                    pos += n
-            checkpoint_io.check_block_crc(src_fd, pos, crc, block.number)
-    finally:
-        os.close(out)
+    Each block and its stored CRC are read into a buffer of this job's own with one
+    ``pread``, checked (:func:`_read_checked_block`), and only then its wanted pages are
+    written with ``pwrite``: no byte of a block is in the memory file before its CRC
+    passed, so a guest mapping the file (which takes no fault on a page once it is in
+    the page cache) never sees an unchecked byte, and a guest write cannot make a good
+    block fail its check. Pages no longer wanted are not written. Writing through the
+    file rather than the mapping means no page is zeroed before it is filled, and a
+    file system that cannot allocate a page (a caller's disk-backed file, full) fails
+    the write with ``OSError`` instead of a SIGBUS."""
+    view = memoryview(bytearray(header.block_size + 4))
+    for block, parts in batch:
+        _read_checked_block(src_fd, base, header, block, view)
+        pos = 0
+        for s, n, wanted in parts:
+            if wanted:
+                checkpoint_io.pwrite_all(dst_fd, view[pos : pos + n], s)
+            pos += n
+
+
+def _read_checked_block(
+    src_fd: int, base: int, header: Header, block: Block, view: memoryview
+) -> int:
+    """Read ``block`` and its stored CRC-32C into ``view`` with one ``pread`` and check
+    it (raises :class:`~asyncpgalloc.CheckpointError` on a mismatch or a short file).
+    **Blocking**: the block's bytes read, then checksummed. Returns the block's length."""
+    n = sum(length for _, length in block.pieces)
+    _preadv_all(src_fd, [view[: n + 4]], base + block.number * (header.block_size + 4))
+    crc = crc32c(view[:n], block_seed(header.crc, block.number))
+    checkpoint_io.check_crc(crc, view[n : n + 4], block.number)
+    return n

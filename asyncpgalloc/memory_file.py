@@ -1063,8 +1063,8 @@ class MemoryFile:
         checked, as gVisor's async page loading does: the file is usable at once
         (allocate, references, accounting, eviction) while a loader task owned by
         the file reads the page blocks in 32 MiB sequential batches in a private
-        executor (``sendfile`` into the file, each block's CRC checked as it
-        lands). :meth:`map_internal` of pages not loaded yet raises
+        executor (each block's CRC checked before it is written into the file).
+        :meth:`map_internal` of pages not loaded yet raises
         :class:`~asyncpgalloc.PagesNotLoadedError`; await :meth:`wait_loaded`
         first. Pages freed before their block is read are never read. A load that
         fails later fails every waiter with the same ``CheckpointError`` (see

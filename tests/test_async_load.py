@@ -26,7 +26,8 @@ from asyncpgalloc import (
     MemoryFile,
     PagesNotLoadedError,
 )
-from asyncpgalloc.checkpoint_format import Header
+from asyncpgalloc.checkpoint_format import Header, block_seed
+from asyncpgalloc.checkpoint_format import crc as checkpoint_crc
 
 P = PAGE_SIZE
 MiB = 1 << 20
@@ -199,6 +200,11 @@ async def test_pages_being_read_cannot_be_released_meanwhile(
         mf.check_invariants(check_zero_pages=True)
 
 
+def read_header(path: Path) -> Header:
+    with open(path, "rb") as f:
+        return Header.unpack(f.read(512))
+
+
 def damage(path: Path, block: int) -> None:
     with open(path, "r+b") as f:
         header = Header.unpack(f.read(512))
@@ -245,6 +251,100 @@ async def test_a_damaged_block_fails_every_waiter(
     finally:
         await mf.aclose()
     assert fd_count() == before
+
+
+class Peek:
+    """Wraps the loader's blocking job: after each job (passed or failed), reads one
+    range of the memory file through the job's own fd (``pread``: what a guest mapping
+    the file would see there, faulting or not) and keeps every distinct byte value."""
+
+    def __init__(self, fn: Callable[..., None], fr: FileRange) -> None:
+        self.fn = fn
+        self.fr = fr
+        self.seen: set[int] = set()
+        self.jobs = 0
+
+    def __call__(self, *args: Any) -> None:
+        try:
+            self.fn(*args)
+        finally:
+            self.jobs += 1
+            self.seen |= set(os.pread(args[1], self.fr.length, self.fr.start))
+
+
+async def test_a_damaged_blocks_bytes_never_reach_the_memory_file(
+    saved: tuple[Path, list[FileRange]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: a guest mapping the memfd takes no fault on a page once it is in the
+    page cache, so the loader must write a block only after its CRC passed. The damaged
+    block's range reads zeros (a hole) right after its job failed and, from a thread
+    reading it in a tight loop, at every moment of the load; the load fails as before."""
+    path, frs = saved
+    damage(path, 6)
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    peek = Peek(loader_mod._read_blocks_job, frs[6])
+    monkeypatch.setattr(loader_mod, "_read_blocks_job", peek)
+    async with await MemoryFile.load(path, async_pages=True) as mf:
+        fd = cio.reopen(mf.fd, os.O_RDONLY)
+        stop = threading.Event()
+        spied: set[int] = set()
+        reads = 0
+
+        def spy() -> None:
+            nonlocal reads
+            while not stop.is_set():
+                spied.update(os.pread(fd, frs[6].length, frs[6].start))
+                reads += 1
+
+        spy_thread = threading.Thread(target=spy)
+        spy_thread.start()
+        try:
+            with pytest.raises(CheckpointError, match="block 6 checksum mismatch"):
+                await mf.wait_loaded()
+        finally:
+            stop.set()
+            spy_thread.join()
+            os.close(fd)
+        assert peek.jobs and reads
+        assert peek.seen == {0}, "the damaged block's bytes were written before its CRC"
+        assert spied == {0}, "a reader saw the damaged block's bytes"
+        with pytest.raises(CheckpointError):
+            mf.map_internal(frs[6])
+        expect(mf, frs[0], 1)  # the blocks before it landed whole
+        mf.check_invariants()
+
+
+async def test_a_write_into_the_file_while_a_block_is_checked_does_not_fail_it(
+    saved: tuple[Path, list[FileRange]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: the CRC covers the checkpoint's bytes, not what the memory file holds
+    while it is computed: a write into block 6's pages during its check (a guest
+    writing a page it sees) cannot make the good block fail. The writer runs from the
+    CRC itself, so it lands inside the check whatever the loader's order of work."""
+    path, frs = saved
+    monkeypatch.setattr(cio, "BATCH_BLOCKS", 1)
+    real_crc = checkpoint_crc
+    fds: list[int] = []
+    hits = 0
+
+    def crc(data: Any, seed: int) -> int:
+        nonlocal hits
+        if fds and seed == block_seed(header.crc, 6):
+            hits += 1
+            os.pwrite(fds[0], b"\xaa" * P, frs[6].start)
+        return real_crc(data, seed)
+
+    header = read_header(path)
+    async with await MemoryFile.load(path, async_pages=True) as mf:
+        fds.append(cio.reopen(mf.fd, os.O_WRONLY))
+        monkeypatch.setattr(loader_mod, "crc32c", crc)
+        try:
+            await mf.wait_loaded()
+        finally:
+            os.close(fds.pop())
+        assert hits
+        expect(mf, frs[6], 7)  # the checkpoint's bytes: the loader's write came last
+        expect(mf, frs[11], 12)
 
 
 async def test_a_read_error_fails_every_waiter(

@@ -82,7 +82,7 @@ def test_a_path_save_reads_the_next_batch_while_one_is_written(
     filled: list[int] = []
     second = threading.Event()
     overlapped: list[bool] = []
-    real_fill, real_write = cio._fill_block, cio._pwrite_all
+    real_fill, real_write = cio._fill_block, cio.pwrite_all
 
     def fill_block(src_fd: int, block: Block, header_crc: int, mv: memoryview) -> int:
         filled.append(block.number)
@@ -104,7 +104,7 @@ def test_a_path_save_reads_the_next_batch_while_one_is_written(
         real_write(fd, data, offset)
 
     monkeypatch.setattr(cio, "_fill_block", fill_block)
-    monkeypatch.setattr(cio, "_pwrite_all", pwrite_all)
+    monkeypatch.setattr(cio, "pwrite_all", pwrite_all)
 
     async def main() -> None:
         async with MemoryFile.open() as mf:
