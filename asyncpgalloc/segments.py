@@ -59,7 +59,7 @@ short-list ``insort``; "O(1)" means a handful of dict operations.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from operator import lt
 from typing import Generic, TypeVar
@@ -1527,16 +1527,7 @@ class SegmentSet(Generic[V]):
         The same as iterating when ``merge=True``; with ``merge=False`` it shows the
         set as a merging set would hold it.
         """
-        run: tuple[int, int, V] | None = None
-        for s, e, v in self:
-            if run is not None:
-                if run[1] == s and run[2] == v:
-                    run = (run[0], e, v)
-                    continue
-                yield run
-            run = (s, e, v)
-        if run is not None:
-            yield run
+        return merged_runs(self)
 
     def __str__(self) -> str:
         """One ``[start, end): value`` line per maximal run, like gVisor's ``Set.String``.
@@ -1544,11 +1535,32 @@ class SegmentSet(Generic[V]):
         O(n).  Runs of equal values are shown merged whether or not the set merges
         them, so the dump of a state does not depend on how it was reached.
         """
-        return "".join(f"[{s:#x}, {e:#x}): {v}\n" for s, e, v in self.merged())
+        return format_runs(self)
 
     def __repr__(self) -> str:
         body = ", ".join(f"[{s:#x}, {e:#x}): {v!r}" for s, e, v in self)
         return f"SegmentSet(merge={self._merge}, {{{body}}})"
+
+
+def merged_runs(segments: Iterable[tuple[int, int, V]]) -> Iterator[tuple[int, int, V]]:
+    """The maximal runs of equal values in ascending ``segments`` (a SegmentSet of either
+    core): adjacent segments with equal values joined.  O(n)."""
+    run: tuple[int, int, V] | None = None
+    for s, e, v in segments:
+        if run is not None:
+            if run[1] == s and run[2] == v:
+                run = (run[0], e, v)
+                continue
+            yield run
+        run = (s, e, v)
+    if run is not None:
+        yield run
+
+
+def format_runs(segments: Iterable[tuple[int, int, V]]) -> str:
+    """One ``[start, end): value`` line per maximal run of ``segments`` (gVisor's
+    ``Set.String``), shared by both cores' sets.  O(n)."""
+    return "".join(f"[{s:#x}, {e:#x}): {v}\n" for s, e, v in merged_runs(segments))
 
 
 def _check_key(key: int) -> None:

@@ -89,8 +89,7 @@ cdef class SegmentSet:
     cdef int _merge_span(self, uint64_t lo, uint64_t hi) except -1
     cdef tuple _gap_around(self, Leaf* lf, int i)
     cdef bint _contiguous_prev(self, Leaf* lf, int i) noexcept
-    cdef bint _first_gap(self, uint64_t n, Leaf** out, int* oi) noexcept
-    cdef bint _last_gap(self, uint64_t n, Leaf** out, int* oi) noexcept
+    cdef bint _edge_gap(self, uint64_t n, bint first, Leaf** out, int* oi) noexcept
     cdef object _take_gap(self, object n, object value, bint first)
     cdef int _remove(self, object start, object end, list out) except -1
     cdef _check_node(self, void* x, int h, Node* parent, list leaves)

@@ -51,6 +51,7 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memmove
 
 from asyncpgalloc.ranges import KEY_MAX
+from asyncpgalloc.segments import format_runs, merged_runs
 
 __all__ = ["SegmentSet"]
 
@@ -1062,13 +1063,15 @@ cdef class SegmentSet:
             top = False
             u = nb
 
-    cdef bint _first_gap(self, uint64_t n, Leaf** out, int* oi) noexcept:
-        """The leftmost segment with a gap of at least ``n`` before it."""
+    cdef bint _edge_gap(self, uint64_t n, bint first, Leaf** out, int* oi) noexcept:
+        """The leftmost (``first``) or rightmost segment with a gap of at least ``n``
+        before it: one descent, taking at each node the first child from that side whose
+        largest gap is long enough."""
         cdef void* x = self._root
         cdef int h = self._height
         cdef Node* nd
         cdef Leaf* lf
-        cdef int i
+        cdef int i, last, step = 1 if first else -1
         if h == 0:
             if (<Leaf*>x).maxg < n:
                 return False
@@ -1076,43 +1079,17 @@ cdef class SegmentSet:
             return False
         while h > 0:
             nd = <Node*>x
-            i = 0
-            # Invariant: some child's mgap >= n (the parent's summary said so).
-            while i < nd.n - 1 and nd.mgap[i] < n:
-                i += 1
+            # Invariant: some child's mgap >= n (the parent's summary said so), so the
+            # scan stops on it, inside [0, n).
+            i, last = (0, nd.n - 1) if first else (nd.n - 1, 0)
+            while i != last and nd.mgap[i] < n:
+                i += step
             x = nd.kid[i]
             h -= 1
         lf = <Leaf*>x
-        i = 0
-        while i < lf.n - 1 and lf.gap[i] < n:
-            i += 1
-        out[0] = lf
-        oi[0] = i
-        return True
-
-    cdef bint _last_gap(self, uint64_t n, Leaf** out, int* oi) noexcept:
-        """The rightmost segment with a gap of at least ``n`` before it."""
-        cdef void* x = self._root
-        cdef int h = self._height
-        cdef Node* nd
-        cdef Leaf* lf
-        cdef int i
-        if h == 0:
-            if (<Leaf*>x).maxg < n:
-                return False
-        elif (<Node*>x).maxg < n:
-            return False
-        while h > 0:
-            nd = <Node*>x
-            i = nd.n - 1
-            while i > 0 and nd.mgap[i] < n:
-                i -= 1
-            x = nd.kid[i]
-            h -= 1
-        lf = <Leaf*>x
-        i = lf.n - 1
-        while i > 0 and lf.gap[i] < n:
-            i -= 1
+        i, last = (0, lf.n - 1) if first else (lf.n - 1, 0)
+        while i != last and lf.gap[i] < n:
+            i += step
         out[0] = lf
         oi[0] = i
         return True
@@ -1140,11 +1117,11 @@ cdef class SegmentSet:
         tail_len = U64MAX - ll.last[ll.n - 1]
         have_tail = tail_len >= m
         if first:
-            if self._first_gap(m, lf, i):
+            if self._edge_gap(m, True, lf, i):
                 glen[0] = lf[0].gap[i[0]]
                 gs[0] = lf[0].start[i[0]] - glen[0]
                 return 1
-        elif not have_tail and self._last_gap(m, lf, i):
+        elif not have_tail and self._edge_gap(m, False, lf, i):
             glen[0] = lf[0].gap[i[0]]
             gs[0] = lf[0].start[i[0]] - glen[0]
             return 1
@@ -1517,20 +1494,11 @@ cdef class SegmentSet:
 
     def merged(self):
         """The maximal runs of equal values ``(start, end, value)``, ascending. O(n)."""
-        run = None
-        for s, e, v in self:
-            if run is not None:
-                if run[1] == s and run[2] == v:
-                    run = (run[0], e, v)
-                    continue
-                yield run
-            run = (s, e, v)
-        if run is not None:
-            yield run
+        return merged_runs(self)
 
     def __str__(self):
         """One ``[start, end): value`` line per maximal run, like gVisor's ``Set.String``."""
-        return "".join(f"[{s:#x}, {e:#x}): {v}\n" for s, e, v in self.merged())
+        return format_runs(self)
 
     def __repr__(self):
         body = ", ".join(f"[{s:#x}, {e:#x}): {v!r}" for s, e, v in self)
